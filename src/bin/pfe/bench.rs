@@ -1,0 +1,115 @@
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{ensure, Result};
+use poolformer_edge::bench::{peak_rss_mb, LatencyStats};
+use poolformer_edge::{Engine, Options};
+use serde::Serialize;
+use tract_onnx::prelude::Tensor;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// ONNX model file.
+    model: PathBuf,
+    /// Thread counts to measure, e.g. 1 or 1,2,4,8.
+    #[arg(long, default_value = "1", value_parser = crate::parse_threads)]
+    threads: crate::ThreadList,
+    /// Timed runs per thread count.
+    #[arg(long, default_value_t = 20)]
+    iters: usize,
+    /// Untimed runs before timing.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    #[arg(long, default_value_t = 224)]
+    size: usize,
+    /// Machine-readable output: one JSON object (an array for several thread counts).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    threads: usize,
+    iters: usize,
+    load_ms: f64,
+    min_ms: f64,
+    median_ms: f64,
+    p90_ms: f64,
+    max_ms: f64,
+    peak_rss_mb: Option<f64>,
+}
+
+pub fn main(args: Args) -> Result<()> {
+    ensure!(args.iters >= 1, "--iters must be at least 1");
+    let threads = args.threads.0;
+    let mut reports = vec![];
+    for &t in &threads {
+        let engine = Engine::from_path(
+            &args.model,
+            Options {
+                threads: t,
+                input_size: args.size,
+            },
+        )?;
+        // A fixed, image-like input: latency does not depend on values for this network.
+        let shape = engine.input_shape();
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|i| ((i % 251) as f32 / 125.0) - 1.0).collect();
+        let input = Tensor::from_shape(&shape, &data)?;
+        for _ in 0..args.warmup {
+            engine.run(input.clone())?;
+        }
+        let mut samples = Vec::with_capacity(args.iters);
+        for _ in 0..args.iters {
+            let x = input.clone();
+            let start = Instant::now();
+            engine.run(x)?;
+            samples.push(start.elapsed());
+        }
+        let st = LatencyStats::from_samples(&samples);
+        reports.push(Report {
+            model: args.model.display().to_string(),
+            threads: t,
+            iters: st.iters,
+            load_ms: engine.load_time().as_secs_f64() * 1e3,
+            min_ms: st.min_ms,
+            median_ms: st.median_ms,
+            p90_ms: st.p90_ms,
+            max_ms: st.max_ms,
+            peak_rss_mb: peak_rss_mb(),
+        });
+    }
+    if args.json {
+        let v = if reports.len() == 1 {
+            serde_json::to_value(&reports[0])?
+        } else {
+            serde_json::to_value(&reports)?
+        };
+        println!("{v}");
+    } else {
+        println!(
+            "{}  ({}×{} input, {} iterations after {} warm-up)",
+            args.model.display(),
+            args.size,
+            args.size,
+            args.iters,
+            args.warmup
+        );
+        println!(
+            "{:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            "threads", "load ms", "min ms", "median", "p90", "max", "peak RSS"
+        );
+        for r in &reports {
+            let rss = r
+                .peak_rss_mb
+                .map(|m| format!("{m:.0} MB"))
+                .unwrap_or_else(|| "?".into());
+            println!(
+                "{:>7} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10}",
+                r.threads, r.load_ms, r.min_ms, r.median_ms, r.p90_ms, r.max_ms, rss
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! `pfe`: the poolformer-edge command line.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod classify;
+mod demo;
+mod export;
+mod info;
+mod run;
+mod synth;
+
+/// Edge inference runtime for PoolFormer image classifiers (tract-based).
+#[derive(Parser)]
+#[command(name = "pfe", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a model on a raw NCHW tensor (.npy) or an image; write the raw output (.npy).
+    Run(run::Args),
+    /// Classify image files: top-k labels with probabilities.
+    Classify(classify::Args),
+    /// Measure load time, latency (min/median/p90/max) and peak memory.
+    Bench(bench::Args),
+    /// Describe a model: inputs, outputs, ops, parameters, MACs, quantization form.
+    Info(info::Args),
+    /// Write an fp32 ONNX graph from a timm PoolFormer state dict (safetensors).
+    Export(export::Args),
+    /// Write deterministic synthetic weights with timm's names and shapes (safetensors).
+    Synth(synth::Args),
+    /// The main job on the embedded default: build the synthetic S12 model once,
+    /// classify a generated image, print a latency table.
+    Demo(demo::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Run(a) => run::main(a),
+        Command::Classify(a) => classify::main(a),
+        Command::Bench(a) => bench::main(a),
+        Command::Info(a) => info::main(a),
+        Command::Export(a) => export::main(a),
+        Command::Synth(a) => synth::main(a),
+        Command::Demo(a) => demo::main(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Thread counts given as `--threads 1,2,4` (or a single number).
+#[derive(Debug, Clone)]
+pub struct ThreadList(pub Vec<usize>);
+
+pub fn parse_threads(s: &str) -> Result<ThreadList, String> {
+    let counts: Result<Vec<usize>, _> = s.split(',').map(|t| t.trim().parse::<usize>()).collect();
+    match counts {
+        Ok(c) if !c.is_empty() && c.iter().all(|&n| n >= 1) => Ok(ThreadList(c)),
+        _ => Err(format!(
+            "expected thread counts ≥ 1 like 1 or 1,2,4, got {s:?}"
+        )),
+    }
+}

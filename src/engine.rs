@@ -1,0 +1,258 @@
+//! Load → optimize → run: the one place tract plans are built.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use tract_core::ndarray::Array4;
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
+use tract_onnx::prelude::*;
+
+use crate::models::labels;
+use crate::postprocess::{self, Prediction};
+use crate::preprocess::{PreprocessConfig, Preprocessor, RgbImage};
+
+/// How an [`Engine`] is built.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    /// Worker threads for tract's matrix products; 1 runs everything on the caller's thread.
+    pub threads: usize,
+    /// Side of the square network input (pixels); 224 for ImageNet-trained PoolFormers.
+    pub input_size: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            threads: 1,
+            input_size: 224,
+        }
+    }
+}
+
+/// A loaded, optimized classifier ready to run.
+///
+/// `run` and `classify` take `&self` and may be called from several threads; runs
+/// are serialized on the engine's own state, so use one engine per thread for
+/// parallel throughput.
+pub struct Engine {
+    plan: Arc<TypedSimplePlan>,
+    state: Mutex<TypedSimpleState>,
+    preprocessor: Mutex<Preprocessor>,
+    executor: Executor,
+    options: Options,
+    input_shape: [usize; 4],
+    num_classes: usize,
+    load_time: Duration,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("options", &self.options)
+            .field("input_shape", &self.input_shape)
+            .field("num_classes", &self.num_classes)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Loads an ONNX file. External weights (`*.onnx.data`) are found next to it.
+    pub fn from_path(path: impl AsRef<Path>, options: Options) -> Result<Engine> {
+        let path = path.as_ref();
+        let start = Instant::now();
+        ensure!(
+            path.is_file(),
+            "model file {} does not exist",
+            path.display()
+        );
+        let model = guard_panics(|| tract_onnx::onnx().model_for_path(path).map_err(Into::into))
+            .with_context(|| format!("loading model {}", path.display()))?;
+        Self::from_inference_model(model, options, start)
+            .with_context(|| format!("preparing model {}", path.display()))
+    }
+
+    /// Loads an ONNX model held in memory (external weights are not supported here).
+    pub fn from_bytes(bytes: &[u8], options: Options) -> Result<Engine> {
+        let start = Instant::now();
+        ensure!(!bytes.is_empty(), "model buffer is empty");
+        let model = guard_panics(|| {
+            tract_onnx::onnx()
+                .model_for_read(&mut &bytes[..])
+                .map_err(Into::into)
+        })
+        .context("loading model from memory")?;
+        Self::from_inference_model(model, options, start).context("preparing model from memory")
+    }
+
+    fn from_inference_model(
+        model: InferenceModel,
+        options: Options,
+        start: Instant,
+    ) -> Result<Engine> {
+        ensure!(options.threads >= 1, "threads must be at least 1");
+        ensure!(
+            (32..=4096).contains(&options.input_size),
+            "input size {} is outside 32..=4096",
+            options.input_size
+        );
+        ensure!(
+            model.inputs.len() == 1,
+            "expected an image classifier with one input, the model has {}",
+            model.inputs.len()
+        );
+        ensure!(
+            model.outputs.len() == 1,
+            "expected an image classifier with one output, the model has {}",
+            model.outputs.len()
+        );
+        let declared = model.input_fact(0)?.clone();
+        if !declared.shape.is_open() {
+            let rank = declared.shape.dims().count();
+            ensure!(
+                rank == 4,
+                "expected a 1×3×H×W image input, the model's input has rank {rank} ({declared:?})"
+            );
+        }
+        let s = options.input_size;
+        let input_shape = [1, 3, s, s];
+        let executor = if options.threads > 1 {
+            Executor::multithread(options.threads)
+        } else {
+            Executor::SingleThread
+        };
+        let plan = guard_panics(|| {
+            let typed = model
+                .with_input_fact(0, f32::fact(input_shape).into())?
+                .into_optimized()?;
+            Ok(typed.into_runnable()?)
+        })
+        .with_context(|| format!("fixing the input to 1×3×{s}×{s} f32 and optimizing"))?;
+        let output_fact = plan.model().output_fact(0)?.clone();
+        let out_shape = output_fact
+            .shape
+            .as_concrete()
+            .ok_or_else(|| anyhow!("output shape {:?} is not concrete", output_fact.shape))?
+            .to_vec();
+        ensure!(
+            out_shape.len() == 2 && out_shape[0] == 1 && out_shape[1] > 1,
+            "expected classifier logits of shape 1×classes, the model gives {out_shape:?}"
+        );
+        ensure!(
+            output_fact.datum_type == f32::datum_type(),
+            "expected f32 logits, the model gives {:?}",
+            output_fact.datum_type
+        );
+        let state = plan.spawn()?;
+        Ok(Engine {
+            state: Mutex::new(state),
+            preprocessor: Mutex::new(Preprocessor::new(PreprocessConfig::for_input_size(s))),
+            plan,
+            executor,
+            options,
+            input_shape,
+            num_classes: out_shape[1],
+            load_time: start.elapsed(),
+        })
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.options
+    }
+
+    /// Shape of the network input, `[1, 3, size, size]`.
+    pub fn input_shape(&self) -> [usize; 4] {
+        self.input_shape
+    }
+
+    pub fn num_classes(&self) -> usize {
+        self.num_classes
+    }
+
+    /// Time spent loading and optimizing the model.
+    pub fn load_time(&self) -> Duration {
+        self.load_time
+    }
+
+    /// The optimized tract model (for inspection).
+    pub fn model(&self) -> &TypedModel {
+        self.plan.model()
+    }
+
+    /// Runs the network on a preprocessed NCHW tensor; returns the logits, `[1, classes]`.
+    pub fn run(&self, input: Tensor) -> Result<Tensor> {
+        ensure!(
+            input.datum_type() == f32::datum_type(),
+            "input must be f32, got {:?}",
+            input.datum_type()
+        );
+        ensure!(
+            input.shape() == self.input_shape,
+            "input must have shape {:?}, got {:?}",
+            self.input_shape,
+            input.shape()
+        );
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| anyhow!("engine state poisoned"))?;
+        let executor = self.executor.clone();
+        let mut outputs = guard_panics(|| {
+            multithread_tract_scope(executor, || state.run(tvec!(input.into_tvalue())))
+                .map_err(Into::into)
+        })
+        .context("running the model")?;
+        Ok(outputs.remove(0).into_tensor())
+    }
+
+    /// Runs the network on an NCHW f32 array.
+    pub fn run_array(&self, input: Array4<f32>) -> Result<Vec<f32>> {
+        let out = self.run(input.into_tensor())?;
+        Ok(out.to_plain_array_view::<f32>()?.iter().copied().collect())
+    }
+
+    /// Preprocesses an RGB8 frame as timm's eval transform does (resize the shorter
+    /// side, center crop, normalize) into the network's input tensor.
+    pub fn preprocess(&self, image: &RgbImage) -> Result<Array4<f32>> {
+        let mut pre = self
+            .preprocessor
+            .lock()
+            .map_err(|_| anyhow!("preprocessor poisoned"))?;
+        pre.preprocess(image)
+    }
+
+    /// Logits of an RGB8 frame.
+    pub fn logits(&self, image: &RgbImage) -> Result<Vec<f32>> {
+        let input = self.preprocess(image)?;
+        self.run_array(input)
+    }
+
+    /// The `top` most probable classes of an RGB8 frame, most probable first.
+    pub fn classify(&self, image: &RgbImage, top: usize) -> Result<Vec<Prediction>> {
+        let logits = self.logits(image)?;
+        Ok(self.rank(&logits, top))
+    }
+
+    /// Ranks logits into labelled predictions.
+    pub fn rank(&self, logits: &[f32], top: usize) -> Vec<Prediction> {
+        let n = self.num_classes;
+        postprocess::top_k(logits, top, |i| labels::label(i, n))
+    }
+}
+
+/// Turns a panic inside tract into an error, so a malformed model never takes the
+/// process down.
+fn guard_panics<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            bail!("internal error in tract: {msg}")
+        }
+    }
+}

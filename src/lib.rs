@@ -1,0 +1,19 @@
+//! poolformer-edge: an edge inference runtime for PoolFormer (MetaFormer) image
+//! classifiers, built on tract.
+//!
+//! Data flows one way: front ends (the `pfe` CLI, later the C ABI and the camera
+//! loop) → [`Engine`] → tract. Model construction (configs, synthetic weights,
+//! the safetensors → ONNX exporter) lives in [`models`].
+
+pub mod bench;
+pub mod engine;
+pub mod inspect;
+pub mod models;
+pub mod npy;
+pub mod postprocess;
+pub mod preprocess;
+pub mod testimage;
+
+pub use engine::{Engine, Options};
+pub use postprocess::Prediction;
+pub use preprocess::{PreprocessConfig, RgbImage};
