@@ -119,6 +119,14 @@ def sqnr_db(ref, ours):
     return float(10 * np.log10(sig / err))
 
 
+def tensor_diff(ours, ref, std):
+    """max / mean abs diff, max in 8-bit pixel levels (1/255/std), fraction > 1e-4."""
+    diff = np.abs(ours.astype(np.float64) - ref.astype(np.float64))
+    step = 1 / 255 / np.asarray(std, dtype=np.float64).reshape(1, 3, 1, 1)
+    return float(diff.max()), float(diff.mean()), float((diff / step).max()), \
+        float((diff > 1e-4).mean())
+
+
 def short(path):
     return os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
 
@@ -134,7 +142,9 @@ def make_images(img_dir):
     def save(img, name, desc, gating=True, **kw):
         path = os.path.join(img_dir, name)
         img.save(path, **kw)
-        out.append((path, f"{desc}, {img.size[0]}x{img.size[1]} {img.mode}", gating))
+        with Image.open(path) as im:
+            sampling = jpeg_sampling(im)
+        out.append((path, f"{desc}, {img.size[0]}x{img.size[1]} {img.mode}{sampling}", gating))
 
     try:
         import skimage
@@ -162,7 +172,8 @@ def make_images(img_dir):
             dst = os.path.join(img_dir, name)
             shutil.copyfile(src, dst)
             with Image.open(dst) as im:
-                out.append((dst, f"{desc}, {im.size[0]}x{im.size[1]} {im.mode}", True))
+                out.append((dst, f"{desc}, {im.size[0]}x{im.size[1]} {im.mode}{jpeg_sampling(im)}",
+                            True))
         astro = Image.open(os.path.join(data_dir, "astronaut.png")).convert("RGB")
         coffee = Image.open(os.path.join(data_dir, "coffee.png")).convert("RGB")
         chelsea = Image.open(os.path.join(data_dir, "chelsea.png")).convert("RGB")
@@ -189,6 +200,13 @@ def make_images(img_dir):
             kw = {"quality": 90} if fmt == "jpg" else {}
             save(img, f"generated_{i}_{w}x{h}.{fmt}", f"generated {fmt.upper()}", **kw)
     return out
+
+
+def jpeg_sampling(im):
+    if im.format != "JPEG":
+        return ""
+    from PIL import JpegImagePlugin
+    return {0: " 4:4:4", 1: " 4:2:2", 2: " 4:2:0"}.get(JpegImagePlugin.get_sampling(im), "")
 
 
 def natural_image(w, h, seed):
@@ -349,6 +367,7 @@ def main():
                            d <= args.tolerance)
 
     # ------------------------------------------------------------------ (b) photos
+    pre_rows = []
     if not args.skip_images:
         from PIL import Image
         if args.image_models:
@@ -364,7 +383,6 @@ def main():
         print(f"  transform: {' -> '.join(type(t).__name__ for t in transform.transforms)}")
         images = make_images(os.path.join(work, "images"))
         per_model = {label: dict(sig=0.0, err=0.0) for label in image_models}
-        pre_rows = []
         for img_path, desc, gating in images:
             name = os.path.basename(img_path)
             stem = os.path.splitext(name)[0] + "_" + name.rsplit(".", 1)[1]
@@ -391,20 +409,36 @@ def main():
                         checks.error("b", f"{name}: preprocessed shape",
                                      f"timm {ref_x.shape} vs pfe {pfe_x.shape}", gating)
                     else:
-                        diff = np.abs(pfe_x.astype(np.float64) - ref_x)
-                        mx, mean = float(diff.max()), float(diff.mean())
-                        # In 8-bit pixel steps (1/255 / std), the unit resize errors come in.
-                        step = 1 / 255 / np.array(cfg["std"]).reshape(1, 3, 1, 1)
-                        levels = float((diff / step).max())
-                        frac = float((diff > 1e-4).mean())
+                        mx, mean, levels, frac = tensor_diff(pfe_x, ref_x, cfg["std"])
                         pre_rows.append(dict(image=name, max=mx, mean=mean, levels=levels,
                                              frac=frac))
                         limit = args.max_preprocess_diff
                         checks.add("b", f"{name}: preprocessed max |pfe - timm|", mx, limit,
                                    limit is None or mx <= limit,
                                    gating=gating and limit is not None,
-                                   detail=f"(mean {mean:.2e}, {levels:.2f} pixel levels, "
+                                   detail=f"(mean {mean:.2e}, max {levels:.2f} pixel levels, "
                                           f"{100 * frac:.1f}% of values differ > 1e-4)")
+                    if name.lower().endswith((".jpg", ".jpeg")):
+                        # Same pixels as PIL decodes them, losslessly: separates the JPEG
+                        # decoder's share of the difference from the resize's.
+                        png = os.path.join(work, "images", "pil_decoded", name + ".png")
+                        os.makedirs(os.path.dirname(png), exist_ok=True)
+                        with Image.open(img_path) as im:
+                            im.convert("RGB").save(png)
+                        t2 = os.path.join(work, f"{stem}_pildecoded_pfe_input.npy")
+                        try:
+                            pfe(args.pfe, "run", model_path, "--image", png, "--save-input", t2,
+                                "--output", os.path.join(work, "scratch_logits.npy"))
+                            mx2, mean2, lv2, fr2 = tensor_diff(np.load(t2), ref_x, cfg["std"])
+                            checks.add("b", f"{name}: same, from PIL-decoded pixels (PNG)", mx2,
+                                       None, True, gating=False,
+                                       detail=f"(mean {mean2:.2e}, max {lv2:.2f} pixel levels, "
+                                              f"{100 * fr2:.1f}% differ > 1e-4; the rest is "
+                                              f"the JPEG decoder)")
+                            if pre_rows and pre_rows[-1]["image"] == name:
+                                pre_rows[-1].update(pil_decoded_max=mx2, pil_decoded_mean=mean2)
+                        except RuntimeError as e:
+                            checks.error("b", f"{name}: PIL-decoded PNG", str(e), gating=False)
                 ref = ort_run(model_path, ref_x)
                 db = sqnr_db(ref, ours)
                 per_model[label]["sig"] += float(np.sum(ref.astype(np.float64) ** 2))
@@ -423,8 +457,8 @@ def main():
     # ------------------------------------------------------------------ summary
     report = os.path.join(work, "parity.json")
     with open(report, "w") as f:
-        json.dump(dict(pfe=args.pfe, models=models, checks=checks.rows), f, indent=2,
-                  default=str)
+        json.dump(dict(pfe=args.pfe, models=models, checks=checks.rows, preprocess=pre_rows),
+                  f, indent=2, default=str)
     n_gating = sum(1 for r in checks.rows if r["gating"])
     print(f"\n== summary: {n_gating - len(checks.failed)}/{n_gating} gating checks passed "
           f"(details in {short(report)})")

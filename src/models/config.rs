@@ -103,6 +103,12 @@ impl ArchConfig {
         Ok(())
     }
 
+    /// Whether stage `i` starts with a 3×3 stride-2 downsampling conv: timm's
+    /// `MetaFormerStage` has one where the width changes, and only there.
+    pub fn has_downsample(&self, i: usize) -> bool {
+        i > 0 && self.dims[i] != self.dims[i - 1]
+    }
+
     /// Width of the final feature vector (input of the head).
     pub fn num_features(&self) -> usize {
         *self.dims.last().unwrap()
@@ -120,7 +126,7 @@ impl ArchConfig {
         out.push(("stem.conv.weight".into(), vec![d0, self.in_chans, 7, 7]));
         out.push(("stem.conv.bias".into(), vec![d0]));
         for (i, (&n, &d)) in self.layers.iter().zip(&self.dims).enumerate() {
-            if i > 0 {
+            if self.has_downsample(i) {
                 let prev = self.dims[i - 1];
                 out.push((
                     format!("stages.{i}.downsample.conv.weight"),
@@ -165,7 +171,7 @@ impl ArchConfig {
         let mut h = (size + 2 * 2 - 7) / 4 + 1;
         let mut macs = (h * h * self.dims[0] * self.in_chans * 49) as u64;
         for (i, (&n, &d)) in self.layers.iter().zip(&self.dims).enumerate() {
-            if i > 0 {
+            if self.has_downsample(i) {
                 h = (h + 2 - 3) / 2 + 1;
                 macs += (h * h * d * self.dims[i - 1] * 9) as u64;
             }

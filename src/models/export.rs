@@ -136,7 +136,7 @@ impl<'w> GraphBuilder<'w> {
             2,
         )?;
         for (i, (&blocks, &dim)) in arch.layers.iter().zip(&arch.dims).enumerate() {
-            if i > 0 {
+            if arch.has_downsample(i) {
                 let module = format!("stages.{i}.downsample.conv");
                 x = self.conv(&x, &module, dim, arch.dims[i - 1], 3, 2, 1)?;
             }
@@ -494,7 +494,7 @@ mod tests {
         let input = Tensor::from_shape(&[1, 3, size, size], &data)?;
         let out = plan.run(tvec!(input.into_tvalue()))?;
         assert_eq!(out[0].shape(), [1, 10]);
-        Ok(out[0].as_slice::<f32>()?.to_vec())
+        Ok(out[0].try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
     }
 
     fn set(weights: &mut Weights, key: &str, f: impl Fn(usize) -> f32) {

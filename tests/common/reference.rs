@@ -98,7 +98,8 @@ pub fn forward(
     let mut x = Tensor::from_f32(arch.in_chans, height, width, input);
     x = conv(&x, "stem.conv", 4, 2);
     for (i, &depth) in arch.layers.iter().enumerate() {
-        if i > 0 {
+        // timm's MetaFormerStage downsamples only where the width changes.
+        if i > 0 && arch.dims[i] != arch.dims[i - 1] {
             x = conv(&x, &format!("stages.{i}.downsample.conv"), 2, 1);
         }
         for j in 0..depth {
