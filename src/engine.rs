@@ -67,7 +67,7 @@ impl Engine {
             "model file {} does not exist",
             path.display()
         );
-        let model = guard_panics(|| tract_onnx::onnx().model_for_path(path).map_err(Into::into))
+        let model = guard_panics(|| tract_onnx::onnx().model_for_path(path))
             .with_context(|| format!("loading model {}", path.display()))?;
         Self::from_inference_model(model, options, start)
             .with_context(|| format!("preparing model {}", path.display()))
@@ -77,12 +77,8 @@ impl Engine {
     pub fn from_bytes(bytes: &[u8], options: Options) -> Result<Engine> {
         let start = Instant::now();
         ensure!(!bytes.is_empty(), "model buffer is empty");
-        let model = guard_panics(|| {
-            tract_onnx::onnx()
-                .model_for_read(&mut &bytes[..])
-                .map_err(Into::into)
-        })
-        .context("loading model from memory")?;
+        let model = guard_panics(|| tract_onnx::onnx().model_for_read(&mut &bytes[..]))
+            .context("loading model from memory")?;
         Self::from_inference_model(model, options, start).context("preparing model from memory")
     }
 
@@ -126,7 +122,7 @@ impl Engine {
             let typed = model
                 .with_input_fact(0, f32::fact(input_shape).into())?
                 .into_optimized()?;
-            Ok(typed.into_runnable()?)
+            typed.into_runnable()
         })
         .with_context(|| format!("fixing the input to 1×3×{s}×{s} f32 and optimizing"))?;
         let output_fact = plan.model().output_fact(0)?.clone();
@@ -200,7 +196,6 @@ impl Engine {
         let executor = self.executor.clone();
         let mut outputs = guard_panics(|| {
             multithread_tract_scope(executor, || state.run(tvec!(input.into_tvalue())))
-                .map_err(Into::into)
         })
         .context("running the model")?;
         Ok(outputs.remove(0).into_tensor())

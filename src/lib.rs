@@ -16,4 +16,4 @@ pub mod testimage;
 
 pub use engine::{Engine, Options};
 pub use postprocess::Prediction;
-pub use preprocess::{PreprocessConfig, RgbImage};
+pub use preprocess::{PreprocessConfig, Preprocessor, RgbImage};

@@ -20,6 +20,11 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
 }
 
 /// Indices of the `k` largest values, largest first; ties keep the lower index first.
+///
+/// ```
+/// use poolformer_edge::postprocess::top_k_indices;
+/// assert_eq!(top_k_indices(&[0.1, 0.9, 0.5, 0.9], 3), vec![1, 3, 2]);
+/// ```
 pub fn top_k_indices(values: &[f32], k: usize) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..values.len()).collect();
     idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));

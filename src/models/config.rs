@@ -52,6 +52,13 @@ impl ArchConfig {
     }
 
     /// Looks an architecture up by timm's name (`poolformer_s12`, …).
+    ///
+    /// ```
+    /// use poolformer_edge::models::ArchConfig;
+    /// let s12 = ArchConfig::by_name("poolformer_s12").unwrap();
+    /// assert_eq!((s12.layers.as_slice(), s12.dims.as_slice()), (&[2, 2, 6, 2][..], &[64, 128, 320, 512][..]));
+    /// assert!(ArchConfig::by_name("poolformer_s13").is_err());
+    /// ```
     pub fn by_name(name: &str) -> Result<ArchConfig> {
         let family = Self::family();
         match family.iter().find(|a| a.name == name) {
