@@ -22,6 +22,24 @@ pub struct Options {
     pub input_size: usize,
 }
 
+impl Options {
+    /// Input sides the engine accepts, in pixels.
+    pub const INPUT_SIZES: std::ops::RangeInclusive<usize> = 32..=4096;
+
+    /// Checks the fields; the message names the bad one (`threads …`, `input_size …`).
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.threads >= 1, "threads is 0; it must be at least 1");
+        ensure!(
+            Self::INPUT_SIZES.contains(&self.input_size),
+            "input_size {} is outside {}..={}",
+            self.input_size,
+            Self::INPUT_SIZES.start(),
+            Self::INPUT_SIZES.end()
+        );
+        Ok(())
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Options {
@@ -87,12 +105,7 @@ impl Engine {
         options: Options,
         start: Instant,
     ) -> Result<Engine> {
-        ensure!(options.threads >= 1, "threads must be at least 1");
-        ensure!(
-            (32..=4096).contains(&options.input_size),
-            "input size {} is outside 32..=4096",
-            options.input_size
-        );
+        options.validate()?;
         ensure!(
             model.inputs.len() == 1,
             "expected an image classifier with one input, the model has {}",

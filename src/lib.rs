@@ -6,10 +6,12 @@
 //! the safetensors → ONNX exporter) lives in [`models`].
 
 pub mod bench;
+pub mod capi;
 pub mod engine;
 pub mod inspect;
 pub mod models;
 pub mod npy;
+pub mod pixfmt;
 pub mod postprocess;
 pub mod preprocess;
 pub mod testimage;

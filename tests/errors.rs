@@ -145,7 +145,7 @@ fn bad_options() {
             input_size: 0,
         },
     ));
-    assert!(err.contains("input size"), "{err}");
+    assert!(err.contains("input_size 0 is outside"), "{err}");
 }
 
 #[test]
