@@ -40,9 +40,12 @@ fn build_dirs() -> BuildDirs {
     let deps = exe.parent().expect("deps directory").to_path_buf();
     let profile = deps.parent().expect("profile directory").to_path_buf();
     let above = profile.parent().expect("target directory");
-    // The target directory proper holds CACHEDIR.TAG; a triple level below it does not.
-    let triple = (!above.join("CACHEDIR.TAG").exists())
-        .then(|| above.file_name().unwrap().to_string_lossy().into_owned());
+    // A cross build sits in target/<triple>/<profile>; the triple names the architecture
+    // this test was compiled for (`aarch64-…`, `armv7-…` for arm, `x86_64-…`), which the
+    // target directory's own name (`target`, or any CARGO_TARGET_DIR) does not.
+    let name = above.file_name().unwrap().to_string_lossy().into_owned();
+    let triple = (name.starts_with(std::env::consts::ARCH) && name.matches('-').count() >= 2)
+        .then_some(name);
     BuildDirs {
         deps,
         profile,
