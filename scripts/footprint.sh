@@ -21,10 +21,12 @@ work="$target_dir/footprint"
 mkdir -p "$work"
 
 case "$triple" in
-  aarch64-*) qemu=(qemu-aarch64-static -L /usr/aarch64-linux-gnu -cpu cortex-a72) strip=aarch64-linux-gnu-strip ;;
-  armv7-*) qemu=(qemu-arm-static -L /usr/arm-linux-gnueabihf -cpu cortex-a7) strip=arm-linux-gnueabihf-strip
+  aarch64-*) qemu=(qemu-aarch64-static -L /usr/aarch64-linux-gnu -cpu cortex-a72)
+    cc=aarch64-linux-gnu-gcc objcopy=aarch64-linux-gnu-objcopy ;;
+  armv7-*) qemu=(qemu-arm-static -L /usr/arm-linux-gnueabihf -cpu cortex-a7)
+    cc=arm-linux-gnueabihf-gcc objcopy=arm-linux-gnueabihf-objcopy
     export TRACT_CPU_ARM32_NEON=true ;; # qemu shows the host's /proc/cpuinfo; see .ci/cross
-  x86_64-*) qemu=() strip=strip ;;
+  x86_64-*) qemu=() cc=cc objcopy=objcopy ;;
   *) echo "unknown target $triple in $board" >&2; exit 1 ;;
 esac
 
@@ -43,11 +45,19 @@ for lib in libpoolformer_edge.so libpoolformer_edge.a; do
   printf "%-28s %12s  %s\n" "$lib" "$(size_of "$out/$lib")" "$(mib "$(size_of "$out/$lib")")"
 done
 if [ -f "$out/libpoolformer_edge.a" ]; then
-  # cargo strips linked artifacts only; what a C program's link would pull in is less still.
-  cp "$out/libpoolformer_edge.a" "$work/lib-stripped.a"
-  "$strip" --strip-debug "$work/lib-stripped.a"
-  printf "%-28s %12s  %s\n" "libpoolformer_edge.a -g" "$(size_of "$work/lib-stripped.a")" \
-    "$(mib "$(size_of "$work/lib-stripped.a")")"
+  # Most of the .a is LLVM bitcode (.llvmbc): with rlib among the crate types every object
+  # keeps it for LTO, and the staticlib is not LTO'd. What a C program takes from it is far
+  # less: the bitcode-free archive, and the example linked statically with --gc-sections.
+  cp "$out/libpoolformer_edge.a" "$work/lib-nobitcode.a"
+  "${objcopy}" --remove-section=.llvmbc --remove-section=.llvmcmd "$work/lib-nobitcode.a"
+  printf "%-28s %12s  %s\n" "libpoolformer_edge.a, no .llvmbc" "$(size_of "$work/lib-nobitcode.a")" \
+    "$(mib "$(size_of "$work/lib-nobitcode.a")")"
+  if [ -f examples/c/classify.c ] && [ -f include/pfe.h ]; then
+    "$cc" -O2 -I include examples/c/classify.c "$out/libpoolformer_edge.a" \
+      -lgcc_s -lutil -lrt -lpthread -lm -ldl -lc -Wl,--gc-sections -s -o "$work/classify-static"
+    printf "%-28s %12s  %s\n" "classify.c + .a, stripped" "$(size_of "$work/classify-static")" \
+      "$(mib "$(size_of "$work/classify-static")")"
+  fi
 fi
 
 echo
