@@ -22,6 +22,7 @@ fn s12(c: &mut Criterion) {
             Options {
                 threads,
                 input_size: 224,
+                ..Options::default()
             },
         )
         .unwrap();

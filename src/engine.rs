@@ -10,6 +10,7 @@ use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
 use crate::models::labels;
+use crate::passes::PassReport;
 use crate::postprocess::{self, Prediction};
 use crate::preprocess::{PreprocessConfig, Preprocessor, RgbImage};
 
@@ -20,6 +21,9 @@ pub struct Options {
     pub threads: usize,
     /// Side of the square network input (pixels); 224 for ImageNet-trained PoolFormers.
     pub input_size: usize,
+    /// Apply this crate's graph passes (MetaFormer fusion, int8 folding) before
+    /// tract's optimizer; false runs the graph as tract alone optimizes it.
+    pub fuse: bool,
 }
 
 impl Options {
@@ -45,8 +49,19 @@ impl Default for Options {
         Options {
             threads: 1,
             input_size: 224,
+            fuse: true,
         }
     }
+}
+
+/// Time one node took, averaged over the profiled runs.
+#[derive(Debug, Clone)]
+pub struct NodeProfile {
+    pub node: usize,
+    pub name: String,
+    /// The op's kind as tract names it (`OptMatMul`, `Reduce<Sum>`, a fused op …).
+    pub op: String,
+    pub time: Duration,
 }
 
 /// A loaded, optimized classifier ready to run.
@@ -63,6 +78,7 @@ pub struct Engine {
     input_shape: [usize; 4],
     num_classes: usize,
     load_time: Duration,
+    passes: PassReport,
 }
 
 impl std::fmt::Debug for Engine {
@@ -85,7 +101,7 @@ impl Engine {
             "model file {} does not exist",
             path.display()
         );
-        let model = guard_panics(|| tract_onnx::onnx().model_for_path(path))
+        let model = guard_panics(|| crate::onnx::loader().model_for_path(path))
             .with_context(|| format!("loading model {}", path.display()))?;
         Self::from_inference_model(model, options, start)
             .with_context(|| format!("preparing model {}", path.display()))
@@ -95,7 +111,7 @@ impl Engine {
     pub fn from_bytes(bytes: &[u8], options: Options) -> Result<Engine> {
         let start = Instant::now();
         ensure!(!bytes.is_empty(), "model buffer is empty");
-        let model = guard_panics(|| tract_onnx::onnx().model_for_read(&mut &bytes[..]))
+        let model = guard_panics(|| crate::onnx::loader().model_for_read(&mut &bytes[..]))
             .context("loading model from memory")?;
         Self::from_inference_model(model, options, start).context("preparing model from memory")
     }
@@ -131,11 +147,13 @@ impl Engine {
         } else {
             Executor::SingleThread
         };
-        let plan = guard_panics(|| {
+        let fuse = options.fuse;
+        let (plan, passes) = guard_panics(|| {
             let typed = model
                 .with_input_fact(0, f32::fact(input_shape).into())?
-                .into_optimized()?;
-            typed.into_runnable()
+                .into_typed()?;
+            let (optimized, report) = crate::passes::optimize(typed, fuse)?;
+            Ok((optimized.into_runnable()?, report))
         })
         .with_context(|| format!("fixing the input to 1×3×{s}×{s} f32 and optimizing"))?;
         let output_fact = plan.model().output_fact(0)?.clone();
@@ -163,6 +181,7 @@ impl Engine {
             input_shape,
             num_classes: out_shape[1],
             load_time: start.elapsed(),
+            passes,
         })
     }
 
@@ -182,6 +201,11 @@ impl Engine {
     /// Time spent loading and optimizing the model.
     pub fn load_time(&self) -> Duration {
         self.load_time
+    }
+
+    /// What this crate's graph passes rewrote.
+    pub fn passes(&self) -> &PassReport {
+        &self.passes
     }
 
     /// The optimized tract model (for inspection).
@@ -212,6 +236,50 @@ impl Engine {
         })
         .context("running the model")?;
         Ok(outputs.remove(0).into_tensor())
+    }
+
+    /// Runs the network `rounds` times and times every node; returns one entry per
+    /// node that ran, in plan order, with its total time over all rounds.
+    pub fn profile(&self, input: Tensor, rounds: usize) -> Result<Vec<NodeProfile>> {
+        ensure!(rounds >= 1, "profile rounds must be at least 1");
+        let model = self.plan.model();
+        let mut totals = vec![Duration::ZERO; model.nodes().len()];
+        let mut state = self
+            .state
+            .lock()
+            .map_err(|_| anyhow!("engine state poisoned"))?;
+        for _ in 0..rounds {
+            let executor = self.executor.clone();
+            let x = input.clone();
+            guard_panics(|| {
+                multithread_tract_scope(executor, || {
+                    state.run_plan_with_eval(
+                        tvec!(x.into_tvalue()),
+                        |ctx, op_state, node, inputs| {
+                            let start = Instant::now();
+                            let r = tract_core::plan::eval(ctx, op_state, node, inputs);
+                            totals[node.id] += start.elapsed();
+                            r
+                        },
+                    )
+                })
+            })
+            .context("running the model")?;
+        }
+        Ok(model
+            .eval_order()?
+            .iter()
+            .filter(|&&id| !totals[id].is_zero())
+            .map(|&id| {
+                let node = &model.nodes()[id];
+                NodeProfile {
+                    node: id,
+                    name: node.name.clone(),
+                    op: node.op().name().to_string(),
+                    time: totals[id] / rounds as u32,
+                }
+            })
+            .collect())
     }
 
     /// Runs the network on an NCHW f32 array.

@@ -9,13 +9,17 @@ pub mod bench;
 pub mod capi;
 pub mod engine;
 pub mod inspect;
+pub mod kernels;
 pub mod models;
 pub mod npy;
+pub mod onnx;
+pub mod ops;
+pub mod passes;
 pub mod pixfmt;
 pub mod postprocess;
 pub mod preprocess;
 pub mod testimage;
 
-pub use engine::{Engine, Options};
+pub use engine::{Engine, NodeProfile, Options};
 pub use postprocess::Prediction;
 pub use preprocess::{PreprocessConfig, Preprocessor, RgbImage};

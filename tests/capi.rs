@@ -62,6 +62,7 @@ fn rust_engine() -> &'static Engine {
         let options = Options {
             threads: 1,
             input_size: SIZE as usize,
+            ..Options::default()
         };
         Engine::from_bytes(model_bytes(), options).unwrap()
     })
@@ -303,6 +304,7 @@ fn bad_options_are_invalid_arguments_and_match_the_engine() {
         let options = Options {
             threads: 1,
             input_size: size as usize,
+            ..Options::default()
         };
         assert!(Engine::from_bytes(bytes, options).is_err());
     }

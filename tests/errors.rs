@@ -19,6 +19,7 @@ fn small() -> Options {
     Options {
         threads: 1,
         input_size: 64,
+        ..Options::default()
     }
 }
 
@@ -135,6 +136,7 @@ fn bad_options() {
         Options {
             threads: 0,
             input_size: 64,
+            ..Options::default()
         },
     ));
     assert!(err.contains("threads"), "{err}");
@@ -143,6 +145,7 @@ fn bad_options() {
         Options {
             threads: 1,
             input_size: 0,
+            ..Options::default()
         },
     ));
     assert!(err.contains("input_size 0 is outside"), "{err}");

@@ -43,6 +43,7 @@ fn engine_logits(arch: &ArchConfig, weights: &Weights, input: &[f32], size: usiz
         Options {
             threads: 1,
             input_size: size,
+            ..Options::default()
         },
     )
     .expect("loading the exported model");

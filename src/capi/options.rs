@@ -23,6 +23,7 @@ impl PfeOptions {
         let options = Options {
             threads: self.threads as usize,
             input_size: self.input_size as usize,
+            ..Options::default()
         };
         options
             .validate()
@@ -36,6 +37,7 @@ impl Default for PfeOptions {
         let Options {
             threads,
             input_size,
+            ..
         } = Options::default();
         PfeOptions {
             threads: threads as u32,

@@ -270,6 +270,7 @@ fn run(args: Args) -> Result<()> {
         Options {
             threads,
             input_size: args.input_size,
+            ..Options::default()
         },
     )?;
     eprintln!(

@@ -25,6 +25,12 @@ pub struct Args {
     /// Machine-readable output: one JSON object (an array for several thread counts).
     #[arg(long)]
     json: bool,
+    /// Skip this crate's graph passes (MetaFormer fusion, int8 folding): tract alone.
+    #[arg(long)]
+    no_fuse: bool,
+    /// Also time every node (over --iters runs) and print the time per op kind.
+    #[arg(long)]
+    profile: bool,
 }
 
 #[derive(Serialize)]
@@ -50,6 +56,7 @@ pub fn main(args: Args) -> Result<()> {
             Options {
                 threads: t,
                 input_size: args.size,
+                fuse: !args.no_fuse,
             },
         )?;
         // A fixed, image-like input: latency does not depend on values for this network.
@@ -68,6 +75,9 @@ pub fn main(args: Args) -> Result<()> {
             samples.push(start.elapsed());
         }
         let st = LatencyStats::from_samples(&samples);
+        if args.profile {
+            print_profile(&engine.profile(input.clone(), args.iters)?, t);
+        }
         reports.push(Report {
             model: args.model.display().to_string(),
             threads: t,
@@ -112,4 +122,28 @@ pub fn main(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Time per op kind, largest first, then the ten slowest nodes.
+fn print_profile(nodes: &[poolformer_edge::engine::NodeProfile], threads: usize) {
+    let total: f64 = nodes.iter().map(|n| n.time.as_secs_f64()).sum::<f64>() * 1e3;
+    let mut by_op: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
+    for n in nodes {
+        let e = by_op.entry(n.op.as_str()).or_default();
+        e.0 += n.time.as_secs_f64() * 1e3;
+        e.1 += 1;
+    }
+    let mut rows: Vec<_> = by_op.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    eprintln!("profile, {threads} thread(s): {total:.2} ms summed over nodes");
+    eprintln!("{:>9} {:>6} {:>6}  op", "ms", "%", "nodes");
+    for (op, (ms, count)) in rows {
+        eprintln!("{ms:>9.3} {:>6.1} {count:>6}  {op}", 100.0 * ms / total);
+    }
+    let mut slow: Vec<_> = nodes.iter().collect();
+    slow.sort_by_key(|n| std::cmp::Reverse(n.time));
+    eprintln!("slowest nodes:");
+    for n in slow.iter().take(10) {
+        eprintln!("{:>9.3}  {} ({})", n.time.as_secs_f64() * 1e3, n.name, n.op);
+    }
 }

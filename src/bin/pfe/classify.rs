@@ -29,6 +29,7 @@ pub fn main(args: Args) -> Result<()> {
         Options {
             threads: args.threads,
             input_size: args.size,
+            ..Options::default()
         },
     )?;
     for path in &args.images {

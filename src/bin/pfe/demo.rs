@@ -73,6 +73,7 @@ pub fn main(args: Args) -> Result<()> {
         Options {
             threads: threads[0],
             input_size: 224,
+            ..Options::default()
         },
     )?;
     let preds = engine.classify(&image, 5)?;
@@ -105,6 +106,7 @@ pub fn main(args: Args) -> Result<()> {
             Options {
                 threads: t,
                 input_size: 224,
+                ..Options::default()
             },
         )?;
         let input = engine.preprocess(&image)?;

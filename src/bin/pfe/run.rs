@@ -25,6 +25,9 @@ pub struct Args {
     size: usize,
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// Skip this crate's graph passes (MetaFormer fusion, int8 folding): tract alone.
+    #[arg(long)]
+    no_fuse: bool,
     /// Also write the preprocessed input tensor (.npy), with --image.
     #[arg(long)]
     save_input: Option<PathBuf>,
@@ -49,6 +52,7 @@ pub fn main(args: Args) -> Result<()> {
         Options {
             threads: args.threads,
             input_size: size,
+            fuse: !args.no_fuse,
         },
     )?;
     let (shape, data) = match (tensor_in, &args.image) {

@@ -1,0 +1,11 @@
+//! The ONNX front end: tract's loader plus the operators it lacks.
+//!
+//! Every model the engine reads goes through [`loader`], so an operator registered
+//! here is understood everywhere (engine, `pfe info`, the C ABI).
+
+use tract_onnx::Onnx;
+
+/// tract's ONNX loader with this crate's extra operators registered.
+pub fn loader() -> Onnx {
+    tract_onnx::onnx()
+}

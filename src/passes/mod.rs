@@ -1,0 +1,33 @@
+//! Graph passes over tract's `TypedModel`, run between loading and tract's own
+//! optimizer. Each pass rewrites the patterns it recognizes exactly and leaves
+//! everything else as it was, so a graph that matches nothing runs unchanged.
+//!
+//! Order: `int8` sees the graph as it comes out of the ONNX importer (before tract
+//! constant-folds the Q/DQ structure away); `metaformer` sees the decluttered graph.
+
+use anyhow::Result;
+use tract_onnx::prelude::*;
+
+pub mod int8;
+pub mod metaformer;
+
+/// What the passes did to one model, for `pfe info` and logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PassReport {
+    /// One line per rewrite kind, e.g. `token mixer ×12`.
+    pub rewrites: Vec<String>,
+}
+
+/// Runs this crate's passes, then tract's optimizer, on a freshly typed model.
+pub fn optimize(model: TypedModel, fuse: bool) -> Result<(TypedModel, PassReport)> {
+    let mut report = PassReport::default();
+    let mut model = model;
+    if fuse {
+        int8::rewrite(&mut model, &mut report)?;
+    }
+    let mut model = model.into_decluttered()?;
+    if fuse {
+        metaformer::rewrite(&mut model, &mut report)?;
+    }
+    Ok((model.into_optimized()?, report))
+}
