@@ -708,7 +708,7 @@ mod tests {
         let resized = pil_resize(src, (w, h), (nw, nh), vertical_first, eps);
         // round(d / 2) half-to-even: an odd d = 2k + 1 rounds to the even one of k, k + 1.
         let offset = |d: usize| {
-            if d % 2 == 0 || (d / 2) % 2 == 0 {
+            if d.is_multiple_of(2) || (d / 2).is_multiple_of(2) {
                 d / 2
             } else {
                 d / 2 + 1

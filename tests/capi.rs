@@ -113,7 +113,7 @@ fn version_and_defaults() {
 
 #[test]
 fn null_pointers_are_named() {
-    let mut e: *mut PfeEngine = 0x1 as *mut PfeEngine;
+    let mut e: *mut PfeEngine = std::ptr::dangling_mut::<PfeEngine>();
     let s = unsafe { pfe_engine_new_from_path(ptr::null(), ptr::null(), &mut e) };
     expect_error(
         s,
@@ -796,7 +796,7 @@ fn run_f32_checks_sizes_and_equals_the_rust_api() {
     let bytes = vec![0u8; 4 * n + 4];
     let misaligned = bytes
         .as_ptr()
-        .wrapping_add(if bytes.as_ptr() as usize % 4 == 0 {
+        .wrapping_add(if (bytes.as_ptr() as usize).is_multiple_of(4) {
             1
         } else {
             0

@@ -154,7 +154,11 @@ impl Converter {
     }
 
     /// Converts `frame` into `out` (resized as needed); returns the image's width and height.
-    pub fn to_rgb(&mut self, frame: &RawFrame, out: &mut Vec<u8>) -> Result<(usize, usize)> {
+    pub fn convert_to_rgb(
+        &mut self,
+        frame: &RawFrame,
+        out: &mut Vec<u8>,
+    ) -> Result<(usize, usize)> {
         let RawFrame {
             data,
             format,
@@ -323,7 +327,7 @@ mod tests {
             stride,
         };
         let dims = Converter::new(ColorRange::Limited)
-            .to_rgb(&frame, &mut out)
+            .convert_to_rgb(&frame, &mut out)
             .unwrap();
         assert_eq!(dims, (w, h));
         out
@@ -534,7 +538,7 @@ mod tests {
             height: 0,
             stride: 0,
         };
-        assert_eq!(conv.to_rgb(&frame, &mut bare).unwrap(), (16, 16));
+        assert_eq!(conv.convert_to_rgb(&frame, &mut bare).unwrap(), (16, 16));
         assert_eq!(full, bare);
     }
 
@@ -573,7 +577,10 @@ mod tests {
             height: 4,
             stride: 4,
         };
-        let e = conv.to_rgb(&short, &mut out).unwrap_err().to_string();
+        let e = conv
+            .convert_to_rgb(&short, &mut out)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("10 bytes, needs 24"), "{e}");
     }
 

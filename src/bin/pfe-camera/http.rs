@@ -228,7 +228,7 @@ impl Sink for HttpServer {
 
     fn consume(&mut self, out: &Output) -> Result<()> {
         let now = Instant::now();
-        if self.last_status.map_or(true, |t| now - t >= STATUS_PERIOD) {
+        if self.last_status.is_none_or(|t| now - t >= STATUS_PERIOD) {
             self.update_status(out);
             self.last_status = Some(now);
         }
@@ -236,7 +236,7 @@ impl Sink for HttpServer {
         if streaming
             || self
                 .last_encode
-                .map_or(true, |t| now - t >= IDLE_ENCODE_PERIOD)
+                .is_none_or(|t| now - t >= IDLE_ENCODE_PERIOD)
         {
             self.queue_encode(out);
             self.last_encode = Some(now);

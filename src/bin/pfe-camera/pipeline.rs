@@ -334,14 +334,14 @@ impl Pipeline {
             let (w, h) = (frame.width, frame.height);
             (&mut frame.data[..3 * w * h], w, h)
         } else {
-            match converter.to_rgb(&raw, scratch) {
+            match converter.convert_to_rgb(&raw, scratch) {
                 Ok((w, h)) => (&mut scratch[..3 * w * h], w, h),
                 Err(e) => {
                     self.stats.bad += 1;
                     // Damaged frames happen (USB glitches): say so, at most once a second.
                     if self
                         .last_warning
-                        .map_or(true, |t| t.elapsed() > Duration::from_secs(1))
+                        .is_none_or(|t| t.elapsed() > Duration::from_secs(1))
                     {
                         eprintln!("frame {}: skipped: {e:#}", frame.seq);
                         self.last_warning = Some(Instant::now());

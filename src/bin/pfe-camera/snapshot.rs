@@ -56,7 +56,7 @@ impl Sink for Snapshots {
 
     fn consume(&mut self, out: &Output) -> Result<()> {
         let n = out.record.frame;
-        if n % self.every == 0 {
+        if n.is_multiple_of(self.every) {
             write_png(&self.path_of(n), out.rgb, out.width, out.height)?;
         }
         Ok(())
