@@ -1,11 +1,494 @@
-//! The MetaFormer pass: recognizes PoolFormer blocks and rewrites them into fused ops.
+//! The MetaFormer pass: finds PoolFormer blocks in the decluttered graph and rewires
+//! each half into one fused op (`crate::ops::metaformer`).
+//!
+//! Matched, per block half (operand order of commutative ops is free):
+//!
+//! ```text
+//! token mixer:  n = GroupNorm₁(x)·γ + β;  y = x + ls·(AvgPool3x3(n) − n)
+//! channel MLP:  n = GroupNorm₁(x)·γ + β;  y = x + ls·(fc2(gelu(fc1(n) + b1)) + b2)
+//! ```
+//!
+//! `GroupNorm₁` (one group: mean and variance over C, H, W) is spelled differently by
+//! each exporter — a chain of reductions, InstanceNormalization over a reshape, tract's
+//! RmsNorm. The pass does not match its ops: it takes the subgraph between `x` and the
+//! affine `Mul`, checks that nothing outside uses its intermediate values, and
+//! evaluates it on two probe tensors against the definition (one probe with a variance
+//! below ε, so that ε itself is checked). Anything that does not match exactly stays
+//! as tract runs it.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use anyhow::Result;
-use tract_onnx::prelude::*;
+use tract_core::internal::*;
+use tract_core::ops::binary::TypedBinOp;
+use tract_core::ops::cnn::{PaddingSpec, SumPool};
+use tract_core::ops::einsum::EinSum;
+use tract_core::ops::element_wise::ElementWiseOp;
+use tract_core::ops::nn::{DataFormat, RmsNorm};
 
 use super::PassReport;
+use crate::kernels::mlp::MlpWeights;
+use crate::ops::metaformer::{ChannelMlp, TokenMixer};
 
-/// Rewrites every PoolFormer block the graph contains.
-pub fn rewrite(_model: &mut TypedModel, _report: &mut PassReport) -> Result<()> {
+/// Whether the channel-MLP fusion runs on this target: its matrix products come from
+/// the `gemm` crate, which has SIMD kernels for x86-64 and aarch64 only (elsewhere
+/// tract's own kernels are faster).
+pub const FUSES_MLP: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarch64"));
+
+/// Rewrites every PoolFormer block half the graph contains.
+pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
+    let mut mixers = 0;
+    let mut mlps = 0;
+    let ids: Vec<usize> = model.eval_order()?;
+    for id in ids {
+        let name = model.node(id).op().name();
+        let patch = if model.node(id).op_as::<SumPool>().is_some() {
+            match_mixer(model, id)?
+        } else if FUSES_MLP && name == "GeluExact" {
+            match_mlp(model, id)?
+        } else {
+            None
+        };
+        if let Some((patch, what)) = patch {
+            patch.apply(model)?;
+            match what {
+                Fused::Mixer => mixers += 1,
+                Fused::Mlp => mlps += 1,
+            }
+        }
+    }
+    if mixers + mlps > 0 {
+        model.compact()?;
+    }
+    if mixers > 0 {
+        report.rewrites.push(format!(
+            "token mixer (norm + pool + scale + residual) ×{mixers}"
+        ));
+    }
+    if mlps > 0 {
+        report.rewrites.push(format!(
+            "channel MLP (norm + fc1 + GELU + fc2 + scale + residual) ×{mlps}"
+        ));
+    }
     Ok(())
+}
+
+enum Fused {
+    Mixer,
+    Mlp,
+}
+
+macro_rules! want {
+    ($cond:expr) => {
+        if !$cond {
+            return Ok(None);
+        }
+    };
+}
+
+macro_rules! want_some {
+    ($e:expr) => {
+        match $e {
+            Some(v) => v,
+            None => return Ok(None),
+        }
+    };
+}
+
+fn bin_name(model: &TypedModel, id: usize) -> Option<String> {
+    model
+        .node(id)
+        .op_as::<TypedBinOp>()
+        .map(|b| b.0.name().to_string())
+}
+
+/// The only consumer of node `id`'s single output.
+fn only_succ(model: &TypedModel, id: usize) -> Option<usize> {
+    let node = model.node(id);
+    (node.outputs.len() == 1 && node.outputs[0].successors.len() == 1)
+        .then(|| node.outputs[0].successors[0].node)
+}
+
+fn konst(model: &TypedModel, o: OutletId) -> Option<Arc<Tensor>> {
+    model.outlet_fact(o).ok().and_then(|f| f.konst.clone())
+}
+
+/// A per-channel f32 constant shaped `[1, C, 1, 1]` or `[C, 1, 1]`.
+fn channel_const(t: &Tensor, c: usize) -> Option<Vec<f32>> {
+    let shape = t.shape();
+    let ok = t.datum_type() == f32::datum_type()
+        && t.len() == c
+        && (shape == [1, c, 1, 1] || shape == [c, 1, 1]);
+    ok.then(|| {
+        t.try_as_plain_ram()
+            .ok()
+            .and_then(|v| v.as_slice::<f32>().ok().map(|s| s.to_vec()))
+    })
+    .flatten()
+}
+
+/// For a binary node with one constant operand: (the other operand, the constant).
+fn split_const(model: &TypedModel, id: usize) -> Option<(OutletId, Arc<Tensor>)> {
+    let node = model.node(id);
+    if node.inputs.len() != 2 {
+        return None;
+    }
+    match (konst(model, node.inputs[0]), konst(model, node.inputs[1])) {
+        (None, Some(k)) => Some((node.inputs[0], k)),
+        (Some(k), None) => Some((node.inputs[1], k)),
+        _ => None,
+    }
+}
+
+/// `[1, C, H, W]` f32.
+fn nchw(model: &TypedModel, o: OutletId) -> Option<[usize; 4]> {
+    let f = model.outlet_fact(o).ok()?;
+    let s = f.shape.as_concrete()?;
+    (f.datum_type == f32::datum_type() && s.len() == 4 && s[0] == 1)
+        .then(|| [s[0], s[1], s[2], s[3]])
+}
+
+/// A recognized `GroupNorm₁(x)·γ + β`.
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f32,
+}
+
+/// Matches `n = GroupNorm₁(x)·γ + β`, `n` the output of the affine `Add`.
+fn match_norm(model: &TypedModel, n: OutletId, x: OutletId) -> TractResult<Option<Norm>> {
+    let shape = want_some!(nchw(model, x));
+    let c = shape[1];
+    want!(n.slot == 0 && bin_name(model, n.node).as_deref() == Some("Add"));
+    let (m, beta) = want_some!(split_const(model, n.node));
+    let beta = want_some!(channel_const(&beta, c));
+    want!(m.slot == 0 && bin_name(model, m.node).as_deref() == Some("Mul"));
+    want!(only_succ(model, m.node) == Some(n.node));
+    let (z, gamma) = want_some!(split_const(model, m.node));
+    let gamma = want_some!(channel_const(&gamma, c));
+    want!(only_succ(model, z.node) == Some(m.node) && z != x);
+    let region = want_some!(region_between(model, x, z)?);
+    let eps = want_some!(find_eps(model, &region));
+    want!(verifies_group_norm(model, &region, x, z, shape, eps)?);
+    Ok(Some(Norm { gamma, beta, eps }))
+}
+
+/// The nodes computing `z` from `x` and constants, in evaluation order, when none of
+/// their values is used outside (the source `x` and constants excepted).
+fn region_between(model: &TypedModel, x: OutletId, z: OutletId) -> TractResult<Option<Vec<usize>>> {
+    let mut seen = HashSet::new();
+    let mut stack = vec![z.node];
+    while let Some(id) = stack.pop() {
+        if !seen.insert(id) {
+            continue;
+        }
+        let node = model.node(id);
+        if node.inputs.is_empty() && konst(model, OutletId::new(id, 0)).is_none() {
+            return Ok(None); // a model input other than x
+        }
+        if seen.len() > 64 {
+            return Ok(None);
+        }
+        for &i in &node.inputs {
+            if i != x {
+                stack.push(i.node);
+            }
+        }
+    }
+    want!(!seen.contains(&x.node));
+    for &id in &seen {
+        let node = model.node(id);
+        let is_const = node.inputs.is_empty();
+        if id == z.node || is_const {
+            continue;
+        }
+        for out in &node.outputs {
+            want!(out.successors.iter().all(|s| seen.contains(&s.node)));
+        }
+    }
+    let order: Vec<usize> = model
+        .eval_order()?
+        .into_iter()
+        .filter(|id| seen.contains(id))
+        .collect();
+    Ok(Some(order))
+}
+
+/// The ε of the normalization: the eps of a tract `RmsNorm`, or a small positive
+/// scalar added in the region.
+fn find_eps(model: &TypedModel, region: &[usize]) -> Option<f32> {
+    for &id in region {
+        if let Some(rms) = model.node(id).op_as::<RmsNorm>() {
+            return rms.eps.cast_to_scalar::<f32>().ok();
+        }
+        if bin_name(model, id).as_deref() == Some("Add") {
+            if let Some((_, k)) = split_const(model, id) {
+                if k.len() == 1 {
+                    if let Ok(v) = k.cast_to_scalar::<f32>() {
+                        if v > 0.0 && v <= 1e-2 {
+                            return Some(v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    None
+}
+
+/// Evaluates the region on probe tensors and compares with `(x − μ)/√(σ² + ε)`.
+fn verifies_group_norm(
+    model: &TypedModel,
+    region: &[usize],
+    x: OutletId,
+    z: OutletId,
+    shape: [usize; 4],
+    eps: f32,
+) -> TractResult<bool> {
+    let mut sub = TypedModel::default();
+    let mut map: HashMap<OutletId, OutletId> = HashMap::new();
+    map.insert(x, sub.add_source("x", f32::fact(shape))?);
+    for &id in region {
+        let node = model.node(id);
+        let inputs: TVec<OutletId> = match node.inputs.iter().map(|i| map.get(i).copied()).collect()
+        {
+            Some(v) => v,
+            None => return Ok(false),
+        };
+        let outs = sub.wire_node(&node.name, node.op.clone(), &inputs)?;
+        for (slot, o) in outs.into_iter().enumerate() {
+            map.insert(OutletId::new(id, slot), o);
+        }
+    }
+    let Some(out) = map.get(&z).copied() else {
+        return Ok(false);
+    };
+    sub.select_output_outlets(&[out])?;
+    let plan = match sub.into_runnable() {
+        Ok(p) => p,
+        Err(_) => return Ok(false),
+    };
+    let n: usize = shape.iter().product();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let base: Vec<f32> = (0..n)
+        .map(|i| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let u = (state >> 40) as f32 / (1u64 << 24) as f32;
+            2.0 * u - 1.0 + 0.4 * ((i % 7) as f32 / 7.0)
+        })
+        .collect();
+    // Unit-scale probe, then one whose variance (~1e-7·…) is well below ε.
+    // The small probe has no offset: a reduction's f32 rounding of a large common
+    // offset, amplified by 1/√ε, would otherwise hide the comparison.
+    for (scale, offset) in [(1.0f32, 0.25f32), (3e-4, 0.0)] {
+        let probe: Vec<f32> = base.iter().map(|v| v * scale + offset).collect();
+        let got = match plan.run(tvec!(Tensor::from_shape(&shape, &probe)?.into_tvalue())) {
+            Ok(o) => o,
+            Err(_) => return Ok(false),
+        };
+        let got = got[0].to_plain_array_view::<f32>()?;
+        if got.len() != n {
+            return Ok(false);
+        }
+        let mean = probe.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        let var = probe
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
+        let r = 1.0 / (var + eps as f64).sqrt();
+        let worst = probe
+            .iter()
+            .zip(got.iter())
+            .map(|(&p, &g)| ((p as f64 - mean) * r - g as f64).abs())
+            .fold(0.0, f64::max);
+        // Normalized values are O(1); f32 evaluation errs by ~1e-6.
+        if worst.is_nan() || worst > 1e-3 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// 3×3, stride 1, padding 1, NCHW average pool excluding padding.
+fn is_poolformer_pool(pool: &SumPool) -> bool {
+    let s = &pool.pool_spec;
+    let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&d| d == 1));
+    let pad_one = match &s.padding {
+        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, _) => {
+            b.iter().chain(a.iter()).all(|&p| p == 1)
+        }
+        PaddingSpec::SameUpper | PaddingSpec::SameLower => true,
+        PaddingSpec::Valid => false,
+    };
+    pool.normalize
+        && !pool.count_include_pad
+        && s.data_format == DataFormat::NCHW
+        && s.kernel_shape.as_slice() == [3, 3]
+        && ones(&s.strides)
+        && ones(&s.dilations)
+        && pad_one
+}
+
+fn match_mixer(
+    model: &TypedModel,
+    pool_id: usize,
+) -> TractResult<Option<(TypedModelPatch, Fused)>> {
+    let pool = model.node(pool_id);
+    want!(is_poolformer_pool(want_some!(pool.op_as::<SumPool>())));
+    let n = pool.inputs[0];
+    let sub = want_some!(only_succ(model, pool_id));
+    want!(bin_name(model, sub).as_deref() == Some("Sub"));
+    want!(model.node(sub).inputs.as_slice() == [OutletId::new(pool_id, 0), n]);
+    let mut users: Vec<usize> = model.outlet_successors(n).iter().map(|s| s.node).collect();
+    users.sort();
+    let mut expected = vec![pool_id, sub];
+    expected.sort();
+    want!(users == expected);
+    let mul = want_some!(only_succ(model, sub));
+    want!(bin_name(model, mul).as_deref() == Some("Mul"));
+    let (_, ls) = want_some!(split_const(model, mul));
+    let add = want_some!(only_succ(model, mul));
+    want!(bin_name(model, add).as_deref() == Some("Add"));
+    let ins = &model.node(add).inputs;
+    let mul_out = OutletId::new(mul, 0);
+    let x = want_some!(ins.iter().find(|&&i| i != mul_out).copied());
+    want!(ins.contains(&mul_out));
+    let shape = want_some!(nchw(model, x));
+    want!(nchw(model, OutletId::new(add, 0)) == Some(shape));
+    let ls = want_some!(channel_const(&ls, shape[1]));
+    let norm = want_some!(match_norm(model, n, x)?);
+    let scale: Vec<f32> = ls.iter().zip(&norm.gamma).map(|(l, g)| l * g).collect();
+    let op = TokenMixer {
+        scale,
+        eps: norm.eps,
+    };
+    let mut patch = TypedModelPatch::new("metaformer token mixer");
+    let tx = patch.tap_model(model, x)?;
+    let name = format!("{}.pfe_token_mixer", model.node(add).name);
+    let y = patch.wire_node(name, op, &[tx])?[0];
+    patch.shunt_outside(model, OutletId::new(add, 0), y)?;
+    Ok(Some((patch, Fused::Mixer)))
+}
+
+/// A 1×1 convolution as tract declutters it: an f32 EinSum of the activation with a
+/// constant `[O, I]` matrix contracted over I, keeping H and W.
+fn pointwise_weights(
+    model: &TypedModel,
+    id: usize,
+    input: OutletId,
+) -> Option<(usize, usize, Vec<f32>)> {
+    let node = model.node(id);
+    let op = node.op_as::<EinSum>()?;
+    if op.q_params.is_some() || op.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return None;
+    }
+    if node.inputs[0] != input {
+        return None;
+    }
+    let formula = op.axes.to_string();
+    let formula = formula.split_whitespace().next()?;
+    let (ins, out) = formula.split_once("->")?;
+    let (a, b) = ins.split_once(',')?;
+    let ok = matches!(a, "NIHW" | "IHW") && b == "OI" && matches!(out, "OHW" | "NOHW");
+    let w = konst(model, node.inputs[1])?;
+    if !ok || w.rank() != 2 || w.datum_type() != f32::datum_type() {
+        return None;
+    }
+    Some((
+        w.shape()[0],
+        w.shape()[1],
+        w.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec(),
+    ))
+}
+
+/// A bias or scale constant of `len` values along the channel axis of a rank-3 or
+/// rank-4 activation.
+fn vector_const(t: &Tensor, len: usize) -> Option<Vec<f32>> {
+    let shape = t.shape();
+    let ok = t.datum_type() == f32::datum_type()
+        && t.len() == len
+        && (shape == [len, 1, 1] || shape == [1, len, 1, 1]);
+    ok.then(|| {
+        t.try_as_plain_ram()
+            .ok()
+            .and_then(|v| v.as_slice::<f32>().ok().map(|s| s.to_vec()))
+    })
+    .flatten()
+}
+
+fn match_mlp(model: &TypedModel, gelu_id: usize) -> TractResult<Option<(TypedModelPatch, Fused)>> {
+    let gelu = model.node(gelu_id);
+    want!(gelu.op_as::<ElementWiseOp>().is_some() && gelu.inputs.len() == 1);
+    let add1 = gelu.inputs[0].node;
+    want!(bin_name(model, add1).as_deref() == Some("Add"));
+    want!(only_succ(model, add1) == Some(gelu_id));
+    let (e1_out, b1) = want_some!(split_const(model, add1));
+    let e1 = e1_out.node;
+    want!(only_succ(model, e1) == Some(add1));
+    let n2 = model.node(e1).inputs[0];
+    let (hidden, channels, w1) = want_some!(pointwise_weights(model, e1, n2));
+    let b1 = want_some!(vector_const(&b1, hidden));
+    let e2 = want_some!(only_succ(model, gelu_id));
+    let (c_out, h_in, w2) = want_some!(pointwise_weights(model, e2, OutletId::new(gelu_id, 0)));
+    want!(c_out == channels && h_in == hidden);
+    let add2 = want_some!(only_succ(model, e2));
+    want!(bin_name(model, add2).as_deref() == Some("Add"));
+    let (_, b2) = want_some!(split_const(model, add2));
+    let b2 = want_some!(vector_const(&b2, channels));
+    let mul = want_some!(only_succ(model, add2));
+    want!(bin_name(model, mul).as_deref() == Some("Mul"));
+    let (_, ls) = want_some!(split_const(model, mul));
+    let ls = want_some!(vector_const(&ls, channels));
+    let add3 = want_some!(only_succ(model, mul));
+    want!(bin_name(model, add3).as_deref() == Some("Add"));
+    let mul_out = OutletId::new(mul, 0);
+    let ins = &model.node(add3).inputs;
+    want!(ins.contains(&mul_out));
+    let x = want_some!(ins.iter().find(|&&i| i != mul_out).copied());
+    let shape = want_some!(nchw(model, x));
+    want!(shape[1] == channels && nchw(model, OutletId::new(add3, 0)) == Some(shape));
+    want!(model.outlet_successors(n2).len() == 1);
+    let norm = want_some!(match_norm(model, n2, x)?);
+
+    let mut fw1 = vec![0f32; hidden * channels];
+    let mut c1 = vec![0f32; hidden];
+    for o in 0..hidden {
+        let mut acc = b1[o] as f64;
+        for i in 0..channels {
+            let wv = w1[o * channels + i];
+            fw1[o * channels + i] = wv * norm.gamma[i];
+            acc += wv as f64 * norm.beta[i] as f64;
+        }
+        c1[o] = acc as f32;
+    }
+    let mut fw2 = vec![0f32; channels * hidden];
+    for c in 0..channels {
+        for j in 0..hidden {
+            fw2[c * hidden + j] = w2[c * hidden + j] * ls[c];
+        }
+    }
+    let b2: Vec<f32> = b2.iter().zip(&ls).map(|(b, l)| b * l).collect();
+    let weights = MlpWeights {
+        channels,
+        hidden,
+        w1: fw1,
+        c1,
+        w2: fw2,
+        b2,
+    };
+    weights.check()?;
+    let op = ChannelMlp {
+        weights: Arc::new(weights),
+        eps: norm.eps,
+    };
+    let mut patch = TypedModelPatch::new("metaformer channel MLP");
+    let tx = patch.tap_model(model, x)?;
+    let name = format!("{}.pfe_channel_mlp", model.node(add3).name);
+    let y = patch.wire_node(name, op, &[tx])?[0];
+    patch.shunt_outside(model, OutletId::new(add3, 0), y)?;
+    Ok(Some((patch, Fused::Mlp)))
 }

@@ -8,6 +8,7 @@
 use anyhow::Result;
 use tract_onnx::prelude::*;
 
+pub mod conv;
 pub mod int8;
 pub mod metaformer;
 
@@ -28,6 +29,7 @@ pub fn optimize(model: TypedModel, fuse: bool) -> Result<(TypedModel, PassReport
     let mut model = model.into_decluttered()?;
     if fuse {
         metaformer::rewrite(&mut model, &mut report)?;
+        conv::rewrite(&mut model, &mut report)?;
     }
     Ok((model.into_optimized()?, report))
 }

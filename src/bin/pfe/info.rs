@@ -2,6 +2,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use poolformer_edge::inspect::inspect;
+use poolformer_edge::{Engine, Options};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -16,8 +17,23 @@ pub struct Args {
 
 pub fn main(args: Args) -> Result<()> {
     let info = inspect(&args.model, args.size)?;
+    // What this crate's graph passes make of the model at this input size.
+    let fused = Engine::from_path(
+        &args.model,
+        Options {
+            input_size: args.size,
+            ..Options::default()
+        },
+    )
+    .map(|e| e.passes().rewrites.clone())
+    .map_err(|e| format!("{e:#}"));
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        let mut v = serde_json::to_value(&info)?;
+        v["fused"] = match &fused {
+            Ok(r) => serde_json::json!(r),
+            Err(e) => serde_json::json!({ "error": e }),
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     println!("model        {}", info.path);
@@ -63,6 +79,11 @@ pub fn main(args: Args) -> Result<()> {
             "MACs         unknown (the graph does not type-check at {}×{})",
             info.input_size, info.input_size
         ),
+    }
+    match &fused {
+        Ok(r) if r.is_empty() => println!("fused        nothing (no PoolFormer block matched)"),
+        Ok(r) => println!("fused        {}", r.join("; ")),
+        Err(e) => println!("fused        not loadable here: {e}"),
     }
     println!("nodes        {}", info.nodes);
     let mut ops: Vec<_> = info.ops.iter().collect();

@@ -1,0 +1,209 @@
+//! The PoolFormer channel MLP with its norm, bias, GELU, layer scale and residual
+//! fused around two matrix products:
+//!
+//! `y = x + ls ⊙ (W2·gelu(W1·(γ ⊙ (x − μ)·r + β) + b1) + b2)`
+//!
+//! becomes, with `W1' = W1·diag(γ)`, `c1 = b1 + W1·β`, `W2' = diag(ls)·W2`,
+//! `b2' = ls ⊙ b2`:
+//!
+//! `y = x + b2' + W2'·gelu(r·(W1'·(x − μ)) + c1)`.
+//!
+//! The tokens (columns of the `C×HW` activation) are processed in blocks, so the
+//! hidden activations of a block (`4C × cols`) stay in cache between the two
+//! products. Matrix products come from the `gemm` crate (AVX2/AVX-512/NEON kernels
+//! chosen at run time); the element-wise parts are multiversioned here.
+
+use anyhow::{ensure, Result};
+use tract_linalg::routines::Func;
+
+use super::{multiversion, Isa};
+
+/// Folded weights of one block's MLP.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MlpWeights {
+    pub channels: usize,
+    pub hidden: usize,
+    /// `[hidden, channels]`, row-major: fc1 with the norm's γ folded into its columns.
+    pub w1: Vec<f32>,
+    /// `[hidden]`: fc1's bias plus fc1·β.
+    pub c1: Vec<f32>,
+    /// `[channels, hidden]`, row-major: fc2 with the layer scale folded into its rows.
+    pub w2: Vec<f32>,
+    /// `[channels]`: fc2's bias times the layer scale.
+    pub b2: Vec<f32>,
+}
+
+impl MlpWeights {
+    pub fn check(&self) -> Result<()> {
+        let (c, h) = (self.channels, self.hidden);
+        ensure!(c > 0 && h > 0, "empty MLP ({c} channels, {h} hidden)");
+        ensure!(
+            self.w1.len() == h * c && self.w2.len() == c * h,
+            "MLP weight sizes"
+        );
+        ensure!(self.c1.len() == h && self.b2.len() == c, "MLP bias sizes");
+        Ok(())
+    }
+
+    /// Column ranges to process, one block each: about 128 KiB of hidden activations
+    /// per block (they stay in L2 between the two products), at least 64 columns (so
+    /// the matrix kernels run at speed), balanced, and a multiple of `threads` blocks
+    /// when there are enough columns to share.
+    pub fn blocks(&self, hw: usize, threads: usize) -> Vec<(usize, usize)> {
+        let target = (32_768 / self.hidden).max(64);
+        let mut n = (hw / target).max(1);
+        if threads > 1 && hw >= threads * 32 {
+            n = n.div_ceil(threads) * threads;
+        }
+        let n = n.min(hw.max(1));
+        (0..n)
+            .map(|b| (b * hw / n, (b + 1) * hw / n))
+            .filter(|(a, b)| a < b)
+            .collect()
+    }
+}
+
+/// Per-thread buffers for [`run_block`].
+#[derive(Default)]
+pub struct Scratch {
+    centered: Vec<f32>,
+    hidden: Vec<f32>,
+    scaled: Vec<f32>,
+}
+
+multiversion! {
+    /// `dst[r, ..] = src[r, ..] − mean` for `rows` rows of `cols`, `src` rows `stride` apart.
+    pub fn center_rows(src: &[f32], stride: usize, rows: usize, cols: usize, mean: f32, dst: &mut [f32]) {
+        for r in 0..rows {
+            let s = &src[r * stride..r * stride + cols];
+            let d = &mut dst[r * cols..r * cols + cols];
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = s - mean;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `h = r·h + c[row]`, and `scaled = h/√2` for the erf that follows.
+    pub fn affine_rows(h: &mut [f32], scaled: &mut [f32], cols: usize, r: f32, c: &[f32]) {
+        let inv_sqrt2 = std::f32::consts::FRAC_1_SQRT_2;
+        for ((row, srow), &c) in h.chunks_exact_mut(cols).zip(scaled.chunks_exact_mut(cols)).zip(c) {
+            for (v, s) in row.iter_mut().zip(srow.iter_mut()) {
+                *v = *v * r + c;
+                *s = *v * inv_sqrt2;
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// `h = h/2·(1 + erf)`: GELU once `erf` holds erf(h/√2).
+    pub fn gelu_finish(h: &mut [f32], erf: &[f32]) {
+        for (v, &e) in h.iter_mut().zip(erf) {
+            *v = 0.5 * *v * (1.0 + e);
+        }
+    }
+}
+
+multiversion! {
+    /// `dst = src + b`.
+    pub fn add_scalar(src: &[f32], dst: &mut [f32], b: f32) {
+        for (d, &s) in dst.iter_mut().zip(src) {
+            *d = s + b;
+        }
+    }
+}
+
+/// Computes output columns `j0..j1` of the MLP half-block.
+///
+/// `x` and `out` point at `channels × hw` row-major activations; `mean`/`rstd` are
+/// the norm's statistics over all of `x`.
+///
+/// # Safety
+/// `x` must be valid for reads and `out` for writes of `channels·hw` f32, and no one
+/// else may access columns `j0..j1` of `out` during the call (other threads may work
+/// on other columns).
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn run_block(
+    isa: Isa,
+    w: &MlpWeights,
+    x: *const f32,
+    out: *mut f32,
+    hw: usize,
+    (j0, j1): (usize, usize),
+    (mean, rstd): (f32, f32),
+    scratch: &mut Scratch,
+    parallelism: gemm::Parallelism,
+) -> Result<()> {
+    let (c, h) = (w.channels, w.hidden);
+    let cols = j1 - j0;
+    debug_assert!(j0 < j1 && j1 <= hw);
+    scratch.centered.resize(c * cols, 0.0);
+    scratch.hidden.resize(h * cols, 0.0);
+    scratch.scaled.resize(h * cols, 0.0);
+    // The columns of x this block reads, as one slice from (0, j0) to (c−1, j1).
+    let span = (c - 1) * hw + cols;
+    let xs = std::slice::from_raw_parts(x.add(j0), span);
+    center_rows(isa, xs, hw, c, cols, mean, &mut scratch.centered);
+    // hidden = W1' · centered   ([h, c] · [c, cols])
+    gemm::gemm(
+        h,
+        cols,
+        c,
+        scratch.hidden.as_mut_ptr(),
+        1,
+        cols as isize,
+        false,
+        w.w1.as_ptr(),
+        1,
+        c as isize,
+        scratch.centered.as_ptr(),
+        1,
+        cols as isize,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+    affine_rows(
+        isa,
+        &mut scratch.hidden,
+        &mut scratch.scaled,
+        cols,
+        rstd,
+        &w.c1,
+    );
+    Func::Erf.ew_f32()?.run(&mut scratch.scaled)?;
+    gelu_finish(isa, &mut scratch.hidden, &scratch.scaled);
+    // out = x + b2'; out += W2' · hidden   ([c, h] · [h, cols])
+    for (r, &b) in w.b2.iter().enumerate() {
+        // Only this block's columns of row r: other threads may own the rest.
+        let dst = std::slice::from_raw_parts_mut(out.add(r * hw + j0), cols);
+        add_scalar(isa, &xs[r * hw..r * hw + cols], dst, b);
+    }
+    gemm::gemm(
+        c,
+        cols,
+        h,
+        out.add(j0),
+        1,
+        hw as isize,
+        true,
+        w.w2.as_ptr(),
+        1,
+        h as isize,
+        scratch.hidden.as_ptr(),
+        1,
+        cols as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism,
+    );
+    Ok(())
+}

@@ -1,0 +1,55 @@
+//! Statistics of a one-group GroupNorm: mean and 1/sqrt(var + eps) over a whole tensor.
+
+use super::{multiversion, Isa};
+
+/// Lanes of the partial sums: wide enough for AVX-512, and independent chains for
+/// the adds.
+const LANES: usize = 16;
+/// Elements summed in f32 before the partial sums are added into f64.
+const BLOCK: usize = 4096;
+
+multiversion! {
+    /// Σ(x − shift) and Σ(x − shift)², accumulated in f32 over blocks of 4096 and in
+    /// f64 across blocks.
+    pub fn shifted_sums(x: &[f32], shift: f32) -> (f64, f64) {
+        let mut s1 = 0f64;
+        let mut s2 = 0f64;
+        for block in x.chunks(BLOCK) {
+            let mut a1 = [0f32; LANES];
+            let mut a2 = [0f32; LANES];
+            let mut lanes = block.chunks_exact(LANES);
+            for v in &mut lanes {
+                for l in 0..LANES {
+                    let d = v[l] - shift;
+                    a1[l] += d;
+                    a2[l] += d * d;
+                }
+            }
+            for &v in lanes.remainder() {
+                let d = v - shift;
+                a1[0] += d;
+                a2[0] += d * d;
+            }
+            s1 += a1.iter().map(|&v| v as f64).sum::<f64>();
+            s2 += a2.iter().map(|&v| v as f64).sum::<f64>();
+        }
+        (s1, s2)
+    }
+}
+
+/// Mean and reciprocal standard deviation (biased variance, `eps` inside the root)
+/// of `x`, in one pass. The sums are taken around the mean of a leading sample, so
+/// a large common offset does not cancel catastrophically.
+pub fn mean_rstd(isa: Isa, x: &[f32], eps: f32) -> (f32, f32) {
+    if x.is_empty() {
+        return (0.0, 1.0 / eps.sqrt());
+    }
+    let head = &x[..x.len().min(256)];
+    let shift = (head.iter().map(|&v| v as f64).sum::<f64>() / head.len() as f64) as f32;
+    let (s1, s2) = shifted_sums(isa, x, shift);
+    let n = x.len() as f64;
+    let m = s1 / n;
+    let var = (s2 / n - m * m).max(0.0);
+    let mean = shift as f64 + m;
+    (mean as f32, (1.0 / (var + eps as f64).sqrt()) as f32)
+}

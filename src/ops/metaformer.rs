@@ -1,0 +1,232 @@
+//! The fused PoolFormer ops the MetaFormer pass (`crate::passes::metaformer`) wires
+//! in: [`TokenMixer`] for a block's first half and [`ChannelMlp`] for its second.
+//! Both take and return the residual stream, `[1, C, H, W]` f32.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use tract_core::internal::*;
+
+use crate::kernels::mlp::{run_block, MlpWeights, Scratch};
+use crate::kernels::{mixer, norm, Isa};
+
+use super::{executor_threads, in_pool};
+
+/// `x + k·(avgpool3x3(x) − x)` with `k = ls·γ·r` per channel, `r` the one-group
+/// GroupNorm's reciprocal standard deviation of `x` (see `kernels::mixer`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenMixer {
+    /// Layer scale times the norm's γ, per channel.
+    pub scale: Vec<f32>,
+    pub eps: f32,
+}
+
+/// A block's channel-MLP half: `x + ls ⊙ fc2(gelu(fc1(groupnorm(x))))`, with the norm
+/// affine and layer scale folded into the weights (see `kernels::mlp`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelMlp {
+    pub weights: Arc<MlpWeights>,
+    pub eps: f32,
+}
+
+// Weights compare exactly; NaN weights never come out of the pass.
+impl Eq for TokenMixer {}
+impl Eq for ChannelMlp {}
+
+fn plane_dims(shape: &[usize]) -> TractResult<(usize, usize, usize)> {
+    ensure!(
+        shape.len() == 4 && shape[0] == 1,
+        "fused PoolFormer ops take [1, C, H, W], got {shape:?}"
+    );
+    Ok((shape[1], shape[2], shape[3]))
+}
+
+fn same_fact(inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+    ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
+    Ok(tvec!(f32::fact(inputs[0].shape.clone())))
+}
+
+/// Raw pointer that may cross to worker threads; users keep their accesses disjoint.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+impl Op for TokenMixer {
+    fn name(&self) -> StaticName {
+        "PfeTokenMixer".into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "GroupNorm(1) + AvgPool3x3 − x + layer scale + residual, {} channels, {}",
+            self.scale.len(),
+            Isa::best().name()
+        )])
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for TokenMixer {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let (c, h, w) = plane_dims(x.shape())?;
+        ensure!(
+            c == self.scale.len(),
+            "token mixer: {c} channels, {} scales",
+            self.scale.len()
+        );
+        let isa = Isa::best();
+        let xs: &[f32] = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        let (_, rstd) = norm::mean_rstd(isa, xs, self.eps);
+        let mut out = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
+        let plane = h * w;
+        let (executor, threads) = executor_threads();
+        {
+            let mut view = out.try_as_plain_ram_mut()?;
+            let os = view.as_slice_mut::<f32>()?;
+            let work = |(ch, o): (usize, &mut [f32]), col: &mut Vec<f32>| {
+                col.resize(w, 0.0);
+                let xp = &xs[ch * plane..(ch + 1) * plane];
+                mixer::mix_plane(isa, xp, o, h, w, self.scale[ch] * rstd, col);
+            };
+            if threads > 1 && c * plane >= 32_768 {
+                in_pool(&executor, || {
+                    os.par_chunks_mut(plane)
+                        .enumerate()
+                        .for_each_init(Vec::new, |col, item| work(item, col))
+                });
+            } else {
+                let mut col = Vec::new();
+                os.chunks_mut(plane)
+                    .enumerate()
+                    .for_each(|item| work(item, &mut col));
+            }
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for TokenMixer {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        same_fact(inputs)
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let n = inputs[0].shape.iter().product::<TDim>();
+        Ok(tvec!((Cost::FMA(f32::datum_type()), n * 6)))
+    }
+
+    as_op!();
+}
+
+impl Op for ChannelMlp {
+    fn name(&self) -> StaticName {
+        "PfeChannelMlp".into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "GroupNorm(1) + fc1 + GELU + fc2 + layer scale + residual, {}→{}→{}, {}",
+            self.weights.channels,
+            self.weights.hidden,
+            self.weights.channels,
+            Isa::best().name()
+        )])
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for ChannelMlp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let (c, h, w) = plane_dims(x.shape())?;
+        let wts = &*self.weights;
+        ensure!(
+            c == wts.channels,
+            "channel MLP: {c} channels, weights for {}",
+            wts.channels
+        );
+        let hw = h * w;
+        let isa = Isa::best();
+        let xs: &[f32] = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        let stats = norm::mean_rstd(isa, xs, self.eps);
+        let mut out = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
+        let (executor, threads) = executor_threads();
+        let blocks = wts.blocks(hw, threads);
+        let xp = xs.as_ptr();
+        let mut view = out.try_as_plain_ram_mut()?;
+        let op = SendPtr(view.as_slice_mut::<f32>()?.as_mut_ptr());
+        let xp_addr = xp as usize;
+        // SAFETY (both branches): each call writes only its own columns of `out`,
+        // which outlives the calls; `x` is only read.
+        if threads > 1 && blocks.len() >= threads {
+            in_pool(&executor, || {
+                blocks
+                    .par_iter()
+                    .try_for_each_init(Scratch::default, |scratch, &cols| unsafe {
+                        run_block(
+                            isa,
+                            wts,
+                            xp_addr as *const f32,
+                            op.get(),
+                            hw,
+                            cols,
+                            stats,
+                            scratch,
+                            gemm::Parallelism::None,
+                        )
+                    })
+            })?;
+        } else {
+            let parallelism = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            let mut scratch = Scratch::default();
+            in_pool(&executor, || -> TractResult<()> {
+                for &cols in &blocks {
+                    unsafe {
+                        run_block(
+                            isa,
+                            wts,
+                            xp_addr as *const f32,
+                            op.get(),
+                            hw,
+                            cols,
+                            stats,
+                            &mut scratch,
+                            parallelism,
+                        )?
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for ChannelMlp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        same_fact(inputs)
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let s = &inputs[0].shape;
+        let tokens = s.iter().skip(2).product::<TDim>();
+        let macs = 2 * self.weights.channels * self.weights.hidden;
+        Ok(tvec!((Cost::FMA(f32::datum_type()), tokens * macs)))
+    }
+
+    as_op!();
+}

@@ -1,0 +1,133 @@
+//! Dense f32 convolutions with a spatial kernel or a stride (PoolFormer's stem and
+//! downsampling layers) → [`PatchConv`]: patch extraction plus one matrix product.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use tract_core::internal::*;
+use tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
+use tract_core::ops::nn::DataFormat;
+
+use super::PassReport;
+use crate::kernels::im2col::ConvGeometry;
+use crate::ops::conv::PatchConv;
+
+/// Same targets as the channel MLP: the matrix product comes from the `gemm` crate.
+pub const ENABLED: bool = super::metaformer::FUSES_MLP;
+
+pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
+    if !ENABLED {
+        return Ok(());
+    }
+    let mut count = 0;
+    for id in model.eval_order()? {
+        if let Some(patch) = match_conv(model, id)? {
+            patch.apply(model)?;
+            count += 1;
+        }
+    }
+    if count > 0 {
+        model.compact()?;
+        report.rewrites.push(format!(
+            "strided convolution as patches + matrix product ×{count}"
+        ));
+    }
+    Ok(())
+}
+
+fn concrete(model: &TypedModel, o: OutletId) -> Option<(DatumType, Vec<usize>)> {
+    let f = model.outlet_fact(o).ok()?;
+    Some((f.datum_type, f.shape.as_concrete()?.to_vec()))
+}
+
+fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
+    let node = model.node(id);
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let spec = &conv.pool_spec;
+    if conv.q_params.is_some()
+        || conv.group != 1
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.data_format != DataFormat::NCHW
+        || spec.kernel_shape.len() != 2
+        || spec
+            .dilations
+            .as_ref()
+            .is_some_and(|d| d.iter().any(|&v| v != 1))
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let (pad_before, pad_after): (Vec<usize>, Vec<usize>) = match &spec.padding {
+        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, false) => {
+            (b.to_vec(), a.to_vec())
+        }
+        PaddingSpec::Valid => (vec![0, 0], vec![0, 0]),
+        _ => return Ok(None),
+    };
+    let strides: Vec<usize> = spec
+        .strides
+        .as_ref()
+        .map(|s| s.to_vec())
+        .unwrap_or(vec![1, 1]);
+    let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
+    if kh * kw == 1 && strides == [1, 1] {
+        return Ok(None); // a 1×1 convolution: tract makes it a plain matrix product
+    }
+    let Some((dt, xs)) = concrete(model, node.inputs[0]) else {
+        return Ok(None);
+    };
+    let Some((odt, ys)) = concrete(model, OutletId::new(id, 0)) else {
+        return Ok(None);
+    };
+    if dt != f32::datum_type() || odt != dt || xs.len() != 4 || xs[0] != 1 || ys.len() != 4 {
+        return Ok(None);
+    }
+    let Some(w) = model.outlet_fact(node.inputs[1])?.konst.clone() else {
+        return Ok(None);
+    };
+    let Some(b) = model.outlet_fact(node.inputs[2])?.konst.clone() else {
+        return Ok(None);
+    };
+    let o = ys[1];
+    if w.datum_type() != dt || w.shape() != [o, xs[1], kh, kw] || b.datum_type() != dt {
+        return Ok(None);
+    }
+    let bias: Vec<f32> = match b.len() {
+        1 => vec![b.cast_to_scalar::<f32>()?; o],
+        n if n == o => b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+        _ => return Ok(None),
+    };
+    let geometry = ConvGeometry {
+        in_channels: xs[1],
+        in_h: xs[2],
+        in_w: xs[3],
+        kernel: (kh, kw),
+        stride: (strides[0], strides[1]),
+        pad: (pad_before[0], pad_before[1]),
+        out_h: ys[2],
+        out_w: ys[3],
+    };
+    // The output size must be the one this padding gives.
+    let expect = |n: usize, k: usize, s: usize, a: usize, b: usize| {
+        (n + a + b).checked_sub(k).map(|v| v / s + 1)
+    };
+    if expect(xs[2], kh, strides[0], pad_before[0], pad_after[0]) != Some(ys[2])
+        || expect(xs[3], kw, strides[1], pad_before[1], pad_after[1]) != Some(ys[3])
+    {
+        return Ok(None);
+    }
+    let weights = w.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let op = PatchConv {
+        geometry,
+        out_channels: o,
+        weights: Arc::new(weights),
+        bias: Arc::new(bias),
+    };
+    let mut patch = TypedModelPatch::new("patch convolution");
+    let x = patch.tap_model(model, node.inputs[0])?;
+    let y = patch.wire_node(format!("{}.pfe_patch_conv", node.name), op, &[x])?[0];
+    patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+    Ok(Some(patch))
+}

@@ -1,0 +1,329 @@
+//! The MetaFormer pass and its fused kernels.
+//!
+//! Kernels: every instruction-set build this CPU runs (portable, AVX2, AVX-512)
+//! against a plain f64 implementation of the same formula, on odd sizes and tails.
+//! Graphs: the fused engine against the unfused one (tract alone) on the same model
+//! and input; tests/reference.rs checks the fused engine against the f64 reference
+//! forward pass as well, since fusion is on by default.
+//!
+//! Tolerances. Kernels: the f32 results carry relative rounding errors of order
+//! K·2⁻²⁴ for K-term sums (K ≤ 64 here), so 1e-5 relative (1e-4 for the MLP, whose
+//! folded weights reassociate the norm's affine into the matrix products) is tight yet
+//! clear of rounding. Graphs: 1e-4 absolute on logits of order 1, the bound the
+//! reference test argues for (the fused ops reorder sums but stay in f32).
+
+mod common;
+
+use poolformer_edge::kernels::mlp::{run_block, MlpWeights, Scratch};
+use poolformer_edge::kernels::{mixer, norm, Isa};
+use poolformer_edge::models::export::export_onnx;
+use poolformer_edge::models::synth::synthesize;
+use poolformer_edge::models::ArchConfig;
+use poolformer_edge::{Engine, Options};
+use tract_core::ndarray::Array4;
+
+fn noise(n: usize, seed: u64) -> Vec<f32> {
+    common::test_image(1, 1, n, seed)
+}
+
+fn avg3x3_ref(x: &[f32], h: usize, w: usize, i: usize, j: usize) -> f64 {
+    let (mut s, mut n) = (0f64, 0f64);
+    for di in -1i64..=1 {
+        for dj in -1i64..=1 {
+            let (a, b) = (i as i64 + di, j as i64 + dj);
+            if a >= 0 && b >= 0 && (a as usize) < h && (b as usize) < w {
+                s += x[a as usize * w + b as usize] as f64;
+                n += 1.0;
+            }
+        }
+    }
+    s / n
+}
+
+#[test]
+fn mixer_plane_matches_definition_on_every_isa() {
+    for isa in Isa::available() {
+        for &(h, w) in &[
+            (1, 1),
+            (1, 5),
+            (4, 1),
+            (2, 2),
+            (3, 7),
+            (7, 7),
+            (13, 17),
+            (5, 33),
+        ] {
+            let x = noise(h * w, (h * 100 + w) as u64);
+            let k = 0.37f32;
+            let mut out = vec![0f32; h * w];
+            let mut col = vec![0f32; w];
+            mixer::mix_plane(isa, &x, &mut out, h, w, k, &mut col);
+            for i in 0..h {
+                for j in 0..w {
+                    let xv = x[i * w + j] as f64;
+                    let want = xv + k as f64 * (avg3x3_ref(&x, h, w, i, j) - xv);
+                    let got = out[i * w + j] as f64;
+                    assert!(
+                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                        "{isa:?} {h}×{w} at ({i},{j}): {got} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn norm_statistics_match_two_pass_f64_on_every_isa() {
+    for isa in Isa::available() {
+        for &(n, offset) in &[
+            (1usize, 0.0f32),
+            (17, 0.5),
+            (4096, -3.0),
+            (5003, 1000.0),
+            (200_704, 2.0),
+        ] {
+            let x: Vec<f32> = noise(n, n as u64).iter().map(|v| v + offset).collect();
+            let eps = 1e-5;
+            let (mean, rstd) = norm::mean_rstd(isa, &x, eps);
+            let m = x.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+            let var = x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / n as f64;
+            let r = 1.0 / (var + eps as f64).sqrt();
+            assert!(
+                (mean as f64 - m).abs() <= 1e-5 * m.abs().max(1.0),
+                "{isa:?} n={n}: mean {mean} vs {m}"
+            );
+            assert!(
+                ((rstd as f64 - r) / r).abs() <= 1e-4,
+                "{isa:?} n={n} offset {offset}: rstd {rstd} vs {r}"
+            );
+        }
+    }
+}
+
+fn gelu(v: f64) -> f64 {
+    // erf by its Maclaurin series (|v/√2| ≤ 3 here, 80 terms converge to f64 precision).
+    let z = v / std::f64::consts::SQRT_2;
+    let (mut term, mut sum) = (z, z);
+    for k in 1..80 {
+        term *= -z * z / k as f64;
+        sum += term / (2 * k + 1) as f64;
+    }
+    0.5 * v * (1.0 + 2.0 / std::f64::consts::PI.sqrt() * sum)
+}
+
+#[test]
+fn channel_mlp_block_matches_definition_on_every_isa() {
+    let (c, hidden, hw) = (5usize, 19usize, 23usize);
+    let w = MlpWeights {
+        channels: c,
+        hidden,
+        w1: noise(hidden * c, 1).iter().map(|v| v * 0.4).collect(),
+        c1: noise(hidden, 2).iter().map(|v| v * 0.1).collect(),
+        w2: noise(c * hidden, 3).iter().map(|v| v * 0.3).collect(),
+        b2: noise(c, 4),
+    };
+    let x: Vec<f32> = noise(c * hw, 5).iter().map(|v| v + 0.7).collect();
+    let (mean, rstd) = (0.6f32, 1.3f32);
+    let mut want = vec![0f64; c * hw];
+    for t in 0..hw {
+        let hid: Vec<f64> = (0..hidden)
+            .map(|o| {
+                let dot: f64 = (0..c)
+                    .map(|i| w.w1[o * c + i] as f64 * (x[i * hw + t] - mean) as f64)
+                    .sum();
+                gelu(rstd as f64 * dot + w.c1[o] as f64)
+            })
+            .collect();
+        for ch in 0..c {
+            let dot: f64 = (0..hidden)
+                .map(|j| w.w2[ch * hidden + j] as f64 * hid[j])
+                .sum();
+            want[ch * hw + t] = x[ch * hw + t] as f64 + w.b2[ch] as f64 + dot;
+        }
+    }
+    for isa in Isa::available() {
+        // Blocks of 7 columns: the last one is a 2-column tail.
+        let mut out = vec![f32::NAN; c * hw];
+        let mut scratch = Scratch::default();
+        for j0 in (0..hw).step_by(7) {
+            let cols = (j0, (j0 + 7).min(hw));
+            unsafe {
+                run_block(
+                    isa,
+                    &w,
+                    x.as_ptr(),
+                    out.as_mut_ptr(),
+                    hw,
+                    cols,
+                    (mean, rstd),
+                    &mut scratch,
+                    gemm::Parallelism::None,
+                )
+                .unwrap();
+            }
+        }
+        for (i, (&g, &e)) in out.iter().zip(&want).enumerate() {
+            assert!(
+                (g as f64 - e).abs() <= 1e-4 * e.abs().max(1.0),
+                "{isa:?} at {i}: {g} vs {e}"
+            );
+        }
+    }
+}
+
+fn logits(
+    onnx: &[u8],
+    size: usize,
+    threads: usize,
+    fuse: bool,
+    input: &[f32],
+) -> (Vec<f32>, Vec<String>) {
+    let engine = Engine::from_bytes(
+        onnx,
+        Options {
+            threads,
+            input_size: size,
+            fuse,
+        },
+    )
+    .unwrap();
+    let x = Array4::from_shape_vec((1, 3, size, size), input.to_vec()).unwrap();
+    let rewrites = engine.passes().rewrites.clone();
+    (engine.run_array(x).unwrap(), rewrites)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn fused_engine_matches_unfused_and_fuses_every_block() {
+    let arch = ArchConfig::custom("tiny", &[1, 2, 1, 1], &[8, 16, 24, 40], 10).unwrap();
+    let weights = synthesize(&arch, 11).unwrap();
+    let onnx = export_onnx(&arch, &weights).unwrap();
+    let input = common::test_image(3, 64, 64, 3);
+    let (plain, none) = logits(&onnx, 64, 1, false, &input);
+    assert!(none.is_empty());
+    for threads in [1, 2, 3] {
+        let (fused, rewrites) = logits(&onnx, 64, threads, true, &input);
+        let d = max_diff(&plain, &fused);
+        assert!(
+            d <= 1e-4,
+            "{threads} threads: fused vs unfused max diff {d}"
+        );
+        let blocks = 5;
+        assert!(
+            rewrites
+                .iter()
+                .any(|r| r.starts_with("token mixer") && r.ends_with(&format!("×{blocks}"))),
+            "{rewrites:?}"
+        );
+        if poolformer_edge::passes::metaformer::FUSES_MLP {
+            assert!(
+                rewrites
+                    .iter()
+                    .any(|r| r.starts_with("channel MLP") && r.ends_with(&format!("×{blocks}"))),
+                "{rewrites:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn mlp_blocks_cover_every_column_once() {
+    for &(hidden, hw) in &[
+        (32usize, 1usize),
+        (256, 3136),
+        (512, 784),
+        (1280, 196),
+        (2048, 49),
+        (40, 7),
+    ] {
+        let w = MlpWeights {
+            channels: 1,
+            hidden,
+            w1: vec![],
+            c1: vec![],
+            w2: vec![],
+            b2: vec![],
+        };
+        for threads in 1..=5 {
+            let blocks = w.blocks(hw, threads);
+            assert_eq!(blocks.first().map(|b| b.0), Some(0));
+            assert_eq!(blocks.last().map(|b| b.1), Some(hw));
+            assert!(blocks.windows(2).all(|p| p[0].1 == p[1].0), "{blocks:?}");
+            assert!(blocks.iter().all(|(a, b)| a < b), "{blocks:?}");
+        }
+    }
+}
+
+#[test]
+fn patch_conv_matches_reference_conv() {
+    use poolformer_edge::kernels::im2col::ConvGeometry;
+    use poolformer_edge::ops::conv::PatchConv;
+    use std::sync::Arc;
+    use tract_onnx::prelude::*;
+    // (in channels, side, out channels, kernel, stride, pad): PoolFormer's stem and
+    // downsampling shapes, shrunk, plus odd sides where the last window is partial.
+    for &(ci, n, co, k, s, p) in &[
+        (3usize, 29usize, 5usize, 7usize, 4usize, 2usize),
+        (4, 9, 6, 3, 2, 1),
+        (5, 8, 3, 3, 2, 1),
+        (2, 5, 2, 3, 1, 0),
+    ] {
+        let out = (n + 2 * p - k) / s + 1;
+        let x = common::test_image(ci, n, n, (ci * n) as u64);
+        let w = noise(co * ci * k * k, 7);
+        let b = noise(co, 8);
+        let kernel = common::reference::ConvKernel {
+            out_channels: co,
+            in_channels: ci,
+            size: k,
+            weight: w.iter().map(|&v| v as f64).collect(),
+            bias: b.iter().map(|&v| v as f64).collect(),
+        };
+        let want = common::reference::conv2d(
+            &common::reference::Tensor::from_f32(ci, n, n, &x),
+            &kernel,
+            s,
+            p,
+        );
+        let op = PatchConv {
+            geometry: ConvGeometry {
+                in_channels: ci,
+                in_h: n,
+                in_w: n,
+                kernel: (k, k),
+                stride: (s, s),
+                pad: (p, p),
+                out_h: out,
+                out_w: out,
+            },
+            out_channels: co,
+            weights: Arc::new(w.clone()),
+            bias: Arc::new(b.clone()),
+        };
+        let mut model = TypedModel::default();
+        let src = model.add_source("x", f32::fact([1, ci, n, n])).unwrap();
+        let y = model.wire_node("conv", op, &[src]).unwrap();
+        model.select_output_outlets(&y).unwrap();
+        let plan = model.into_runnable().unwrap();
+        let got = plan
+            .run(tvec!(Tensor::from_shape(&[1, ci, n, n], &x)
+                .unwrap()
+                .into_tvalue()))
+            .unwrap();
+        let got = got[0].to_plain_array_view::<f32>().unwrap();
+        assert_eq!(got.shape(), &[1, co, out, out]);
+        for (g, e) in got.iter().zip(&want.data) {
+            assert!(
+                (*g as f64 - e).abs() <= 1e-5 * e.abs().max(1.0),
+                "k{k} s{s} p{p}: {g} vs {e}"
+            );
+        }
+    }
+}
