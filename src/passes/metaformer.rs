@@ -45,7 +45,7 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
         let name = model.node(id).op().name();
         let patch = if model.node(id).op_as::<SumPool>().is_some() {
             match_mixer(model, id)?
-        } else if FUSES_MLP && name == "GeluExact" {
+        } else if FUSES_MLP && name == "EinSum" {
             match_mlp(model, id)?
         } else {
             None
@@ -420,20 +420,76 @@ fn vector_const(t: &Tensor, len: usize) -> Option<Vec<f32>> {
     .flatten()
 }
 
-fn match_mlp(model: &TypedModel, gelu_id: usize) -> TractResult<Option<(TypedModelPatch, Fused)>> {
-    let gelu = model.node(gelu_id);
-    want!(gelu.op_as::<ElementWiseOp>().is_some() && gelu.inputs.len() == 1);
-    let add1 = gelu.inputs[0].node;
-    want!(bin_name(model, add1).as_deref() == Some("Add"));
-    want!(only_succ(model, add1) == Some(gelu_id));
+/// Scalar constant operand of a binary node close to `value`; returns the other operand.
+fn with_scalar(model: &TypedModel, id: usize, op: &str, value: f32) -> Option<OutletId> {
+    if bin_name(model, id).as_deref() != Some(op) {
+        return None;
+    }
+    let (other, k) = split_const(model, id)?;
+    let v = (k.len() == 1)
+        .then(|| k.cast_to_scalar::<f32>().ok())
+        .flatten()?;
+    ((v - value).abs() <= 1e-6 * value.abs().max(1.0)).then_some(other)
+}
+
+/// The input `a` of an exact (erf) GELU ending at node `g`: tract's `GeluExact`, or
+/// `a · ((erf(a/√2) + 1) · 0.5)` as the dynamo exporter writes it.
+fn gelu_input(model: &TypedModel, g: usize) -> Option<OutletId> {
+    let node = model.node(g);
+    if node.op().name() == "GeluExact" && node.op_as::<ElementWiseOp>().is_some() {
+        let a = node.inputs[0];
+        return (model.outlet_successors(a).len() == 1).then_some(a);
+    }
+    if bin_name(model, g).as_deref() != Some("Mul") || node.inputs.len() != 2 {
+        return None;
+    }
+    for (a, half) in [
+        (node.inputs[0], node.inputs[1]),
+        (node.inputs[1], node.inputs[0]),
+    ] {
+        let Some(plus_one) = with_scalar(model, half.node, "Mul", 0.5) else {
+            continue;
+        };
+        let Some(erf) = with_scalar(model, plus_one.node, "Add", 1.0) else {
+            continue;
+        };
+        if model.node(erf.node).op().name() != "Erf" {
+            continue;
+        }
+        let scaled = model.node(erf.node).inputs[0];
+        let Some(src) = with_scalar(model, scaled.node, "Mul", std::f32::consts::FRAC_1_SQRT_2)
+        else {
+            continue;
+        };
+        let chain = [half.node, plus_one.node, erf.node, scaled.node];
+        let single = chain
+            .iter()
+            .all(|&id| model.node(id).outputs[0].successors.len() == 1);
+        let mut users: Vec<usize> = model.outlet_successors(a).iter().map(|s| s.node).collect();
+        users.sort();
+        let mut expected = vec![g, scaled.node];
+        expected.sort();
+        if src == a && single && users == expected {
+            return Some(a);
+        }
+    }
+    None
+}
+
+fn match_mlp(model: &TypedModel, e2: usize) -> TractResult<Option<(TypedModelPatch, Fused)>> {
+    let gelu_id = model.node(e2).inputs[0].node;
+    let gelu_out = OutletId::new(gelu_id, 0);
+    want!(model.node(e2).inputs[0] == gelu_out && only_succ(model, gelu_id) == Some(e2));
+    let a = want_some!(gelu_input(model, gelu_id));
+    let add1 = a.node;
+    want!(a.slot == 0 && bin_name(model, add1).as_deref() == Some("Add"));
     let (e1_out, b1) = want_some!(split_const(model, add1));
     let e1 = e1_out.node;
     want!(only_succ(model, e1) == Some(add1));
     let n2 = model.node(e1).inputs[0];
     let (hidden, channels, w1) = want_some!(pointwise_weights(model, e1, n2));
     let b1 = want_some!(vector_const(&b1, hidden));
-    let e2 = want_some!(only_succ(model, gelu_id));
-    let (c_out, h_in, w2) = want_some!(pointwise_weights(model, e2, OutletId::new(gelu_id, 0)));
+    let (c_out, h_in, w2) = want_some!(pointwise_weights(model, e2, gelu_out));
     want!(c_out == channels && h_in == hidden);
     let add2 = want_some!(only_succ(model, e2));
     want!(bin_name(model, add2).as_deref() == Some("Add"));
