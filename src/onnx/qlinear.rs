@@ -20,6 +20,14 @@ use tract_onnx::tract_core::ops::quant::{
 };
 use tract_onnx::tract_hir::internal::*;
 
+/// "node \"name\" (OpType)" for error messages; nameless nodes go by their first output.
+pub(crate) fn node_label(node: &NodeProto) -> String {
+    match (node.name.is_empty(), node.output.first()) {
+        (true, Some(output)) => format!("node producing {output:?} ({})", node.op_type),
+        _ => format!("node {:?} ({})", node.name, node.op_type),
+    }
+}
+
 /// Where each logical input of a node sits among the inputs tract wires: absent
 /// optional inputs (empty names) are not wired, so later ones shift down.
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
@@ -38,7 +46,7 @@ impl InputSlots {
         max: usize,
         also_required: &[usize],
     ) -> TractResult<InputSlots> {
-        let label = format!("node {:?} ({})", node.name, node.op_type);
+        let label = node_label(node);
         ensure!(
             node.input.len() <= max,
             "{label}: {} inputs, at most {max} expected",
@@ -65,7 +73,7 @@ impl InputSlots {
 
     /// The wired outlet of logical input `ix`, if present.
     pub fn outlet(&self, inputs: &[OutletId], ix: usize) -> Option<OutletId> {
-        self.get(ix).map(|i| inputs[i])
+        self.get(ix).and_then(|i| inputs.get(i).copied())
     }
 
     /// The wired outlet of logical input `ix`, which must be present.

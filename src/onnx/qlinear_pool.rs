@@ -12,18 +12,13 @@ use tract_onnx::tract_core::ops::nn::{DataFormat, Reduce, Reducer};
 use tract_onnx::tract_hir::internal::*;
 use tract_onnx::tract_hir::ops::cnn::{HirSumPool, PaddingSpec, PoolSpec};
 
-use super::qlinear::{quantized_type_rule, InputSlots, QParams};
+use super::qlinear::{node_label as label, quantized_type_rule, InputSlots, QParams};
 
 const X: usize = 0;
 const X_SCALE: usize = 1;
 const X_ZP: usize = 2;
 const Y_SCALE: usize = 3;
 const Y_ZP: usize = 4;
-
-/// Error prefix naming a node.
-fn label(node: &NodeProto) -> String {
-    format!("node {:?} ({})", node.name, node.op_type)
-}
 
 /// The `channels_last` attribute: 0 (NCHW, the default) or 1 (NHWC).
 fn data_format(node: &NodeProto) -> TractResult<DataFormat> {
