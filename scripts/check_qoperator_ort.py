@@ -22,6 +22,8 @@ Steps:
                         QLinearMul, QLinearAveragePool, QLinearGlobalAveragePool, QGemm)
        conv_perchannel  Conv only, i8 weights per output channel, u8 activations,
                         Percentile calibration
+     and, on request (--variants), all ops with i8 weights per channel (QGemm too) and
+     u8 (all_u8_perchannel) or i8 (all_s8_perchannel) activations, MinMax calibration.
   4. --eval inputs (other crops than the calibration ones, saved as .npy under
      --out-dir/inputs) go through onnxruntime and `pfe run --input X.npy -o out.npy`,
      first on the fp32 file (the baseline difference of the two runtimes), then on
@@ -161,6 +163,14 @@ def quantize(variant, pre, dst, input_name, calib):
                         op_types_to_quantize=["Conv"], activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method=CalibrationMethod.Percentile)
+    elif variant == "all_s8_perchannel":
+        quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QOperator,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, calibrate_method=CalibrationMethod.MinMax)
+    elif variant == "all_u8_perchannel":
+        quantize_static(pre, dst, Reader(), quant_format=QuantFormat.QOperator,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, calibrate_method=CalibrationMethod.MinMax)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
 

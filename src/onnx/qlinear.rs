@@ -197,6 +197,15 @@ impl QParams {
         self.scale.len().max(self.zero_point.len())
     }
 
+    /// The scale of a per-tensor quantization.
+    pub fn single_scale(&self, node: &str, what: &str) -> TractResult<f32> {
+        ensure!(
+            self.scale.len() == 1,
+            "{node}: {what} must be quantized per tensor"
+        );
+        Ok(self.scale[0])
+    }
+
     /// `(x - zero_point) * scale` as f32; per-axis parameters broadcast along `axis`.
     pub fn wire_dequantize(
         &self,
@@ -256,11 +265,27 @@ impl QParams {
             self.is_per_tensor(),
             "{node}: output quantization must be per tensor"
         );
-        let inv_scale = self.scale[0].recip();
+        self.wire_requantize(model, node, name, x, self.scale[0].recip())
+    }
+
+    /// `saturate(round_half_even(x · multiplier) + zero_point)` of an f32 wire, to
+    /// this type.
+    pub fn wire_requantize(
+        &self,
+        model: &mut TypedModel,
+        node: &str,
+        name: &str,
+        x: OutletId,
+        multiplier: f32,
+    ) -> TractResult<OutletId> {
+        ensure!(
+            self.is_per_tensor(),
+            "{node}: output quantization must be per tensor"
+        );
         let zp = self.zero_point[0];
         let op = match self.datum_type {
-            DatumType::U8 => quantize_linear_u8(inv_scale, zp as u8),
-            DatumType::I8 => quantize_linear_i8(inv_scale, zp as i8),
+            DatumType::U8 => quantize_linear_u8(multiplier, zp as u8),
+            DatumType::I8 => quantize_linear_i8(multiplier, zp as i8),
             dt => bail!("{node}: cannot quantize to {dt:?}"),
         };
         Ok(model.wire_node(name, op, &[x])?[0])

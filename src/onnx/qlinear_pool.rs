@@ -296,6 +296,26 @@ impl Expansion for QLinearGlobalAveragePool {
         let c = channel_axis(self.format, rank);
         let axes: TVec<usize> = (1..rank).filter(|a| *a != c).collect();
         let count: TDim = axes.iter().map(|a| fact.shape[*a].clone()).product();
+        if let Ok(count) = count.to_usize() {
+            ensure!(count > 0, "{node}: empty spatial dimensions");
+            // Sum the integers (x - x_zero_point), exact in f32, and requantize with
+            // the one multiplier x_scale / (count · y_scale), as onnxruntime's kernel
+            // does: this avoids a rounding per element.
+            let centered = QParams {
+                scale: vec![1.0],
+                ..qx.clone()
+            };
+            let x = centered.wire_dequantize(model, &format!("{prefix}.center"), x, 0)?;
+            let sum = model.wire_node(
+                format!("{prefix}.sum"),
+                Reduce::new(axes, Reducer::Sum),
+                &[x],
+            )?[0];
+            let multiplier = qx.scale[0] / (count as f32 * qy.single_scale(node, "y")?);
+            return Ok(tvec!(
+                qy.wire_requantize(model, node, prefix, sum, multiplier)?
+            ));
+        }
         let x = qx.wire_dequantize(model, &format!("{prefix}.dequantize"), x, 0)?;
         let sum = model.wire_node(
             format!("{prefix}.sum"),
