@@ -39,6 +39,7 @@ run a file.
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import subprocess
@@ -296,7 +297,9 @@ def main():
                         for p in input_paths)
         for variant in args.variants.split(","):
             path = os.path.join(args.out_dir, f"{base}-qop-{variant}.onnx")
-            quantize(variant, pre, path, input_name, calib)
+            # The calibrators print progress on stdout; keep stdout for the report.
+            with contextlib.redirect_stdout(sys.stderr):
+                quantize(variant, pre, path, input_name, calib)
             try:
                 results.append(compare(variant, path, fp32, input_paths, inputs, args.pfe, tmp))
             except RuntimeError as e:
