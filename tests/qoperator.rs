@@ -1238,6 +1238,24 @@ fn bad_qoperator_nodes_give_errors_not_panics() {
             "{err}"
         );
     }
+    let mut rank2 = Graph::default();
+    rank2
+        .input("X", DataType::Uint8, &[2, 3])
+        .f32_scalar("xs", 0.1)
+        .q_const("xz", Q::U8, &[], &[128])
+        .f32_scalar("ys", 0.1)
+        .q_const("yz", Q::U8, &[], &[128])
+        .node(
+            "QLinearGlobalAveragePool",
+            MS,
+            &["X", "xs", "xz", "ys", "yz"],
+            "Y",
+            vec![attr_int("channels_last", 1)],
+        )
+        .output("Y", DataType::Uint8);
+    let err = load_error(&rank2).expect("a rank-2 input must be rejected");
+    assert!(err.contains("at least 3 expected"), "{err}");
+
     let err =
         load_error(&pool_graph(vec![])).expect("a pool without kernel_shape must be rejected");
     assert!(err.contains("kernel_shape is required"), "{err}");

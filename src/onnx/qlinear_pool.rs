@@ -98,6 +98,7 @@ fn pool_rules<'r, 'p: 'r>(
 ) -> InferenceResult {
     check_input_arity(inputs, slots.wired())?;
     check_output_arity(outputs, 1)?;
+    let node = slots.node.clone();
     let x = &inputs[slots.get(X).context("X")?];
     quantized_type_rule(s, x)?;
     match slots.get(Y_ZP) {
@@ -107,6 +108,10 @@ fn pool_rules<'r, 'p: 'r>(
     s.equals(&outputs[0].rank, &x.rank)?;
     s.equals(&outputs[0].shape[0], &x.shape[0])?;
     s.given(&x.rank, move |s, rank| {
+        ensure!(
+            rank >= 3,
+            "{node}: input of rank {rank}, at least 3 expected"
+        );
         let c = channel_axis(format, rank as usize);
         s.equals(&outputs[0].shape[c], &x.shape[c])
     })
@@ -270,6 +275,9 @@ impl Expansion for QLinearGlobalAveragePool {
         let format = self.format;
         s.given(&x.rank, move |s, rank| {
             let rank = rank as usize;
+            if rank < 3 {
+                return Ok(());
+            }
             let c = channel_axis(format, rank);
             for axis in (1..rank).filter(|a| *a != c) {
                 s.equals(&outputs[0].shape[axis], TDim::from(1))?;
