@@ -6,9 +6,9 @@
 //! inputs to f32, run the float op, quantize the result (round half to even,
 //! saturate). tract's optimizer then sees plain `DequantizeLinearF32` / binary /
 //! `QuantizeLinear` nodes, which it already folds (constant operands) and which a
-//! later int8 pass can recognize. The results match onnxruntime's integer kernels
-//! within one quantization step: those requantize with a single fused multiplier,
-//! so ties can round the other way.
+//! later int8 pass can recognize. The results match onnxruntime's kernels within
+//! one quantization step: those requantize their own way (QLinearAdd on x86 with
+//! fixed-point multipliers, for one), so a value near a .5 tie can round the other way.
 
 use tract_onnx::model::{optional_inputs, ParsingContext};
 use tract_onnx::pb::NodeProto;
@@ -253,7 +253,8 @@ impl QParams {
     }
 
     /// `saturate(round_half_even(x / scale) + zero_point)` of an f32 wire, to this
-    /// type. Output quantization is per tensor for every op of this family.
+    /// type (tract multiplies by `1 / scale`). Output quantization is per tensor for
+    /// every op of this family.
     pub fn wire_quantize(
         &self,
         model: &mut TypedModel,
