@@ -178,7 +178,7 @@ pub fn inspect(path: impl AsRef<Path>, input_size: usize) -> Result<ModelInfo> {
 }
 
 fn count_macs(path: &Path, size: usize) -> Result<u64> {
-    let model = tract_onnx::onnx()
+    let model = crate::onnx::loader()
         .model_for_path(path)?
         .with_input_fact(0, f32::fact([1, 3, size, size]).into())?
         .into_typed()?
