@@ -1,8 +1,9 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::ValueEnum;
+use poolformer_edge::npy;
 use poolformer_edge::quantize::{self, ActivationType, InputSet, Method, QuantizeOptions};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -65,6 +66,10 @@ pub struct Args {
     /// Write the report (targets, ranges, parameters) as JSON to this file.
     #[arg(long)]
     report: Option<PathBuf>,
+    /// Also write each preprocessed calibration input as DIR/input_NNNN.npy (f32
+    /// 1×3×size×size), for other quantizers to calibrate on the same data.
+    #[arg(long, value_name = "DIR")]
+    save_inputs: Option<PathBuf>,
 }
 
 pub fn main(args: Args) -> Result<()> {
@@ -91,6 +96,9 @@ pub fn main(args: Args) -> Result<()> {
         threads: args.threads,
     };
     options.validate()?;
+    if let Some(dir) = &args.save_inputs {
+        save_inputs(&inputs, args.size, dir)?;
+    }
     let start = Instant::now();
     eprintln!("calibrating on {}", inputs.describe());
     let progress = crate::progress_bar("calibrating");
@@ -110,6 +118,16 @@ pub fn main(args: Args) -> Result<()> {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json)
             .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn save_inputs(inputs: &InputSet, size: usize, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    for (i, x) in inputs.tensors(size).enumerate() {
+        let x = x?;
+        let data: Vec<f32> = x.iter().copied().collect();
+        npy::write_f32(dir.join(format!("input_{i:04}.npy")), x.shape(), &data)?;
     }
     Ok(())
 }
