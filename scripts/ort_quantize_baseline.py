@@ -55,6 +55,15 @@ class NpyReader(CalibrationDataReader):
         self.index = 0
 
 
+def strip_value_info(path):
+    """Drops the intermediate shape annotations ORT's quantizer writes: they keep the
+    symbolic `batch` dimension, which tract refuses to unify with the engine's fixed
+    batch of 1 (the graph itself is unchanged)."""
+    m = onnx.load(path)
+    del m.graph.value_info[:]
+    onnx.save(m, path)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="fp32 ONNX model")
@@ -99,6 +108,7 @@ def main():
             calibrate_method=method,
             extra_options=extra,
         )
+        strip_value_info(out)
         print(f"{out}  ({len(files)} calibration inputs, {time.time() - start:.1f} s)")
 
 

@@ -219,6 +219,19 @@ impl Histogram {
         }
         (best.1, best.2)
     }
+
+    /// Signal-to-quantization-noise ratio (dB) this distribution would keep when
+    /// quantized to `[lo, hi]` in `levels − 1` steps: mean square over the expected
+    /// squared error of [`Histogram::mse_range`]'s model.
+    pub fn expected_sqnr_db(&self, lo: f64, hi: f64, levels: usize) -> f64 {
+        if self.count == 0 {
+            return f64::INFINITY;
+        }
+        let sums = PrefixSums::new(self);
+        let signal = sums.sxx[BINS];
+        let noise = sums.error(lo, hi, (hi - lo) / (levels - 1) as f64);
+        10.0 * (signal / noise).log10()
+    }
 }
 
 /// Running sums over bins, for O(1) clipping errors of any range.

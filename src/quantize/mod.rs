@@ -1,7 +1,8 @@
 //! Post-training static quantization of an fp32 ONNX model into standard QDQ ONNX.
 //!
 //! 1. [`qdq::find_targets`]: the ops whose weights are quantized (every Conv; the head's
-//!    Gemm/MatMul on request).
+//!    Gemm/MatMul on request), and which of their inputs get a Q/DQ pair (all but the
+//!    residual stream, unless asked).
 //! 2. [`calibrate::collect`]: the fp32 model runs in tract over a calibration set with
 //!    the targets' activation inputs as extra outputs; each gets a [`Histogram`].
 //! 3. A clip range per activation ([`Method`]), turned into scale and zero point.
@@ -66,6 +67,9 @@ pub struct QuantizeOptions {
     pub activation_type: ActivationType,
     /// Also quantize the classifier head's Gemm/MatMul.
     pub quantize_head: bool,
+    /// Also quantize activations on the residual stream (the downsampling convs'
+    /// inputs); by default those convs get int8 weights and a float input.
+    pub quantize_residual: bool,
     /// Side of the square network input used for calibration.
     pub input_size: usize,
     pub threads: usize,
@@ -77,6 +81,7 @@ impl Default for QuantizeOptions {
             method: Method::Percentile { percentile: 99.99 },
             activation_type: ActivationType::Uint8,
             quantize_head: false,
+            quantize_residual: false,
             input_size: 224,
             threads: 1,
         }
@@ -111,6 +116,8 @@ pub struct ActivationReport {
     /// The clip range before widening to include 0.
     pub clip: (f64, f64),
     pub quant: ActivationQuant,
+    /// SQNR (dB) of this tensor alone after quantization, estimated from its histogram.
+    pub expected_sqnr_db: f64,
 }
 
 /// What a quantization run did.
@@ -130,7 +137,11 @@ pub fn calibration_stats(
     options: &QuantizeOptions,
     progress: &ProgressBar,
 ) -> Result<BTreeMap<String, Histogram>> {
-    let mut names: Vec<String> = targets.iter().map(|t| t.activation.clone()).collect();
+    let mut names: Vec<String> = targets
+        .iter()
+        .filter(|t| t.quantize_activation)
+        .map(|t| t.activation.clone())
+        .collect();
     names.sort();
     names.dedup();
     calibrate::collect(
@@ -153,12 +164,15 @@ pub fn activation_params(
         .iter()
         .map(|(name, h)| {
             let clip = method.range(h, dtype);
+            let quant = ActivationQuant::from_range(clip.0, clip.1, dtype);
+            let (lo, hi) = quant.range();
             ActivationReport {
                 name: name.clone(),
                 min: h.min(),
                 max: h.max(),
                 clip,
-                quant: ActivationQuant::from_range(clip.0, clip.1, dtype),
+                quant,
+                expected_sqnr_db: h.expected_sqnr_db(lo as f64, hi as f64, dtype.levels()),
             }
         })
         .collect()
@@ -211,7 +225,7 @@ pub fn quantize(
     progress: &ProgressBar,
 ) -> Result<(ModelProto, QuantizeReport)> {
     options.validate()?;
-    let targets = qdq::find_targets(model, options.quantize_head)?;
+    let targets = qdq::find_targets(model, options.quantize_head, options.quantize_residual)?;
     ensure!(
         !targets.is_empty(),
         "the model has no Conv (or Gemm/MatMul) with a constant weight to quantize"

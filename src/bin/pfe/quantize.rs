@@ -58,6 +58,10 @@ pub struct Args {
     /// Also quantize the classifier head (Gemm/MatMul); it stays float by default.
     #[arg(long)]
     quantize_head: bool,
+    /// Also quantize residual-stream activations (the downsampling convs' inputs); by
+    /// default those convs get int8 weights and keep a float input.
+    #[arg(long)]
+    quantize_residual: bool,
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Side of the square network input.
@@ -92,6 +96,7 @@ pub fn main(args: Args) -> Result<()> {
             ActivationArg::Int8Symmetric => ActivationType::Int8Symmetric,
         },
         quantize_head: args.quantize_head,
+        quantize_residual: args.quantize_residual,
         input_size: args.size,
         threads: args.threads,
     };
