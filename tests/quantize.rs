@@ -9,7 +9,8 @@ use indicatif::ProgressBar;
 use poolformer_edge::compare::Accumulator;
 use poolformer_edge::models::{export, synth, ArchConfig};
 use poolformer_edge::quantize::{
-    self, calibrate, qdq, ActivationQuant, ActivationType, InputSet, Method, QuantizeOptions,
+    self, calibrate, qdq, smooth, ActivationQuant, ActivationType, InputSet, Method,
+    QuantizeOptions,
 };
 use poolformer_edge::{Engine, Options};
 use prost::Message;
@@ -353,6 +354,45 @@ fn head_and_residual_quantization_are_optional() {
         (head[0].weight.as_str(), head[0].axis),
         ("head.fc.weight", 0)
     );
+}
+
+/// Smoothing finds exactly the fc1 convs (fed by norm2's affine) and is exact in
+/// float: the smoothed fp32 model gives the original logits to 1e-4 (f32 rounding of
+/// γ/s, β/s and W·s, relative ~1e-7 each, on logits of order 1; see tests/reference.rs
+/// for the same budget), while the scales it applied are far from 1.
+#[test]
+fn smoothing_targets_fc1_and_is_exact_in_float() {
+    let model = tiny_model();
+    let targets = qdq::find_targets(&model, false, false).unwrap();
+    let smoothable = smooth::find_smoothable(&model, &targets).unwrap();
+    let nodes: Vec<&str> = smoothable.iter().map(|s| s.node.as_str()).collect();
+    assert_eq!(nodes.len(), 5, "{nodes:?}");
+    assert!(nodes.iter().all(|n| n.ends_with("mlp.fc1")), "{nodes:?}");
+    let names: Vec<String> = smoothable.iter().map(|s| s.activation.clone()).collect();
+    let stats = calibrate::collect_channel_stats(
+        &model.encode_to_vec(),
+        &names,
+        &InputSet::synthetic(3, 0).unwrap(),
+        SIZE,
+        1,
+        &ProgressBar::hidden(),
+    )
+    .unwrap();
+    let mut smoothed = model.clone();
+    let scales = smooth::smooth(&mut smoothed, &smoothable, &stats, 0.5).unwrap();
+    let spread = scales
+        .values()
+        .flatten()
+        .fold(1f32, |m, &s| m.max(s).max(1.0 / s));
+    assert!(spread > 2.0, "scales all near 1: {spread}");
+    let (ea, eb) = (engine(&model), engine(&smoothed));
+    for x in InputSet::synthetic(4, 500).unwrap().tensors(SIZE) {
+        let x = x.unwrap();
+        let (a, b) = (ea.run_array(x.clone()).unwrap(), eb.run_array(x).unwrap());
+        for (u, v) in a.iter().zip(&b) {
+            assert!((u - v).abs() <= 1e-4, "{u} vs {v}");
+        }
+    }
 }
 
 /// Per-channel quantization along axis 1 (MatMul weights `[K, N]`): channel n is column n.

@@ -32,6 +32,7 @@ pub fn collect(
         .iter()
         .map(|n| (n.clone(), Histogram::new()))
         .collect();
+    progress.reset();
     progress.set_length(inputs.len() as u64);
     for input in inputs.tensors(input_size) {
         let input = input?.into_tensor();
@@ -91,4 +92,67 @@ pub fn plan_with_outputs(
         .context("optimizing the calibration model")?
         .into_runnable()?;
     Ok(plan)
+}
+
+/// Per-channel statistics of an NCHW (or NC) value: largest magnitude and mean of
+/// each channel (axis 1) over all positions and inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelStats {
+    pub absmax: Vec<f32>,
+    pub mean: Vec<f64>,
+}
+
+/// [`ChannelStats`] of the ONNX values `names` over `inputs`.
+pub fn collect_channel_stats(
+    onnx: &[u8],
+    names: &[String],
+    inputs: &InputSet,
+    input_size: usize,
+    threads: usize,
+    progress: &ProgressBar,
+) -> Result<BTreeMap<String, ChannelStats>> {
+    let plan = plan_with_outputs(onnx, names, input_size)?;
+    let executor = if threads > 1 {
+        Executor::multithread(threads)
+    } else {
+        Executor::SingleThread
+    };
+    let mut sums: BTreeMap<String, (Vec<f32>, Vec<f64>, u64)> = BTreeMap::new();
+    progress.reset();
+    progress.set_length(inputs.len() as u64);
+    for input in inputs.tensors(input_size) {
+        let input = input?.into_tensor();
+        let outputs = multithread_tract_scope(executor.clone(), || {
+            plan.run(tvec!(input.clone().into_tvalue()))
+        })
+        .context("running the calibration model")?;
+        for (name, value) in names.iter().zip(outputs.iter()) {
+            let view = value.to_plain_array_view::<f32>()?;
+            let shape = view.shape().to_vec();
+            if shape.len() < 2 {
+                bail!("{name} has shape {shape:?}; per-channel statistics need a channel axis 1");
+            }
+            let channels = shape[1];
+            let inner: usize = shape[2..].iter().product();
+            let entry = sums
+                .entry(name.clone())
+                .or_insert_with(|| (vec![0.0; channels], vec![0.0; channels], 0));
+            let values: Vec<f32> = view.iter().copied().collect();
+            for (i, &v) in values.iter().enumerate() {
+                let c = (i / inner) % channels;
+                entry.0[c] = entry.0[c].max(v.abs());
+                entry.1[c] += v as f64;
+            }
+            entry.2 += (values.len() / channels) as u64;
+        }
+        progress.inc(1);
+    }
+    progress.finish();
+    Ok(sums
+        .into_iter()
+        .map(|(name, (absmax, sum, n))| {
+            let mean = sum.iter().map(|s| s / n.max(1) as f64).collect();
+            (name, ChannelStats { absmax, mean })
+        })
+        .collect())
 }

@@ -24,6 +24,7 @@ pub mod calibrate;
 pub mod histogram;
 pub mod inputs;
 pub mod qdq;
+pub mod smooth;
 
 pub use histogram::Histogram;
 pub use inputs::InputSet;
@@ -70,6 +71,11 @@ pub struct QuantizeOptions {
     /// Also quantize activations on the residual stream (the downsampling convs'
     /// inputs); by default those convs get int8 weights and a float input.
     pub quantize_residual: bool,
+    /// SmoothQuant strength α in [0, 1] for convs fed by a norm's affine ([`smooth`]);
+    /// None leaves the weights as they are.
+    pub smooth_alpha: Option<f32>,
+    /// Fold the mean output shift of weight rounding into the conv biases.
+    pub bias_correction: bool,
     /// Side of the square network input used for calibration.
     pub input_size: usize,
     pub threads: usize,
@@ -82,6 +88,8 @@ impl Default for QuantizeOptions {
             activation_type: ActivationType::Uint8,
             quantize_head: false,
             quantize_residual: false,
+            smooth_alpha: None,
+            bias_correction: false,
             input_size: 224,
             threads: 1,
         }
@@ -94,6 +102,12 @@ impl QuantizeOptions {
             ensure!(
                 percentile > 50.0 && percentile <= 100.0,
                 "percentile {percentile} is outside (50, 100]"
+            );
+        }
+        if let Some(alpha) = self.smooth_alpha {
+            ensure!(
+                (0.0..=1.0).contains(&alpha),
+                "smoothing strength {alpha} is outside [0, 1]"
             );
         }
         ensure!(self.threads >= 1, "threads is 0; it must be at least 1");
@@ -127,6 +141,10 @@ pub struct QuantizeReport {
     pub activations: Vec<ActivationReport>,
     pub summary: QdqSummary,
     pub calibration_inputs: String,
+    /// Convs whose input channels were smoothed.
+    pub smoothed: usize,
+    /// Conv biases corrected for weight rounding.
+    pub biases_corrected: usize,
 }
 
 /// Calibration statistics of every target's activation input.
@@ -147,6 +165,23 @@ pub fn calibration_stats(
     calibrate::collect(
         &model.encode_to_vec(),
         &names,
+        inputs,
+        options.input_size,
+        options.threads,
+        progress,
+    )
+}
+
+fn channel_stats(
+    model: &ModelProto,
+    names: &[String],
+    inputs: &InputSet,
+    options: &QuantizeOptions,
+    progress: &ProgressBar,
+) -> Result<BTreeMap<String, calibrate::ChannelStats>> {
+    calibrate::collect_channel_stats(
+        &model.encode_to_vec(),
+        names,
         inputs,
         options.input_size,
         options.threads,
@@ -213,6 +248,8 @@ pub fn quantize_with_stats(
             activations,
             summary,
             calibration_inputs: String::new(),
+            smoothed: 0,
+            biases_corrected: 0,
         },
     ))
 }
@@ -230,9 +267,29 @@ pub fn quantize(
         !targets.is_empty(),
         "the model has no Conv (or Gemm/MatMul) with a constant weight to quantize"
     );
-    let stats = calibration_stats(model, &targets, inputs, options, progress)?;
-    let (out, mut report) = quantize_with_stats(model, &targets, &stats, options)?;
+    let mut model = model.clone();
+    let mut smoothed = 0;
+    if let Some(alpha) = options.smooth_alpha {
+        let smoothable = smooth::find_smoothable(&model, &targets)?;
+        let names: Vec<String> = smoothable.iter().map(|s| s.activation.clone()).collect();
+        if !names.is_empty() {
+            let stats = channel_stats(&model, &names, inputs, options, progress)?;
+            smoothed = smooth::smooth(&mut model, &smoothable, &stats, alpha)?.len();
+        }
+    }
+    let mut biases_corrected = 0;
+    if options.bias_correction {
+        let mut names: Vec<String> = targets.iter().map(|t| t.activation.clone()).collect();
+        names.sort();
+        names.dedup();
+        let stats = channel_stats(&model, &names, inputs, options, progress)?;
+        biases_corrected = smooth::correct_biases(&mut model, &targets, &stats)?;
+    }
+    let stats = calibration_stats(&model, &targets, inputs, options, progress)?;
+    let (out, mut report) = quantize_with_stats(&model, &targets, &stats, options)?;
     report.calibration_inputs = inputs.describe();
+    report.smoothed = smoothed;
+    report.biases_corrected = biases_corrected;
     Ok((out, report))
 }
 

@@ -62,6 +62,13 @@ pub struct Args {
     /// default those convs get int8 weights and keep a float input.
     #[arg(long)]
     quantize_residual: bool,
+    /// SmoothQuant: move activation outliers of convs fed by a norm's affine into their
+    /// weights with strength ALPHA in [0, 1] (0.5 is the usual choice).
+    #[arg(long, value_name = "ALPHA")]
+    smooth: Option<f32>,
+    /// Correct conv biases for the mean shift of weight rounding.
+    #[arg(long)]
+    bias_correction: bool,
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Side of the square network input.
@@ -97,6 +104,8 @@ pub fn main(args: Args) -> Result<()> {
         },
         quantize_head: args.quantize_head,
         quantize_residual: args.quantize_residual,
+        smooth_alpha: args.smooth,
+        bias_correction: args.bias_correction,
         input_size: args.size,
         threads: args.threads,
     };
@@ -119,6 +128,12 @@ pub fn main(args: Args) -> Result<()> {
         s.weight_bytes_after as f64 / 1e6,
         start.elapsed().as_secs_f64()
     );
+    if report.smoothed > 0 || report.biases_corrected > 0 {
+        println!(
+            "smoothed {} convs' inputs, corrected {} biases",
+            report.smoothed, report.biases_corrected
+        );
+    }
     if let Some(path) = &args.report {
         let json = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, json)
