@@ -138,10 +138,15 @@ pub fn collect_channel_stats(
                 .entry(name.clone())
                 .or_insert_with(|| (vec![0.0; channels], vec![0.0; channels], 0));
             let values: Vec<f32> = view.iter().copied().collect();
-            for (i, &v) in values.iter().enumerate() {
-                let c = (i / inner) % channels;
-                entry.0[c] = entry.0[c].max(v.abs());
-                entry.1[c] += v as f64;
+            for (k, plane) in values.chunks(inner.max(1)).enumerate() {
+                let c = k % channels;
+                let (mut max, mut sum) = (entry.0[c], 0f64);
+                for &v in plane {
+                    max = max.max(v.abs());
+                    sum += v as f64;
+                }
+                entry.0[c] = max;
+                entry.1[c] += sum;
             }
             entry.2 += (values.len() / channels) as u64;
         }

@@ -78,6 +78,8 @@ pub struct QuantizeOptions {
     pub bias_correction: bool,
     /// Side of the square network input used for calibration.
     pub input_size: usize,
+    /// Calibration threads; not a property of the result, so not in its metadata.
+    #[serde(skip)]
     pub threads: usize,
 }
 
@@ -88,8 +90,8 @@ impl Default for QuantizeOptions {
             activation_type: ActivationType::Uint8,
             quantize_head: false,
             quantize_residual: false,
-            smooth_alpha: None,
-            bias_correction: false,
+            smooth_alpha: Some(0.5),
+            bias_correction: true,
             input_size: 224,
             threads: 1,
         }

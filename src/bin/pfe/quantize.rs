@@ -62,13 +62,17 @@ pub struct Args {
     /// default those convs get int8 weights and keep a float input.
     #[arg(long)]
     quantize_residual: bool,
-    /// SmoothQuant: move activation outliers of convs fed by a norm's affine into their
-    /// weights with strength ALPHA in [0, 1] (0.5 is the usual choice).
-    #[arg(long, value_name = "ALPHA")]
-    smooth: Option<f32>,
-    /// Correct conv biases for the mean shift of weight rounding.
+    /// SmoothQuant strength ALPHA in [0, 1]: moves activation outliers of convs fed by a
+    /// norm's affine (fc1) into their weights.
+    #[arg(long, value_name = "ALPHA", default_value_t = 0.5)]
+    smooth: f32,
+    /// Leave the weights unsmoothed.
     #[arg(long)]
-    bias_correction: bool,
+    no_smooth: bool,
+    /// Leave conv biases as they are instead of correcting them for the mean shift of
+    /// weight rounding.
+    #[arg(long)]
+    no_bias_correction: bool,
     #[arg(long, default_value_t = 1)]
     threads: usize,
     /// Side of the square network input.
@@ -104,8 +108,8 @@ pub fn main(args: Args) -> Result<()> {
         },
         quantize_head: args.quantize_head,
         quantize_residual: args.quantize_residual,
-        smooth_alpha: args.smooth,
-        bias_correction: args.bias_correction,
+        smooth_alpha: (!args.no_smooth).then_some(args.smooth),
+        bias_correction: !args.no_bias_correction,
         input_size: args.size,
         threads: args.threads,
     };
