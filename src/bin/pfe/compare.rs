@@ -5,10 +5,6 @@ use poolformer_edge::compare::compare_files;
 use poolformer_edge::quantize::InputSet;
 use poolformer_edge::Options;
 
-/// Scores B's logits against A's: SQNR = 10·log10(Σa²/Σ(a−b)²) in dB over all logits of
-/// all inputs; top-1 agreement = share of inputs where B's top class is A's; top-5
-/// agreement = share of inputs where B's top class is among A's five highest; max abs
-/// diff over all logits.
 #[derive(clap::Args)]
 pub struct Args {
     /// Reference model (e.g. the fp32 one).

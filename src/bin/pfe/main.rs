@@ -41,6 +41,13 @@ enum Command {
     /// Quantize an fp32 model to int8 QDQ ONNX, calibrated on images or synthetic inputs.
     Quantize(quantize::Args),
     /// Compare two models' logits on the same inputs: SQNR, top-1/top-5 agreement.
+    ///
+    /// A is the reference, B the model scored against it, both run on the same
+    /// preprocessed inputs. SQNR = 10·log10(Σa² / Σ(a − b)²) in dB, the sums over every
+    /// logit of every input (inf when identical). Top-1 agreement: share of inputs where
+    /// B's highest class is A's highest. Top-5 agreement: share of inputs where B's
+    /// highest class is among A's five highest. Max abs diff: largest |a − b| over all
+    /// logits.
     Compare(compare::Args),
 }
 
