@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod capi;
+pub mod compare;
 pub mod engine;
 pub mod inspect;
 pub mod kernels;
@@ -18,6 +19,7 @@ pub mod passes;
 pub mod pixfmt;
 pub mod postprocess;
 pub mod preprocess;
+pub mod quantize;
 pub mod testimage;
 
 pub use engine::{Engine, NodeProfile, Options};

@@ -5,9 +5,11 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod classify;
+mod compare;
 mod demo;
 mod export;
 mod info;
+mod quantize;
 mod run;
 mod synth;
 
@@ -36,6 +38,17 @@ enum Command {
     /// The main job on the embedded default: build the synthetic S12 model once,
     /// classify a generated image, print a latency table.
     Demo(demo::Args),
+    /// Quantize an fp32 model to int8 QDQ ONNX, calibrated on images or synthetic inputs.
+    Quantize(quantize::Args),
+    /// Compare two models' logits on the same inputs: SQNR, top-1/top-5 agreement.
+    ///
+    /// A is the reference, B the model scored against it, both run on the same
+    /// preprocessed inputs. SQNR = 10·log10(Σa² / Σ(a − b)²) in dB, the sums over every
+    /// logit of every input (inf when identical). Top-1 agreement: share of inputs where
+    /// B's highest class is A's highest. Top-5 agreement: share of inputs where B's
+    /// highest class is among A's five highest. Max abs diff: largest |a − b| over all
+    /// logits.
+    Compare(compare::Args),
 }
 
 fn main() {
@@ -48,6 +61,8 @@ fn main() {
         Command::Export(a) => export::main(a),
         Command::Synth(a) => synth::main(a),
         Command::Demo(a) => demo::main(a),
+        Command::Quantize(a) => quantize::main(a),
+        Command::Compare(a) => compare::main(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -67,4 +82,19 @@ pub fn parse_threads(s: &str) -> Result<ThreadList, String> {
             "expected thread counts ≥ 1 like 1 or 1,2,4, got {s:?}"
         )),
     }
+}
+
+/// A progress bar on stderr (drawn only when stderr is a terminal); its length is set
+/// by the library call that drives it.
+pub fn progress_bar(what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta}",
+        )
+        .expect("valid progress template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(what.to_string());
+    bar
 }
