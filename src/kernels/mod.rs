@@ -1,2 +1,3 @@
 //! Compute kernels: a portable version of each, plus SIMD versions picked at run
 //! time from the CPU's features.
+pub mod quant;

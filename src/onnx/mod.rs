@@ -7,5 +7,7 @@ use tract_onnx::Onnx;
 
 /// tract's ONNX loader with this crate's extra operators registered.
 pub fn loader() -> Onnx {
-    tract_onnx::onnx()
+    let mut onnx = tract_onnx::onnx();
+    crate::passes::int8::register(&mut onnx);
+    onnx
 }
