@@ -41,7 +41,9 @@
 //!
 //! Anything that does not match exactly (per-axis activations, several weight zero
 //! points, a conv output that is also a graph output fed to a Q, non-constant
-//! weights) is left as it was.
+//! weights) is left as it was. So are weights of fewer than 16 values: tract's
+//! `wire_node` evaluates ops on such small constants as it wires them, so they
+//! reach the pass as f32.
 //!
 //! # Accuracy
 //!
@@ -460,6 +462,17 @@ fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatc
         let mult = w_scale.iter().map(|&sw| sx * sw).collect();
         (conv_out, RequantOut::F32, mult, bias)
     };
+    let acc = if flatten_hw {
+        let out_shape = model.outlet_fact(conv_out)?.shape.to_tvec();
+        let hw = out_shape[2].clone() * out_shape[3].clone();
+        patch.wire_node(
+            format!("{name}.unflatten_hw"),
+            AxisOp::Reshape(2, tvec![1.to_dim(), hw], out_shape[2..].into()),
+            &[acc],
+        )?[0]
+    } else {
+        acc
+    };
     let y = patch.wire_node(
         format!("{name}.requant"),
         Requant {
@@ -470,17 +483,6 @@ fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatc
         },
         &[acc],
     )?[0];
-    let y = if flatten_hw {
-        let out_shape = model.outlet_fact(conv_out)?.shape.to_tvec();
-        let hw = out_shape[2].clone() * out_shape[3].clone();
-        patch.wire_node(
-            format!("{name}.unflatten_hw"),
-            AxisOp::Reshape(2, tvec![1.to_dim(), hw], out_shape[2..].into()),
-            &[y],
-        )?[0]
-    } else {
-        y
-    };
     patch.shunt_outside(model, target, y)?;
     Ok(Some((patch, quantize.is_some())))
 }
