@@ -556,7 +556,10 @@ fn check_conv(case: ConvCase) {
         );
     }
     assert!(
-        fused.report.iter().any(|r| r.starts_with("int8 conv ×1 ")),
+        fused
+            .report
+            .iter()
+            .any(|r| r.starts_with("int8 conv/matmul ×1 ")),
         "{case:?}: report {:?}",
         fused.report
     );
@@ -754,7 +757,7 @@ fn chained_convs_stay_integer_in_between() {
     let shape = [1, c1.c, c1.h, c1.w];
     let fused = run(&onnx, &shape, &input, true).unwrap();
     let unfused = run(&onnx, &shape, &input, false).unwrap();
-    assert_eq!(fused.report[0], "int8 conv ×2 (2 to int8, 0 to f32)");
+    assert_eq!(fused.report[0], "int8 conv/matmul ×2 (2 to int8, 0 to f32)");
     assert_eq!(fused.report[1], "int8 requantize+dequantize ×1");
     // conv1's one-step differences (rounding ties) can move conv2's output by a
     // few steps where they line up; the bound is two steps.
@@ -901,6 +904,271 @@ fn engine_threads_agree() {
         .map(|(a, b)| (a - b).abs() as f64)
         .fold(0.0, f64::max);
     assert!(d <= step, "fused vs unfused {d} > {step}");
+}
+
+// ---------- Gemm and MatMul ----------
+
+/// `x [rows, K]` (Gemm, transB = 1, W `[N, K]`) or `x [1, rows, K]` (MatMul, W
+/// `[K, N]`), per-channel along N or per-tensor, bias (Gemm only), optional
+/// trailing Q → DQ. Checked like the convs.
+fn check_fc(gemm: bool, per_channel: bool, act: Act, out_q: Option<Act>, seed: u64) {
+    let (rows, k, n) = (3usize, 40usize, 24usize);
+    let mut rng = Rng(0xDEAD_BEEF ^ seed);
+    let xq = x_params(act);
+    let input: Vec<f32> = (0..rows * k)
+        .map(|_| rng.uniform(-2.3, 2.3) as f32)
+        .collect();
+    let w_q: Vec<i8> = (0..n * k).map(|_| rng.int(-127, 127) as i8).collect();
+    let w_scale: Vec<f32> = (0..if per_channel { n } else { 1 })
+        .map(|_| rng.uniform(0.002, 0.02) as f32)
+        .collect();
+    let sw = |j: usize| w_scale[if per_channel { j } else { 0 }];
+    let b_q: Vec<i32> = (0..n).map(|_| rng.int(-3000, 3000) as i32).collect();
+    // W_q is stored [N, K] for Gemm and [K, N] for MatMul; w(j, i) is element (n=j, k=i).
+    let w = |j: usize, i: usize| if gemm { w_q[j * k + i] } else { w_q[i * n + j] };
+    let mut y = vec![0f64; rows * n];
+    for r in 0..rows {
+        for j in 0..n {
+            let mut acc = if gemm {
+                (b_q[j] as f32 * (xq.scale * sw(j))) as f64
+            } else {
+                0.0
+            };
+            for i in 0..k {
+                let xv = xq.dequantize(xq.quantize(input[r * k + i] as f64));
+                acc += xv * w(j, i) as f64 * sw(j) as f64;
+            }
+            y[r * n + j] = acc;
+        }
+    }
+    let mut nodes = vec![];
+    let mut inits = vec![];
+    let x = qdq(&mut nodes, &mut inits, "x", xq);
+    let wdims = if gemm { [n, k] } else { [k, n] };
+    let sdims: Vec<usize> = if per_channel { vec![n] } else { vec![] };
+    let w_values = if gemm {
+        w_q.clone()
+    } else {
+        (0..k * n).map(|ix| w(ix % n, ix / n)).collect()
+    };
+    inits.push(tensor(
+        "w_q",
+        &wdims,
+        DataType::Int8,
+        w_values.iter().map(|&v| v as u8).collect(),
+    ));
+    inits.push(tensor("w_scale", &sdims, DataType::Float, f32s(&w_scale)));
+    inits.push(tensor(
+        "w_zp",
+        &sdims,
+        DataType::Int8,
+        vec![0; w_scale.len()],
+    ));
+    let axis = vec![attr_int("axis", if gemm { 0 } else { 1 })];
+    nodes.push(node(
+        "DequantizeLinear",
+        &["w_q", "w_scale", "w_zp"],
+        "w",
+        axis.clone(),
+    ));
+    if gemm {
+        let b_scale: Vec<f32> = (0..n).map(|j| xq.scale * sw(j)).collect();
+        inits.push(tensor(
+            "b_q",
+            &[n],
+            DataType::Int32,
+            b_q.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ));
+        inits.push(tensor("b_scale", &[n], DataType::Float, f32s(&b_scale)));
+        inits.push(tensor("b_zp", &[n], DataType::Int32, vec![0; 4 * n]));
+        nodes.push(node(
+            "DequantizeLinear",
+            &["b_q", "b_scale", "b_zp"],
+            "b",
+            vec![attr_int("axis", 0)],
+        ));
+        nodes.push(node(
+            "Gemm",
+            &[&x, "w", "b"],
+            "fc",
+            vec![attr_int("transB", 1)],
+        ));
+    } else {
+        nodes.push(node("MatMul", &[&x, "w"], "fc", vec![]));
+    }
+    let mut out = "fc".to_string();
+    let (reference, bound) = if let Some(act) = out_q {
+        let lo = y.iter().cloned().fold(f64::MAX, f64::min);
+        let hi = y.iter().cloned().fold(f64::MIN, f64::max);
+        let yq = QParams::covering(lo * 0.9, hi * 0.9, act);
+        out = qdq(&mut nodes, &mut inits, &out, yq);
+        (
+            y.iter().map(|&v| yq.dequantize(yq.quantize(v))).collect(),
+            yq.scale as f64 * 1.001,
+        )
+    } else {
+        let m = y.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        (y, 1e-4 * m)
+    };
+    nodes.push(node("Identity", &[&out], "y", vec![]));
+    let (in_shape, out_shape) = if gemm {
+        (vec![rows, k], vec![rows, n])
+    } else {
+        (vec![1, rows, k], vec![1, rows, n])
+    };
+    let onnx = model_bytes(
+        nodes,
+        inits,
+        value_info("x", &in_shape),
+        value_info("y", &out_shape),
+    );
+    let fused = run(&onnx, &in_shape, &input, true).unwrap();
+    let unfused = run(&onnx, &in_shape, &input, false).unwrap();
+    let unfused64: Vec<f64> = unfused.output.iter().map(|&v| v as f64).collect();
+    let (d_ref, d_unfused) = (
+        max_diff(&fused.output, &reference),
+        max_diff(&fused.output, &unfused64),
+    );
+    let what = format!("gemm {gemm} per_channel {per_channel} {act:?} → {out_q:?}");
+    assert!(
+        d_ref <= bound && d_unfused <= bound,
+        "{what}: fused vs reference {d_ref}, vs unfused {d_unfused}, bound {bound}"
+    );
+    assert!(
+        fused
+            .report
+            .iter()
+            .any(|r| r.starts_with("int8 conv/matmul ×1 ")),
+        "{what}: {:?}",
+        fused.report
+    );
+    let ops = op_names(&fused.model);
+    assert!(ops.iter().any(|o| o == "Requant"), "{what}: {ops:?}");
+    for node in fused.model.nodes() {
+        if node.op().name() == "OptMatMul" {
+            let info = node.op().info().unwrap().join(" ");
+            assert!(info.contains("i32"), "{what}: float matmul left: {info}");
+        }
+    }
+}
+
+#[test]
+fn gemm_per_channel_u8_with_bias() {
+    check_fc(true, true, Act::U8, Some(Act::U8), 1);
+    check_fc(true, true, Act::U8, None, 2);
+}
+
+#[test]
+fn gemm_per_tensor_s8() {
+    check_fc(true, false, Act::I8, Some(Act::I8), 3);
+}
+
+#[test]
+fn matmul_per_channel_and_per_tensor() {
+    check_fc(false, true, Act::U8, Some(Act::U8), 4);
+    check_fc(false, false, Act::I8, None, 5);
+    check_fc(false, true, Act::I8, Some(Act::U8), 6);
+}
+
+// ---------- dropping the float round trips ----------
+
+/// conv → Q → DQ → Relu → Q → DQ → output, with `rewrite_with(keep_float_qdq:
+/// false)`: the conv feeds Relu in f32 and the round trip before Relu is gone; the
+/// final Q → DQ (a graph output) stays. Bound: one step of each removed grid.
+#[test]
+fn dropping_float_round_trips() {
+    let c = ConvCase {
+        out_q: None,
+        seed: 21,
+        ..case(1, 1, 0)
+    };
+    let mut rng = Rng(99);
+    let xq = x_params(Act::U8);
+    let input: Vec<f32> = (0..c.c * c.h * c.w)
+        .map(|_| rng.uniform(-2.3, 2.3) as f32)
+        .collect();
+    let conv = make_qconv(&c, &mut rng);
+    let x_deq: Vec<f64> = input
+        .iter()
+        .map(|&v| xq.dequantize(xq.quantize(v as f64)))
+        .collect();
+    let y = conv.reference(&c, xq.scale, &x_deq);
+    let lo = y.iter().cloned().fold(f64::MAX, f64::min);
+    let hi = y.iter().cloned().fold(f64::MIN, f64::max);
+    let q1 = QParams::covering(lo, hi, Act::U8);
+    let q2 = QParams::covering(0.0, hi, Act::U8);
+    let reference: Vec<f64> = y
+        .iter()
+        .map(|&v| q2.dequantize(q2.quantize(v.max(0.0))))
+        .collect();
+    let mut nodes = vec![];
+    let mut inits = vec![];
+    let x = qdq(&mut nodes, &mut inits, "x", xq);
+    let a = conv.wire(&mut nodes, &mut inits, &c, "conv", &x, xq.scale);
+    let a = qdq(&mut nodes, &mut inits, &a, q1);
+    nodes.push(node("Relu", &[&a], "relu", vec![]));
+    let out = qdq(&mut nodes, &mut inits, "relu", q2);
+    let onnx = model_bytes(
+        nodes,
+        inits,
+        value_info("x", &[1, c.c, c.h, c.w]),
+        value_info(&out, &[1, c.o, c.h, c.w]),
+    );
+    let shape = [1, c.c, c.h, c.w];
+    let typed = poolformer_edge::onnx::loader()
+        .model_for_read(&mut &onnx[..])
+        .unwrap()
+        .with_input_fact(0, f32::fact(shape).into())
+        .unwrap()
+        .into_typed()
+        .unwrap();
+    for keep in [true, false] {
+        let mut model = typed.clone();
+        let mut report = poolformer_edge::passes::PassReport::default();
+        poolformer_edge::passes::int8::rewrite_with(&mut model, &mut report, keep).unwrap();
+        let model = model.into_optimized().unwrap();
+        let plan = model.clone().into_runnable().unwrap();
+        let out = plan
+            .run(tvec!(Tensor::from_shape(&shape, &input)
+                .unwrap()
+                .into_tvalue()))
+            .unwrap();
+        let out: Vec<f32> = out[0]
+            .to_plain_array_view::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        let ops = op_names(&model);
+        let bound = if keep {
+            q2.scale as f64 * 1.001
+        } else {
+            (q1.scale + q2.scale) as f64 * 1.001
+        };
+        let d = max_diff(&out, &reference);
+        assert!(d <= bound, "keep {keep}: {d} > {bound}");
+        if keep {
+            assert!(
+                report
+                    .rewrites
+                    .contains(&"int8 requantize+dequantize ×1".to_string()),
+                "{report:?}"
+            );
+        } else {
+            assert!(
+                report
+                    .rewrites
+                    .contains(&"int8 conv output read in f32 ×1".to_string()),
+                "{report:?}"
+            );
+            // Only the graph output's round trip is left.
+            assert_eq!(
+                ops.iter().filter(|o| *o == "FakeQuant").count(),
+                1,
+                "{ops:?}"
+            );
+        }
+    }
 }
 
 // ---------- the loops ----------

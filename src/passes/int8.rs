@@ -31,13 +31,25 @@
 //!
 //!    `B` is the float bias the original graph adds (an int32 bias with its
 //!    DequantizeLinear is dequantized exactly as the graph does).
-//! 3. **Requantize and dequantize in one pass.** A `Requant` to u8/i8 whose consumers
-//!    are all DequantizeLinear (the next ops run in float: GroupNorm, GELU, residual
-//!    adds) becomes one `Requant` to f32 on the same quantization grid.
+//!
+//!    ONNX MatMul and Gemm (`DequantizeLinearF32(x_q) × DequantizeConst(W_q)`, tract's
+//!    `EinSum`) are rewritten the same way into the 9-input quantized `EinSum`, with
+//!    Gemm's bias `Add` folded into the `Requant` offset.
+//! 3. **Requantize and dequantize in one pass.** A `Requant` to u8/i8 feeding
+//!    DequantizeLinear (the next ops run in float: GroupNorm, GELU, residual adds)
+//!    gets one `Requant` to f32 on the same quantization grid for them.
 //! 4. **Q → DQ round trips** left between float ops (per tensor) become one
-//!    [`FakeQuant`] pass. They are kept, not removed: they are part of the graph's
-//!    semantics (rounding and clamping to the calibrated range), and onnxruntime
-//!    applies them too.
+//!    [`FakeQuant`] pass. Per-tensor QuantizeLinear nodes that remain (the inputs of
+//!    the integer convs) become the vectorized [`Quantize`].
+//!
+//! Steps 3 and 4 keep the rounding and clamping to each tensor's grid by default:
+//! they are part of the graph's semantics and onnxruntime applies them too.
+//! [`rewrite_with`]`(…, keep_float_qdq: false)` (or `PFE_INT8_DROP_FLOAT_QDQ=1` for
+//! [`rewrite`]) removes them instead, except at graph outputs: int8 convs feeding
+//! float ops output f32 directly and the float ops read each other's f32 outputs,
+//! so tract fuses the element-wise chains as in an fp32 graph. Faster, but each
+//! removed round trip changes its tensor by up to half a step (more where the graph
+//! clamps), so the output drifts from the quantized graph's towards the fp32 model's.
 //!
 //! Anything that does not match exactly (per-axis activations, several weight zero
 //! points, a conv output that is also a graph output fed to a Q, non-constant
@@ -56,10 +68,12 @@
 use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, ensure, Context, Result};
-use tract_core::internal::{AxisOp, StaticName, ToDim};
+use tract_core::internal::{AxisOp, InOut, StaticName, ToDim};
+use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::cast::Cast;
 use tract_core::ops::cnn::PaddingSpec;
 use tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_core::ops::einsum::EinSum;
 use tract_core::ops::element_wise::ElementWiseOp;
 use tract_core::ops::nn::DataFormat;
 use tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, QuantizeLinearU8};
@@ -215,12 +229,39 @@ impl Expansion for KeepIntegerConst {
     }
 }
 
-/// Rewrites the QDQ patterns described in the module documentation.
+/// Environment switch: set to `1` to remove the quantize → dequantize round trips
+/// between float ops instead of keeping them (see [`rewrite_with`]).
+pub const DROP_FLOAT_QDQ_ENV: &str = "PFE_INT8_DROP_FLOAT_QDQ";
+
+/// Rewrites the QDQ patterns described in the module documentation, keeping the
+/// graph's quantize → dequantize round trips between float ops (one pass each)
+/// unless [`DROP_FLOAT_QDQ_ENV`] is `1`.
 pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
+    let drop = std::env::var(DROP_FLOAT_QDQ_ENV).is_ok_and(|v| v == "1");
+    rewrite_with(model, report, !drop)
+}
+
+/// As [`rewrite`]. With `keep_float_qdq` the round trips between float ops are kept
+/// (one pass each), so the result follows the graph's quantization of every
+/// intermediate tensor as onnxruntime does. Without it they are removed (and an int8
+/// conv feeding float ops outputs f32 directly): tract then fuses the float
+/// element-wise chains as in an fp32 graph, faster, but each removed round trip
+/// changes its tensor by up to half a quantization step (more where the graph
+/// clamps to its calibrated range), so the output drifts from the graph's towards
+/// the fp32 model's.
+pub fn rewrite_with(
+    model: &mut TypedModel,
+    report: &mut PassReport,
+    keep_float_qdq: bool,
+) -> Result<()> {
     let mut requantized = 0;
     let mut dequantized = 0;
     for id in model.eval_order()? {
-        if let Some((patch, to_int)) = int_conv(model, id)? {
+        let found = match int_conv(model, id)? {
+            Some(found) => Some(found),
+            None => int_matmul(model, id)?,
+        };
+        if let Some((patch, to_int)) = found {
             patch.apply(model)?;
             if to_int {
                 requantized += 1;
@@ -230,18 +271,14 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
         }
     }
     model.compact()?;
-    let mut grid = 0;
-    let mut fake = 0;
+    let mut counts = [0usize; 4];
     for id in model.eval_order()? {
-        for (patch, is_requant) in dequantize_after(model, id)? {
+        for (patch, kind) in dequantize_after(model, id, keep_float_qdq)? {
             patch.apply(model)?;
-            if is_requant {
-                grid += 1;
-            } else {
-                fake += 1;
-            }
+            counts[kind as usize] += 1;
         }
     }
+    let [grid, float, fake, removed] = counts;
     model.compact()?;
     let mut quantized = 0;
     for id in model.eval_order()? {
@@ -253,7 +290,7 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
     model.compact()?;
     if requantized + dequantized > 0 {
         report.rewrites.push(format!(
-            "int8 conv ×{} ({requantized} to int8, {dequantized} to f32)",
+            "int8 conv/matmul ×{} ({requantized} to int8, {dequantized} to f32)",
             requantized + dequantized
         ));
     }
@@ -262,10 +299,20 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
             .rewrites
             .push(format!("int8 requantize+dequantize ×{grid}"));
     }
+    if float > 0 {
+        report
+            .rewrites
+            .push(format!("int8 conv output read in f32 ×{float}"));
+    }
     if fake > 0 {
         report
             .rewrites
             .push(format!("quantize→dequantize in one pass ×{fake}"));
+    }
+    if removed > 0 {
+        report
+            .rewrites
+            .push(format!("quantize→dequantize removed ×{removed}"));
     }
     if quantized > 0 {
         report
@@ -317,23 +364,37 @@ fn as_quantize(node: &TypedNode) -> Option<(f32, Grid, DatumType)> {
     None
 }
 
-/// The value of `outlet` when it is a constant, possibly behind casts, axis ops or
-/// a [`DequantizeConst`] (evaluated here).
+/// The value of `outlet` when it only depends on constants through casts, axis
+/// ops, [`DequantizeConst`] and element-wise arithmetic (evaluated here).
 fn const_value(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Tensor>>> {
+    const_value_depth(model, outlet, 8)
+}
+
+fn const_value_depth(
+    model: &TypedModel,
+    outlet: OutletId,
+    depth: usize,
+) -> TractResult<Option<Arc<Tensor>>> {
     let fact = model.outlet_fact(outlet)?;
     if let Some(k) = &fact.konst {
         return Ok(Some(k.clone()));
     }
     let node = model.node(outlet.node);
-    if node.inputs.len() != 1
-        || !(node.op_is::<Cast>() || node.op_is::<AxisOp>() || node.op_is::<DequantizeConst>())
-    {
+    let evaluable = node.op_is::<Cast>()
+        || node.op_is::<AxisOp>()
+        || node.op_is::<DequantizeConst>()
+        || node.op_is::<TypedBinOp>();
+    if depth == 0 || !evaluable || node.outputs.len() != 1 {
         return Ok(None);
     }
-    let Some(input) = const_value(model, node.inputs[0])? else {
-        return Ok(None);
-    };
-    let Some(out) = node.op.eval_out_of_plan(tvec!(input.into_tvalue()))? else {
+    let mut inputs = tvec![];
+    for &i in &node.inputs {
+        let Some(v) = const_value_depth(model, i, depth - 1)? else {
+            return Ok(None);
+        };
+        inputs.push(v.into_tvalue());
+    }
+    let Some(out) = node.op.eval_out_of_plan(inputs)? else {
         return Ok(None);
     };
     Ok(out.into_iter().next().map(|t| t.into_arc_tensor()))
@@ -487,6 +548,155 @@ fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatc
     Ok(Some((patch, quantize.is_some())))
 }
 
+/// The matmul counterpart of [`int_conv`]: `DequantizeLinearF32(x_q)` times
+/// `DequantizeConst(W_q)` (ONNX MatMul, or Gemm's product) as tract's 9-input
+/// quantized `EinSum` with an i32 output, then a [`Requant`] along the output axis
+/// the weights' columns map to. Gemm's bias (`Add` of a constant, possibly through
+/// `Mul(β)`) is folded into the `Requant` offset.
+fn int_matmul(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatch, bool)>> {
+    let node = model.node(id);
+    let Some(einsum) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if einsum.q_params.is_some()
+        || einsum.operating_dt != f32::datum_type()
+        || node.inputs.len() != 2
+        || einsum.axes.output_count() != 1
+    {
+        return Ok(None);
+    }
+    let dq = model.node(node.inputs[0].node);
+    let Some(dqx) = dq.op_as::<DequantizeLinearF32>() else {
+        return Ok(None);
+    };
+    let x_q = dq.inputs[0];
+    let x_dt = model.outlet_fact(x_q)?.datum_type;
+    if x_dt != u8::datum_type() && x_dt != i8::datum_type() {
+        return Ok(None);
+    }
+    let wnode = model.node(node.inputs[1].node);
+    let Some(wdq) = wnode.op_as::<DequantizeConst>() else {
+        return Ok(None);
+    };
+    let Some(w_q) = model.outlet_fact(wnode.inputs[0])?.konst.clone() else {
+        return Ok(None);
+    };
+    if (w_q.datum_type() != i8::datum_type() && w_q.datum_type() != u8::datum_type())
+        || w_q.rank() != 2
+    {
+        return Ok(None);
+    }
+    // The weights' output axis: the one of B that reaches the output and not A.
+    let axes = &einsum.axes;
+    let out_axes: Vec<(usize, usize)> = (0..2)
+        .filter_map(|b_pos| {
+            let axis = axes.axis((InOut::In(1), b_pos)).ok()?;
+            let out = axis.outputs[0].first().copied()?;
+            axis.inputs[0].is_empty().then_some((b_pos, out))
+        })
+        .collect();
+    let &[(w_axis, c_axis)] = &out_axes[..] else {
+        return Ok(None);
+    };
+    let channels = w_q.shape()[w_axis];
+    let per_channel = wdq.scale.len() > 1 || wdq.zero_point.len() > 1;
+    if per_channel && wdq.axis != w_axis {
+        return Ok(None);
+    }
+    let (Some(w_scale), Some(w_zp)) = (wdq.scales(channels), wdq.zero_points(channels)) else {
+        return Ok(None);
+    };
+    if w_zp.iter().any(|&z| z != w_zp[0]) {
+        return Ok(None);
+    }
+    let out_rank = model.outlet_fact(OutletId::new(id, 0))?.rank();
+    // Optional bias: the product's only consumer is an Add of a constant that only
+    // varies along the channel axis.
+    let outputs = model.output_outlets()?;
+    let mut last = OutletId::new(id, 0);
+    let mut bias = vec![0f32; channels];
+    let succs = &node.outputs[0].successors;
+    if succs.len() == 1 && !outputs.contains(&last) {
+        let add = model.node(succs[0].node);
+        let is_add = add
+            .op_as::<TypedBinOp>()
+            .is_some_and(|b| b.0.is::<tract_core::ops::math::Add>());
+        if is_add {
+            let other = add.inputs[1 - succs[0].slot];
+            if let Some(b) = const_value(model, other)? {
+                let shape = b.shape();
+                let along_channel = shape.len() <= out_rank
+                    && shape.iter().enumerate().all(|(ix, &d)| {
+                        d == 1 || (ix + out_rank - shape.len() == c_axis && d == channels)
+                    });
+                if along_channel && b.datum_type() == f32::datum_type() {
+                    let values = b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+                    let Some(values) = broadcast_f32(&values, channels) else {
+                        return Ok(None);
+                    };
+                    bias = values;
+                    last = OutletId::new(add.id, 0);
+                }
+            }
+        }
+    }
+    let last_succs = model.outlet_successors(last);
+    let quantize = if last_succs.len() == 1 && !outputs.contains(&last) {
+        let q = model.node(last_succs[0].node);
+        as_quantize(q).map(|qp| (q.id, qp))
+    } else {
+        None
+    };
+
+    let sx = dqx.scale;
+    let name = &node.name;
+    let mut patch = TypedModelPatch::new(format!("int8 matmul {name}"));
+    let x = patch.tap_model(model, x_q)?;
+    let w = patch.add_const(format!("{name}.w_q"), w_q.clone())?;
+    let zero_i32 = patch.add_const(format!("{name}.zero_i32"), tensor0(0i32))?;
+    let one = patch.add_const(format!("{name}.one"), tensor0(1f32))?;
+    let x0 = patch.add_const(format!("{name}.x0"), tensor0(dqx.zero_point))?;
+    let k0 = patch.add_const(format!("{name}.k0"), tensor0(w_zp[0]))?;
+    let mut q_axes = axes.clone();
+    for slot in 2..9 {
+        q_axes = q_axes.with_extra_input(slot)?;
+    }
+    let acc = patch.wire_node(
+        format!("{name}.i32"),
+        EinSum::newq(q_axes, i32::datum_type(), i32::datum_type()),
+        &[x, w, zero_i32, x0, one, k0, one, zero_i32, one],
+    )?[0];
+    let (target, out, mult, offset) = if let Some((qid, (inv_sy, grid, dt))) = quantize {
+        let out = if dt == u8::datum_type() {
+            RequantOut::U8 {
+                zero_point: grid.zero_point,
+            }
+        } else {
+            RequantOut::I8 {
+                zero_point: grid.zero_point,
+            }
+        };
+        let mult = w_scale.iter().map(|&sw| sx * sw * inv_sy).collect();
+        let offset = bias.iter().map(|&b| b * inv_sy).collect();
+        (OutletId::new(qid, 0), out, mult, offset)
+    } else {
+        let mult = w_scale.iter().map(|&sw| sx * sw).collect();
+        (last, RequantOut::F32, mult, bias)
+    };
+    let y = patch.wire_node(
+        format!("{name}.requant"),
+        Requant {
+            axis: c_axis,
+            mult: Arc::new(mult),
+            offset: Arc::new(offset),
+            out,
+        },
+        &[acc],
+    )?[0];
+    patch.shunt_outside(model, target, y)?;
+    Ok(Some((patch, quantize.is_some())))
+}
+
 /// A 1×1 conv with unit strides and no padding.
 fn is_pointwise(conv: &Conv) -> bool {
     let spec = &conv.pool_spec;
@@ -513,21 +723,30 @@ fn broadcast_f32(v: &[f32], len: usize) -> Option<Vec<f32>> {
     }
 }
 
-/// For a per-tensor QuantizeLinear or a quantizing [`Requant`] whose consumers are
-/// all per-tensor DequantizeLinear: one patch per consumer, replacing it with a
-/// single f32 pass. The flag says whether the producer was a `Requant`.
-fn dequantize_after(model: &TypedModel, id: usize) -> TractResult<Vec<(TypedModelPatch, bool)>> {
+/// What replaced a DequantizeLinear.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DqRewrite {
+    /// A quantizing `Requant` and its dequantization fused, on the same grid.
+    RequantGrid,
+    /// A `Requant` to f32 instead (the rounding to the grid dropped).
+    RequantFloat,
+    /// QuantizeLinear → DequantizeLinear as one [`FakeQuant`] pass.
+    FakeQuant,
+    /// QuantizeLinear → DequantizeLinear removed: consumers read the f32 input.
+    Removed,
+}
+
+/// For a per-tensor QuantizeLinear or a quantizing [`Requant`]: one patch per
+/// DequantizeLinear consumer, replacing it with a single f32 pass or nothing.
+/// With `keep_float_qdq`, or when the DequantizeLinear is a graph output, the
+/// rounding and clamping to the quantization grid are kept.
+fn dequantize_after(
+    model: &TypedModel,
+    id: usize,
+    keep_float_qdq: bool,
+) -> TractResult<Vec<(TypedModelPatch, DqRewrite)>> {
     let node = model.node(id);
-    let out = OutletId::new(id, 0);
-    if node.outputs.len() != 1 || model.output_outlets()?.contains(&out) {
-        return Ok(vec![]);
-    }
-    let succs = &node.outputs[0].successors;
-    if succs.is_empty()
-        || !succs
-            .iter()
-            .all(|s| model.node(s.node).op_is::<DequantizeLinearF32>())
-    {
+    if node.outputs.len() != 1 {
         return Ok(vec![]);
     }
     let requant = node.op_as::<Requant>();
@@ -541,34 +760,60 @@ fn dequantize_after(model: &TypedModel, id: usize) -> TractResult<Vec<(TypedMode
     if quantize.is_some() && model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type() {
         return Ok(vec![]);
     }
+    let outputs = model.output_outlets()?;
     let mut patches = vec![];
-    for s in succs {
+    for s in &node.outputs[0].successors {
         let dq_node = model.node(s.node);
-        let dq = dq_node.op_as::<DequantizeLinearF32>().unwrap();
+        let Some(dq) = dq_node.op_as::<DequantizeLinearF32>() else {
+            continue;
+        };
+        let dq_out = OutletId::new(dq_node.id, 0);
+        let keep = keep_float_qdq || outputs.contains(&dq_out);
         let mut patch = TypedModelPatch::new(format!("dequantize {}", dq_node.name));
         let input = patch.tap_model(model, node.inputs[0])?;
-        let y = if let Some(r) = requant {
-            let op = Requant {
-                out: RequantOut::Grid {
+        let (y, kind) = if let Some(r) = requant {
+            if keep {
+                let op = Requant {
+                    out: RequantOut::Grid {
+                        grid,
+                        dq_zero_point: dq.zero_point,
+                        dq_scale: dq.scale,
+                    },
+                    ..r.clone()
+                };
+                let y = patch.wire_node(format!("{}.dequantized", dq_node.name), op, &[input])?;
+                (y[0], DqRewrite::RequantGrid)
+            } else {
+                // (v + zq − zd)·sd with v = acc·m + o, before rounding.
+                let shift = (grid.zero_point - dq.zero_point) as f32;
+                let op = Requant {
+                    mult: Arc::new(r.mult.iter().map(|m| m * dq.scale).collect()),
+                    offset: Arc::new(r.offset.iter().map(|o| (o + shift) * dq.scale).collect()),
+                    out: RequantOut::F32,
+                    ..r.clone()
+                };
+                let y = patch.wire_node(format!("{}.float", dq_node.name), op, &[input])?;
+                (y[0], DqRewrite::RequantFloat)
+            }
+        } else {
+            let (inv_scale, _, _) = quantize.unwrap();
+            let identity =
+                grid.zero_point == dq.zero_point && (inv_scale * dq.scale - 1.0).abs() < 1e-6;
+            if keep || !identity {
+                let op = FakeQuant {
+                    inv_scale,
                     grid,
                     dq_zero_point: dq.zero_point,
                     dq_scale: dq.scale,
-                },
-                ..r.clone()
-            };
-            patch.wire_node(format!("{}.dequantized", node.name), op, &[input])?[0]
-        } else {
-            let (inv_scale, _, _) = quantize.unwrap();
-            let op = FakeQuant {
-                inv_scale,
-                grid,
-                dq_zero_point: dq.zero_point,
-                dq_scale: dq.scale,
-            };
-            patch.wire_node(format!("{}.fake_quant", dq_node.name), op, &[input])?[0]
+                };
+                let y = patch.wire_node(format!("{}.fake_quant", dq_node.name), op, &[input])?;
+                (y[0], DqRewrite::FakeQuant)
+            } else {
+                (input, DqRewrite::Removed)
+            }
         };
-        patch.shunt_outside(model, OutletId::new(dq_node.id, 0), y)?;
-        patches.push((patch, requant.is_some()));
+        patch.shunt_outside(model, dq_out, y)?;
+        patches.push((patch, kind));
     }
     Ok(patches)
 }
