@@ -120,6 +120,9 @@ impl Requant {
         cols: impl Fn(&[i32], &mut [T], &[f32], &[f32]),
     ) {
         let c = self.mult.len();
+        if c == 0 {
+            return;
+        }
         if inner == 1 {
             for (a, o) in acc.chunks(c).zip(out.chunks_mut(c)) {
                 cols(a, o, &self.mult, &self.offset);

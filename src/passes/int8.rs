@@ -16,7 +16,9 @@
 //!    zero points are attributes, so nothing has to be recovered from float weights.
 //!    The wrapper only stops the early constant folding; tract's declutter folds
 //!    every `DequantizeConst` this pass leaves alone, so unmatched graphs (and
-//!    `fuse: false`) compute exactly what tract computes without it.
+//!    `fuse: false`) compute exactly what tract computes without it (one above
+//!    tract's 4 MiB folding budget is evaluated on every run, as tract's own
+//!    DequantizeLinear of such a weight was).
 //! 2. **Integer conv** ([`rewrite`], on the typed graph before declutter). For
 //!    `DequantizeLinearF32(x_q) → Conv(·, DequantizeConst(W_q), bias)` with
 //!    per-tensor activations (u8 or i8) and per-tensor or per-output-channel weights
@@ -63,7 +65,8 @@
 //! requantized value differs from the float graph's only by f32 rounding of the
 //! affine map (relative ~1e-6 of the pre-rounding value), so a quantized output
 //! differs by at most one quantization step, and only where the float value is
-//! within ~1e-6 of a rounding boundary. Tests assert ≤ 1 step per quantized tensor.
+//! within ~1e-6 of a rounding boundary. Tests assert ≤ 1 step per quantized tensor
+//! (2 after two chained requantizations, where a first one-step difference propagates).
 
 use std::sync::{Arc, OnceLock};
 
