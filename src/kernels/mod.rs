@@ -1,4 +1,4 @@
-//! Compute kernels for the fused MetaFormer ops.
+//! Compute kernels for the fused MetaFormer ops and the int8 path.
 //!
 //! Each kernel is written once as plain Rust over slices and compiled several times:
 //! a portable build, and on x86-64 an AVX2+FMA build and an AVX-512 build
@@ -12,6 +12,7 @@ pub mod im2col;
 pub mod mixer;
 pub mod mlp;
 pub mod norm;
+pub mod quant;
 
 /// An instruction-set level a kernel can be compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -27,5 +27,7 @@ pub fn loader() -> Onnx {
         qlinear_pool::qlinear_global_average_pool,
     );
     register.insert("QGemm", qgemm::qgemm);
+    // DequantizeLinear of integer weights stays integer for the int8 pass.
+    crate::passes::int8::register(&mut onnx);
     onnx
 }

@@ -1,0 +1,206 @@
+//! Quantization loops: i32 accumulators to u8 / i8 / f32 with a per-row affine map,
+//! and the fused quantize → dequantize round trip on f32.
+//!
+//! Every loop is branch-free over plain slices so that the compiler vectorizes it
+//! on any target (SSE2, AVX, NEON). Rounding is to nearest, ties to even, like
+//! ONNX QuantizeLinear: values are first clamped to the representable range
+//! (whose bounds are integers, so clamping before rounding gives the same result
+//! as after), then rounded with the 1.5·2²³ trick, exact for |v| < 2²².
+
+/// Rounds to the nearest integer, ties to even, for |v| < 2²²; `v` must already be
+/// clamped to such a range.
+#[inline(always)]
+fn round_small(v: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    (v + MAGIC) - MAGIC
+}
+
+/// Rounds `v` (|v| < 2²², already clamped) to nearest-even and returns
+/// `round(v) + zp` modulo 2⁸ in the low byte: `v + 1.5·2²³` holds `2²² + round(v)`
+/// in its mantissa, and 2²² is a multiple of 2⁸. Integer-only, so it vectorizes
+/// where a saturating float → int conversion would not.
+#[inline(always)]
+fn round_to_low_byte(v: f32, zp: i32) -> u8 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+    ((v + MAGIC).to_bits() as i32).wrapping_add(zp) as u8
+}
+
+/// `v` clamped to `lo..=hi` with plain comparisons (they map to single SIMD
+/// min / max instructions; a NaN becomes `lo`).
+trait ClampTo {
+    fn clamp_to(self, lo: f32, hi: f32) -> f32;
+}
+
+impl ClampTo for f32 {
+    #[inline(always)]
+    fn clamp_to(self, lo: f32, hi: f32) -> f32 {
+        let v = if self > lo { self } else { lo };
+        if v < hi {
+            v
+        } else {
+            hi
+        }
+    }
+}
+
+/// An integer output type of a requantization.
+pub trait QuantInt: Copy + Default + Send + Sync + 'static {
+    const MIN: i32;
+    const MAX: i32;
+    /// The value whose two's-complement low byte is `b`.
+    fn from_low_byte(b: u8) -> Self;
+}
+
+impl QuantInt for u8 {
+    const MIN: i32 = 0;
+    const MAX: i32 = 255;
+    #[inline(always)]
+    fn from_low_byte(b: u8) -> u8 {
+        b
+    }
+}
+
+impl QuantInt for i8 {
+    const MIN: i32 = -128;
+    const MAX: i32 = 127;
+    #[inline(always)]
+    fn from_low_byte(b: u8) -> i8 {
+        b as i8
+    }
+}
+
+/// Quantization grid of an output: `q = clamp(round(v) + zero_point, lo, hi)`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Grid {
+    pub zero_point: i32,
+    pub lo: i32,
+    pub hi: i32,
+}
+
+impl Grid {
+    pub fn of<T: QuantInt>(zero_point: i32) -> Grid {
+        Grid {
+            zero_point,
+            lo: T::MIN,
+            hi: T::MAX,
+        }
+    }
+
+    /// Clamp bounds on `v` (before adding the zero point), as f32.
+    #[inline(always)]
+    fn bounds(&self) -> (f32, f32) {
+        (
+            (self.lo - self.zero_point) as f32,
+            (self.hi - self.zero_point) as f32,
+        )
+    }
+}
+
+/// `out[i] = clamp(round(acc[i]·mult + offset) + zp)` for one row sharing one
+/// multiplier and offset.
+pub fn requant_row<T: QuantInt>(acc: &[i32], out: &mut [T], mult: f32, offset: f32, grid: Grid) {
+    let (lo, hi) = grid.bounds();
+    let zp = grid.zero_point;
+    for (o, &a) in out.iter_mut().zip(acc) {
+        let v = (a as f32 * mult + offset).clamp_to(lo, hi);
+        *o = T::from_low_byte(round_to_low_byte(v, zp));
+    }
+}
+
+/// As [`requant_row`] with one multiplier and offset per element (the channel is
+/// the innermost axis).
+pub fn requant_cols<T: QuantInt>(
+    acc: &[i32],
+    out: &mut [T],
+    mult: &[f32],
+    offset: &[f32],
+    grid: Grid,
+) {
+    let (lo, hi) = grid.bounds();
+    let zp = grid.zero_point;
+    for (((o, &a), &m), &c) in out.iter_mut().zip(acc).zip(mult).zip(offset) {
+        let v = (a as f32 * m + c).clamp_to(lo, hi);
+        *o = T::from_low_byte(round_to_low_byte(v, zp));
+    }
+}
+
+/// `out[i] = acc[i]·mult + offset`.
+pub fn dequant_row(acc: &[i32], out: &mut [f32], mult: f32, offset: f32) {
+    for (o, &a) in out.iter_mut().zip(acc) {
+        *o = a as f32 * mult + offset;
+    }
+}
+
+/// As [`dequant_row`] with one multiplier and offset per element.
+pub fn dequant_cols(acc: &[i32], out: &mut [f32], mult: &[f32], offset: &[f32]) {
+    for (((o, &a), &m), &c) in out.iter_mut().zip(acc).zip(mult).zip(offset) {
+        *o = a as f32 * m + c;
+    }
+}
+
+/// Requantizes onto `grid` and dequantizes with `(q − dq_zero_point)·dq_scale`
+/// in one pass: `out[i] = (clamp(round(acc[i]·mult + offset) + zp) − dzp)·dscale`.
+pub fn requant_to_grid_row(
+    acc: &[i32],
+    out: &mut [f32],
+    mult: f32,
+    offset: f32,
+    grid: Grid,
+    dq_zero_point: i32,
+    dq_scale: f32,
+) {
+    let (lo, hi) = grid.bounds();
+    let shift = (grid.zero_point - dq_zero_point) as f32;
+    for (o, &a) in out.iter_mut().zip(acc) {
+        let v = (a as f32 * mult + offset).clamp_to(lo, hi);
+        *o = (round_small(v) + shift) * dq_scale;
+    }
+}
+
+/// As [`requant_to_grid_row`] with one multiplier and offset per element.
+#[allow(clippy::too_many_arguments)]
+pub fn requant_to_grid_cols(
+    acc: &[i32],
+    out: &mut [f32],
+    mult: &[f32],
+    offset: &[f32],
+    grid: Grid,
+    dq_zero_point: i32,
+    dq_scale: f32,
+) {
+    let (lo, hi) = grid.bounds();
+    let shift = (grid.zero_point - dq_zero_point) as f32;
+    for (((o, &a), &m), &c) in out.iter_mut().zip(acc).zip(mult).zip(offset) {
+        let v = (a as f32 * m + c).clamp_to(lo, hi);
+        *o = (round_small(v) + shift) * dq_scale;
+    }
+}
+
+/// QuantizeLinear followed by DequantizeLinear on f32, in one pass:
+/// `out[i] = (clamp(round(x[i]·inv_scale) + zp) − dq_zero_point)·dq_scale`.
+/// `inv_scale` is the reciprocal of QuantizeLinear's scale (tract multiplies by it).
+pub fn fake_quant(
+    x: &[f32],
+    out: &mut [f32],
+    inv_scale: f32,
+    grid: Grid,
+    dq_zero_point: i32,
+    dq_scale: f32,
+) {
+    let (lo, hi) = grid.bounds();
+    let shift = (grid.zero_point - dq_zero_point) as f32;
+    for (o, &v) in out.iter_mut().zip(x) {
+        let v = (v * inv_scale).clamp_to(lo, hi);
+        *o = (round_small(v) + shift) * dq_scale;
+    }
+}
+
+/// QuantizeLinear on f32: `out[i] = clamp(round(x[i]·inv_scale) + zp)`.
+pub fn quantize<T: QuantInt>(x: &[f32], out: &mut [T], inv_scale: f32, grid: Grid) {
+    let (lo, hi) = grid.bounds();
+    let zp = grid.zero_point;
+    for (o, &v) in out.iter_mut().zip(x) {
+        let v = (v * inv_scale).clamp_to(lo, hi);
+        *o = T::from_low_byte(round_to_low_byte(v, zp));
+    }
+}
