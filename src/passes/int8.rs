@@ -708,7 +708,7 @@ fn is_pointwise(conv: &Conv) -> bool {
         && spec
             .strides
             .as_ref()
-            .map_or(true, |s| s.iter().all(|&s| s == 1))
+            .is_none_or(|s| s.iter().all(|&s| s == 1))
         && match &spec.padding {
             PaddingSpec::Valid | PaddingSpec::SameUpper | PaddingSpec::SameLower => true,
             PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, _) => {

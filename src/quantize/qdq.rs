@@ -207,7 +207,7 @@ pub fn is_residual_stream(
                 !initializers.contains(i.as_str())
                     && producers
                         .get(i.as_str())
-                        .map_or(true, |p| p.op_type != "Constant")
+                        .is_none_or(|p| p.op_type != "Constant")
             })
     })
 }
