@@ -45,12 +45,12 @@ impl MlpWeights {
         Ok(())
     }
 
-    /// Column ranges to process, one block each: about 128 KiB of hidden activations
-    /// per block (they stay in L2 between the two products), at least 64 columns (so
-    /// the matrix kernels run at speed), balanced, and a multiple of `threads` blocks
+    /// Column ranges to process, one block each: about 256 KiB of hidden activations
+    /// per block (they stay in L2 between the two products), at least 128 columns
+    /// (fewer make the matrix kernels repack the weights too often for their work), balanced, and a multiple of `threads` blocks
     /// when there are enough columns to share.
     pub fn blocks(&self, hw: usize, threads: usize) -> Vec<(usize, usize)> {
-        let target = (32_768 / self.hidden).max(64);
+        let target = (65_536 / self.hidden).max(128);
         let mut n = (hw / target).max(1);
         if threads > 1 && hw >= threads * 32 {
             n = n.div_ceil(threads) * threads;

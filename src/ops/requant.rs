@@ -305,6 +305,16 @@ impl DequantizeConst {
         broadcast(&self.zero_point, len)
     }
 
+    /// The f32 values of an i8, u8 or i32 tensor.
+    pub fn dequantize(&self, x: &Tensor) -> TractResult<Tensor> {
+        match x.datum_type() {
+            DatumType::I8 => self.eval_t::<i8>(x),
+            DatumType::U8 => self.eval_t::<u8>(x),
+            DatumType::I32 => self.eval_t::<i32>(x),
+            dt => bail!("DequantizeLinear: unsupported input type {dt:?}"),
+        }
+    }
+
     fn eval_t<T: Datum + Copy + Into<i64>>(&self, x: &Tensor) -> TractResult<Tensor> {
         let shape = x.shape();
         let per_axis = self.scale.len() > 1 || self.zero_point.len() > 1;
@@ -378,13 +388,7 @@ impl EvalOp for DequantizeConst {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
-        let out = match x.datum_type() {
-            DatumType::I8 => self.eval_t::<i8>(&x)?,
-            DatumType::U8 => self.eval_t::<u8>(&x)?,
-            DatumType::I32 => self.eval_t::<i32>(&x)?,
-            dt => bail!("DequantizeLinear: unsupported input type {dt:?}"),
-        };
-        Ok(tvec!(out.into_tvalue()))
+        Ok(tvec!(self.dequantize(&x)?.into_tvalue()))
     }
 }
 

@@ -11,6 +11,7 @@ use tract_core::ops::nn::DataFormat;
 use super::PassReport;
 use crate::kernels::im2col::ConvGeometry;
 use crate::ops::conv::PatchConv;
+use crate::ops::requant::DequantizeConst;
 
 /// Same targets as the channel MLP: the matrix product comes from the `gemm` crate.
 pub const ENABLED: bool = super::metaformer::FUSES_MLP;
@@ -38,6 +39,21 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
 fn concrete(model: &TypedModel, o: OutletId) -> Option<(DatumType, Vec<usize>)> {
     let f = model.outlet_fact(o).ok()?;
     Some((f.datum_type, f.shape.as_concrete()?.to_vec()))
+}
+
+/// A constant, or the dequantized value of a constant integer weight (the int8
+/// loader keeps those as `DequantizeConst` when they are too large for tract to fold).
+fn weights(model: &TypedModel, o: OutletId) -> TractResult<Option<Arc<Tensor>>> {
+    if let Some(k) = &model.outlet_fact(o)?.konst {
+        return Ok(Some(k.clone()));
+    }
+    let node = model.node(o.node);
+    if let (Some(dq), [input]) = (node.op_as::<DequantizeConst>(), node.inputs.as_slice()) {
+        if let Some(q) = &model.outlet_fact(*input)?.konst {
+            return Ok(Some(Arc::new(dq.dequantize(q)?)));
+        }
+    }
+    Ok(None)
 }
 
 fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
@@ -84,7 +100,7 @@ fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPat
     if dt != f32::datum_type() || odt != dt || xs.len() != 4 || xs[0] != 1 || ys.len() != 4 {
         return Ok(None);
     }
-    let Some(w) = model.outlet_fact(node.inputs[1])?.konst.clone() else {
+    let Some(w) = weights(model, node.inputs[1])? else {
         return Ok(None);
     };
     let Some(b) = model.outlet_fact(node.inputs[2])?.konst.clone() else {
