@@ -263,13 +263,13 @@ impl Graph {
         .encode_to_vec()
     }
 
-    /// Loads with this crate's loader, optimizes like the engine and runs once.
+    /// Loads with this crate's loader, optimizes like the engine (this crate's graph
+    /// passes, e.g. the per-channel QLinearConv rewrite, then tract's) and runs once.
     fn run(&self, inputs: Vec<Tensor>) -> TractResult<Tensor> {
         let bytes = self.encode();
-        let model = loader()
-            .model_for_read(&mut &bytes[..])?
-            .into_optimized()?
-            .into_runnable()?;
+        let typed = loader().model_for_read(&mut &bytes[..])?.into_typed()?;
+        let (optimized, _) = poolformer_edge::passes::optimize(typed, true)?;
+        let model = optimized.into_runnable()?;
         let outputs = model.run(inputs.into_iter().map(|t| t.into_tvalue()).collect())?;
         Ok(outputs[0].clone().into_tensor())
     }

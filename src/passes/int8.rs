@@ -262,7 +262,10 @@ pub fn rewrite_with(
     for id in model.eval_order()? {
         let found = match int_conv(model, id)? {
             Some(found) => Some(found),
-            None => int_matmul(model, id)?,
+            None => match int_matmul(model, id)? {
+                Some(found) => Some(found),
+                None => per_channel_qlinear_conv(model, id)?,
+            },
         };
         if let Some((patch, to_int)) = found {
             patch.apply(model)?;
@@ -549,6 +552,114 @@ fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatc
     )?[0];
     patch.shunt_outside(model, target, y)?;
     Ok(Some((patch, quantize.is_some())))
+}
+
+/// A QLinearConv with per-output-channel weight scales (tract's quantized `cnn::Conv`
+/// with a vector `k_scale`), whose requantization tract runs as six to nine unfused
+/// passes over the i32 accumulator: the same conv with unit scales (i32 output, the
+/// bias and zero-point corrections fused into the matrix kernel), then one
+/// [`Requant`]: `y = clamp(round((acc + bias[o])·s_x·s_w[o]/s_y) + z_y)`.
+/// Per-tensor QLinearConvs are left to tract, which fuses them whole.
+fn per_channel_qlinear_conv(
+    model: &TypedModel,
+    id: usize,
+) -> TractResult<Option<(TypedModelPatch, bool)>> {
+    let node = model.node(id);
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let Some(out_dt) = conv.q_params else {
+        return Ok(None);
+    };
+    let out = if out_dt.unquantized() == u8::datum_type() {
+        |zero_point| RequantOut::U8 { zero_point }
+    } else if out_dt.unquantized() == i8::datum_type() {
+        |zero_point| RequantOut::I8 { zero_point }
+    } else {
+        return Ok(None);
+    };
+    if conv.kernel_fmt != KernelFormat::OIHW
+        || conv.pool_spec.data_format != DataFormat::NCHW
+        || node.inputs.len() != 9
+    {
+        return Ok(None);
+    }
+    let o = conv.pool_spec.output_channels;
+    let mut consts = vec![];
+    for &i in &node.inputs[1..] {
+        let Some(c) = const_value(model, i)? else {
+            return Ok(None);
+        };
+        consts.push(c);
+    }
+    let scalar_f32 = |t: &Tensor| -> Option<f32> {
+        (t.len() == 1)
+            .then(|| t.cast_to_scalar::<f32>().ok())
+            .flatten()
+    };
+    let scalar_i32 = |t: &Tensor| -> Option<i32> {
+        (t.len() == 1)
+            .then(|| t.cast_to_scalar::<i32>().ok())
+            .flatten()
+    };
+    let [w, bias, x0, x_scale, k0, k_scale, y0, y_scale] = &consts[..] else {
+        return Ok(None);
+    };
+    let (Some(sx), Some(sy), Some(zy)) = (scalar_f32(x_scale), scalar_f32(y_scale), scalar_i32(y0))
+    else {
+        return Ok(None);
+    };
+    if x0.len() != 1 || k_scale.len() != o || o < 2 || !(sx > 0.0 && sy > 0.0) {
+        return Ok(None);
+    }
+    let k0s = k0.cast_to::<i32>()?;
+    let k0s = k0s.try_as_plain_ram()?.as_slice::<i32>()?.to_vec();
+    if k0s.iter().any(|&z| z != k0s[0]) {
+        return Ok(None);
+    }
+    let sw = k_scale.cast_to::<f32>()?;
+    let sw = sw.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let b = bias.cast_to::<i32>()?;
+    let Some(b) = broadcast_f32(
+        &b.try_as_plain_ram()?
+            .as_slice::<i32>()?
+            .iter()
+            .map(|&v| v as f32)
+            .collect::<Vec<_>>(),
+        o,
+    ) else {
+        return Ok(None);
+    };
+    let name = &node.name;
+    let mut patch = TypedModelPatch::new(format!("per-channel QLinearConv {name}"));
+    let x = patch.tap_model(model, node.inputs[0])?;
+    let wq = patch.add_const(format!("{name}.w_q"), w.clone())?;
+    let zero_i32 = patch.add_const(format!("{name}.zero_i32"), tensor0(0i32))?;
+    let one = patch.add_const(format!("{name}.one"), tensor0(1f32))?;
+    let x0 = patch.add_const(format!("{name}.x0"), x0.clone())?;
+    let k0 = patch.add_const(format!("{name}.k0"), tensor0(k0s[0]))?;
+    let acc = patch.wire_node(
+        format!("{name}.i32"),
+        Conv {
+            q_params: Some(i32::datum_type()),
+            ..conv.clone()
+        },
+        &[x, wq, zero_i32, x0, one, k0, one, zero_i32, one],
+    )?[0];
+    let mult: Vec<f32> = sw.iter().map(|&w| sx * w / sy).collect();
+    let offset: Vec<f32> = b.iter().zip(&mult).map(|(&b, &m)| b * m).collect();
+    let y = patch.wire_node(
+        format!("{name}.requant"),
+        Requant {
+            axis: 1,
+            mult: Arc::new(mult),
+            offset: Arc::new(offset),
+            out: out(zy),
+        },
+        &[acc],
+    )?[0];
+    patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+    Ok(Some((patch, true)))
 }
 
 /// The matmul counterpart of [`int_conv`]: `DequantizeLinearF32(x_q)` times
