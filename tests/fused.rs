@@ -327,3 +327,23 @@ fn patch_conv_matches_reference_conv() {
         }
     }
 }
+
+#[test]
+fn erf_approximation_is_within_its_bound() {
+    // Abramowitz & Stegun 7.1.28: |error| ≤ 3e-7 in exact arithmetic. In f32 the
+    // rounding of p (2⁻²⁴ relative) is raised to the 16th power, so 1/p¹⁶ ≤ 1 carries
+    // up to ~16·2⁻²⁴ ≈ 1e-6 more; 2e-6 bounds both (tract's own erf is the same formula).
+    for i in -4000..=4000 {
+        let x = i as f32 / 1000.0;
+        let z = x as f64;
+        // Maclaurin series; at |x| ≤ 4 its largest term is ~1e7, so f64 keeps ~1e-9.
+        let (mut term, mut sum) = (z, z);
+        for k in 1..200 {
+            term *= -z * z / k as f64;
+            sum += term / (2 * k + 1) as f64;
+        }
+        let want = 2.0 / std::f64::consts::PI.sqrt() * sum;
+        let got = poolformer_edge::kernels::mlp::erf(x) as f64;
+        assert!((got - want).abs() <= 2e-6, "erf({x}) = {got}, want {want}");
+    }
+}

@@ -11,10 +11,10 @@
 //! The tokens (columns of the `C×HW` activation) are processed in blocks, so the
 //! hidden activations of a block (`4C × cols`) stay in cache between the two
 //! products. Matrix products come from the `gemm` crate (AVX2/AVX-512/NEON kernels
-//! chosen at run time); the element-wise parts are multiversioned here.
+//! chosen at run time); the element-wise parts, GELU included, are multiversioned
+//! here.
 
 use anyhow::{ensure, Result};
-use tract_linalg::routines::Func;
 
 use super::{multiversion, Isa};
 
@@ -68,7 +68,6 @@ impl MlpWeights {
 pub struct Scratch {
     centered: Vec<f32>,
     hidden: Vec<f32>,
-    scaled: Vec<f32>,
 }
 
 multiversion! {
@@ -84,24 +83,36 @@ multiversion! {
     }
 }
 
-multiversion! {
-    /// `h = r·h + c[row]`, and `scaled = h/√2` for the erf that follows.
-    pub fn affine_rows(h: &mut [f32], scaled: &mut [f32], cols: usize, r: f32, c: &[f32]) {
-        let inv_sqrt2 = std::f32::consts::FRAC_1_SQRT_2;
-        for ((row, srow), &c) in h.chunks_exact_mut(cols).zip(scaled.chunks_exact_mut(cols)).zip(c) {
-            for (v, s) in row.iter_mut().zip(srow.iter_mut()) {
-                *v = *v * r + c;
-                *s = *v * inv_sqrt2;
-            }
-        }
-    }
+/// erf(x) by Abramowitz & Stegun 7.1.28 (absolute error ≤ 3e-7), branch-free so that
+/// it vectorizes: `1 − 1/(1 + a₁|x| + … + a₆|x|⁶)¹⁶` with the sign of `x`.
+#[inline(always)]
+#[allow(clippy::excessive_precision)]
+pub fn erf(x: f32) -> f32 {
+    const A: [f32; 6] = [
+        0.070_523_078_4,
+        0.042_282_012_3,
+        0.009_270_527_2,
+        0.000_152_014_3,
+        0.000_276_567_2,
+        0.000_043_063_8,
+    ];
+    let t = x.abs();
+    let p = 1.0 + t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * (A[4] + t * A[5])))));
+    let p2 = p * p;
+    let p4 = p2 * p2;
+    let p8 = p4 * p4;
+    (1.0 - 1.0 / (p8 * p8)).copysign(x)
 }
 
 multiversion! {
-    /// `h = h/2·(1 + erf)`: GELU once `erf` holds erf(h/√2).
-    pub fn gelu_finish(h: &mut [f32], erf: &[f32]) {
-        for (v, &e) in h.iter_mut().zip(erf) {
-            *v = 0.5 * *v * (1.0 + e);
+    /// `h = gelu(r·h + c[row])` with the exact (erf) GELU, rows of `cols`.
+    pub fn bias_gelu_rows(h: &mut [f32], cols: usize, r: f32, c: &[f32]) {
+        let inv_sqrt2 = std::f32::consts::FRAC_1_SQRT_2;
+        for (row, &c) in h.chunks_exact_mut(cols).zip(c) {
+            for v in row.iter_mut() {
+                let a = *v * r + c;
+                *v = 0.5 * a * (1.0 + erf(a * inv_sqrt2));
+            }
         }
     }
 }
@@ -141,7 +152,6 @@ pub unsafe fn run_block(
     debug_assert!(j0 < j1 && j1 <= hw);
     scratch.centered.resize(c * cols, 0.0);
     scratch.hidden.resize(h * cols, 0.0);
-    scratch.scaled.resize(h * cols, 0.0);
     // The columns of x this block reads, as one slice from (0, j0) to (c−1, j1).
     let span = (c - 1) * hw + cols;
     let xs = std::slice::from_raw_parts(x.add(j0), span);
@@ -168,16 +178,7 @@ pub unsafe fn run_block(
         false,
         parallelism,
     );
-    affine_rows(
-        isa,
-        &mut scratch.hidden,
-        &mut scratch.scaled,
-        cols,
-        rstd,
-        &w.c1,
-    );
-    Func::Erf.ew_f32()?.run(&mut scratch.scaled)?;
-    gelu_finish(isa, &mut scratch.hidden, &scratch.scaled);
+    bias_gelu_rows(isa, &mut scratch.hidden, cols, rstd, &w.c1);
     // out = x + b2'; out += W2' · hidden   ([c, h] · [h, cols])
     for (r, &b) in w.b2.iter().enumerate() {
         // Only this block's columns of row r: other threads may own the rest.
