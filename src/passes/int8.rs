@@ -406,6 +406,43 @@ fn const_value_depth(
     Ok(out.into_iter().next().map(|t| t.into_arc_tensor()))
 }
 
+/// A dequantized activation and weight: (activation dequantizer, `x_q`, weight
+/// dequantizer, `W_q`).
+type DequantizedOperands<'m> = (
+    &'m DequantizeLinearF32,
+    OutletId,
+    &'m DequantizeConst,
+    Arc<Tensor>,
+);
+
+/// The operands of a conv or matmul node whose inputs 0 and 1 are a per-tensor
+/// DequantizeLinear of u8/i8 activations and a [`DequantizeConst`] of integer weights.
+fn dequantized_operands<'m>(
+    model: &'m TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<DequantizedOperands<'m>>> {
+    let dq = model.node(node.inputs[0].node);
+    let Some(dqx) = dq.op_as::<DequantizeLinearF32>() else {
+        return Ok(None);
+    };
+    let x_q = dq.inputs[0];
+    let x_dt = model.outlet_fact(x_q)?.datum_type;
+    if x_dt != u8::datum_type() && x_dt != i8::datum_type() {
+        return Ok(None);
+    }
+    let wnode = model.node(node.inputs[1].node);
+    let Some(wdq) = wnode.op_as::<DequantizeConst>() else {
+        return Ok(None);
+    };
+    let Some(w_q) = model.outlet_fact(wnode.inputs[0])?.konst.clone() else {
+        return Ok(None);
+    };
+    if w_q.datum_type() != i8::datum_type() && w_q.datum_type() != u8::datum_type() {
+        return Ok(None);
+    }
+    Ok(Some((dqx, x_q, wdq, w_q)))
+}
+
 /// Builds the integer conv patch for node `id` if it matches; the flag says whether
 /// the result is quantized (true) or f32.
 fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatch, bool)>> {
@@ -420,27 +457,10 @@ fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatc
     {
         return Ok(None);
     }
-    // Activation: per-tensor DequantizeLinear of u8 / i8.
-    let dq = model.node(node.inputs[0].node);
-    let Some(dqx) = dq.op_as::<DequantizeLinearF32>() else {
+    let Some((dqx, x_q, wdq, w_q)) = dequantized_operands(model, node)? else {
         return Ok(None);
     };
-    let x_q = dq.inputs[0];
-    let x_dt = model.outlet_fact(x_q)?.datum_type;
-    if x_dt != u8::datum_type() && x_dt != i8::datum_type() {
-        return Ok(None);
-    }
-    // Weights: DequantizeConst of an integer constant, one zero point.
-    let wnode = model.node(node.inputs[1].node);
-    let Some(wdq) = wnode.op_as::<DequantizeConst>() else {
-        return Ok(None);
-    };
-    let Some(w_q) = model.outlet_fact(wnode.inputs[0])?.konst.clone() else {
-        return Ok(None);
-    };
-    if (w_q.datum_type() != i8::datum_type() && w_q.datum_type() != u8::datum_type())
-        || w_q.rank() < 3
-    {
+    if w_q.rank() < 3 {
         return Ok(None);
     }
     let out_channels = w_q.shape()[0];
@@ -679,25 +699,10 @@ fn int_matmul(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPa
     {
         return Ok(None);
     }
-    let dq = model.node(node.inputs[0].node);
-    let Some(dqx) = dq.op_as::<DequantizeLinearF32>() else {
+    let Some((dqx, x_q, wdq, w_q)) = dequantized_operands(model, node)? else {
         return Ok(None);
     };
-    let x_q = dq.inputs[0];
-    let x_dt = model.outlet_fact(x_q)?.datum_type;
-    if x_dt != u8::datum_type() && x_dt != i8::datum_type() {
-        return Ok(None);
-    }
-    let wnode = model.node(node.inputs[1].node);
-    let Some(wdq) = wnode.op_as::<DequantizeConst>() else {
-        return Ok(None);
-    };
-    let Some(w_q) = model.outlet_fact(wnode.inputs[0])?.konst.clone() else {
-        return Ok(None);
-    };
-    if (w_q.datum_type() != i8::datum_type() && w_q.datum_type() != u8::datum_type())
-        || w_q.rank() != 2
-    {
+    if w_q.rank() != 2 {
         return Ok(None);
     }
     // The weights' output axis: the one of B that reaches the output and not A.
