@@ -347,3 +347,22 @@ fn erf_approximation_is_within_its_bound() {
         assert!((got - want).abs() <= 2e-6, "erf({x}) = {got}, want {want}");
     }
 }
+
+#[test]
+fn norm_statistics_in_parts_match_one_pass() {
+    let x: Vec<f32> = noise(100_003, 9).iter().map(|v| v * 2.0 + 5.0).collect();
+    for isa in Isa::available() {
+        let (m, r) = norm::mean_rstd(isa, &x, 1e-5);
+        for parts in [1, 2, 3, 7, 16] {
+            let (mp, rp) = norm::mean_rstd_in_parts(isa, &x, 1e-5, parts, |slices, f| {
+                assert_eq!(slices.iter().map(|s| s.len()).sum::<usize>(), x.len());
+                slices.iter().map(|s| f(s)).collect()
+            });
+            // Same shift, same f32 blocks except at the cuts: agreement to f64 summation order.
+            assert!(
+                (mp - m).abs() <= 1e-5 * m.abs() && (rp - r).abs() <= 1e-5 * r,
+                "{isa:?} {parts}: {mp} {rp} vs {m} {r}"
+            );
+        }
+    }
+}

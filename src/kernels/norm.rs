@@ -41,12 +41,30 @@ multiversion! {
 /// of `x`, in one pass. The sums are taken around the mean of a leading sample, so
 /// a large common offset does not cancel catastrophically.
 pub fn mean_rstd(isa: Isa, x: &[f32], eps: f32) -> (f32, f32) {
+    mean_rstd_in_parts(isa, x, eps, 1, |parts, f| {
+        parts.iter().map(|p| f(p)).collect()
+    })
+}
+
+/// [`mean_rstd`] with `x` cut into `parts` slices whose sums `map` computes (in
+/// parallel, for instance) by calling the given function on each.
+pub fn mean_rstd_in_parts(
+    isa: Isa,
+    x: &[f32],
+    eps: f32,
+    parts: usize,
+    map: impl FnOnce(&[&[f32]], &(dyn Fn(&[f32]) -> (f64, f64) + Sync)) -> Vec<(f64, f64)>,
+) -> (f32, f32) {
     if x.is_empty() {
         return (0.0, 1.0 / eps.sqrt());
     }
     let head = &x[..x.len().min(256)];
     let shift = (head.iter().map(|&v| v as f64).sum::<f64>() / head.len() as f64) as f32;
-    let (s1, s2) = shifted_sums(isa, x, shift);
+    let slices: Vec<&[f32]> = x.chunks(x.len().div_ceil(parts.max(1))).collect();
+    let sums = map(&slices, &|part| shifted_sums(isa, part, shift));
+    let (s1, s2) = sums
+        .iter()
+        .fold((0.0, 0.0), |(a, b), &(c, d)| (a + c, b + d));
     let n = x.len() as f64;
     let m = s1 / n;
     let var = (s2 / n - m * m).max(0.0);

@@ -10,6 +10,8 @@ use tract_core::internal::*;
 use crate::kernels::mlp::{run_block, MlpWeights, Scratch};
 use crate::kernels::{mixer, norm, Isa};
 
+use tract_linalg::multithread::Executor;
+
 use super::{executor_threads, in_pool};
 
 /// `x + k·(avgpool3x3(x) − x)` with `k = ls·γ·r` per channel, `r` the one-group
@@ -32,6 +34,16 @@ pub struct ChannelMlp {
 // Weights compare exactly; NaN weights never come out of the pass.
 impl Eq for TokenMixer {}
 impl Eq for ChannelMlp {}
+
+/// [`norm::mean_rstd`], split over the executor's threads for large tensors.
+fn stats(isa: Isa, xs: &[f32], eps: f32, executor: &Executor, threads: usize) -> (f32, f32) {
+    if threads < 2 || xs.len() < 65_536 {
+        return norm::mean_rstd(isa, xs, eps);
+    }
+    norm::mean_rstd_in_parts(isa, xs, eps, threads, |parts, f| {
+        in_pool(executor, || parts.par_iter().map(|p| f(p)).collect())
+    })
+}
 
 fn plane_dims(shape: &[usize]) -> TractResult<(usize, usize, usize)> {
     ensure!(
@@ -85,10 +97,10 @@ impl EvalOp for TokenMixer {
         );
         let isa = Isa::best();
         let xs: &[f32] = x.try_as_plain_ram()?.as_slice::<f32>()?;
-        let (_, rstd) = norm::mean_rstd(isa, xs, self.eps);
+        let (executor, threads) = executor_threads();
+        let (_, rstd) = stats(isa, xs, self.eps, &executor, threads);
         let mut out = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
         let plane = h * w;
-        let (executor, threads) = executor_threads();
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let os = view.as_slice_mut::<f32>()?;
@@ -158,9 +170,9 @@ impl EvalOp for ChannelMlp {
         let hw = h * w;
         let isa = Isa::best();
         let xs: &[f32] = x.try_as_plain_ram()?.as_slice::<f32>()?;
-        let stats = norm::mean_rstd(isa, xs, self.eps);
-        let mut out = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
         let (executor, threads) = executor_threads();
+        let stats = stats(isa, xs, self.eps, &executor, threads);
+        let mut out = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
         let blocks = wts.blocks(hw, threads);
         let xp = xs.as_ptr();
         let mut view = out.try_as_plain_ram_mut()?;
