@@ -443,6 +443,40 @@ fn dequantized_operands<'m>(
     Ok(Some((dqx, x_q, wdq, w_q)))
 }
 
+/// Where and how the i32 accumulator of an integer conv or matmul is mapped, per
+/// output channel `o`: into the trailing QuantizeLinear's grid when there is one
+/// (`acc·s_x·s_w[o]/s_y + B[o]/s_y`), otherwise to f32 (`acc·s_x·s_w[o] + B[o]`) in
+/// place of `float_out`. Returns (replaced outlet, output kind, multipliers, offsets).
+fn requant_plan(
+    quantize: Option<(usize, (f32, Grid, DatumType))>,
+    w_scale: &[f32],
+    sx: f32,
+    bias: Vec<f32>,
+    float_out: OutletId,
+) -> (OutletId, RequantOut, Vec<f32>, Vec<f32>) {
+    match quantize {
+        Some((qid, (inv_sy, grid, dt))) => {
+            let out = requant_out(dt, grid.zero_point);
+            let mult = w_scale.iter().map(|&sw| sx * sw * inv_sy).collect();
+            let offset = bias.iter().map(|&b| b * inv_sy).collect();
+            (OutletId::new(qid, 0), out, mult, offset)
+        }
+        None => {
+            let mult = w_scale.iter().map(|&sw| sx * sw).collect();
+            (float_out, RequantOut::F32, mult, bias)
+        }
+    }
+}
+
+/// A u8 output for `u8`, an i8 one otherwise.
+fn requant_out(dt: DatumType, zero_point: i32) -> RequantOut {
+    if dt == u8::datum_type() {
+        RequantOut::U8 { zero_point }
+    } else {
+        RequantOut::I8 { zero_point }
+    }
+}
+
 /// Builds the integer conv patch for node `id` if it matches; the flag says whether
 /// the result is quantized (true) or f32.
 fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatch, bool)>> {
@@ -532,23 +566,7 @@ fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatc
     )?[0];
     // NCHW: channels are axis 1.
     let c_axis = 1;
-    let (target, out, mult, offset) = if let Some((qid, (inv_sy, grid, dt))) = quantize {
-        let out = if dt == u8::datum_type() {
-            RequantOut::U8 {
-                zero_point: grid.zero_point,
-            }
-        } else {
-            RequantOut::I8 {
-                zero_point: grid.zero_point,
-            }
-        };
-        let mult = w_scale.iter().map(|&sw| sx * sw * inv_sy).collect();
-        let offset = bias.iter().map(|&b| b * inv_sy).collect();
-        (OutletId::new(qid, 0), out, mult, offset)
-    } else {
-        let mult = w_scale.iter().map(|&sw| sx * sw).collect();
-        (conv_out, RequantOut::F32, mult, bias)
-    };
+    let (target, out, mult, offset) = requant_plan(quantize, &w_scale, sx, bias, conv_out);
     let acc = if flatten_hw {
         let out_shape = model.outlet_fact(conv_out)?.shape.to_tvec();
         let hw = out_shape[2].clone() * out_shape[3].clone();
@@ -591,13 +609,10 @@ fn per_channel_qlinear_conv(
     let Some(out_dt) = conv.q_params else {
         return Ok(None);
     };
-    let out = if out_dt.unquantized() == u8::datum_type() {
-        |zero_point| RequantOut::U8 { zero_point }
-    } else if out_dt.unquantized() == i8::datum_type() {
-        |zero_point| RequantOut::I8 { zero_point }
-    } else {
+    let out_dt = out_dt.unquantized();
+    if out_dt != u8::datum_type() && out_dt != i8::datum_type() {
         return Ok(None);
-    };
+    }
     if conv.kernel_fmt != KernelFormat::OIHW
         || conv.pool_spec.data_format != DataFormat::NCHW
         || node.inputs.len() != 9
@@ -674,7 +689,7 @@ fn per_channel_qlinear_conv(
             axis: 1,
             mult: Arc::new(mult),
             offset: Arc::new(offset),
-            out: out(zy),
+            out: requant_out(out_dt, zy),
         },
         &[acc],
     )?[0];
@@ -785,23 +800,7 @@ fn int_matmul(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPa
         EinSum::newq(q_axes, i32::datum_type(), i32::datum_type()),
         &[x, w, zero_i32, x0, one, k0, one, zero_i32, one],
     )?[0];
-    let (target, out, mult, offset) = if let Some((qid, (inv_sy, grid, dt))) = quantize {
-        let out = if dt == u8::datum_type() {
-            RequantOut::U8 {
-                zero_point: grid.zero_point,
-            }
-        } else {
-            RequantOut::I8 {
-                zero_point: grid.zero_point,
-            }
-        };
-        let mult = w_scale.iter().map(|&sw| sx * sw * inv_sy).collect();
-        let offset = bias.iter().map(|&b| b * inv_sy).collect();
-        (OutletId::new(qid, 0), out, mult, offset)
-    } else {
-        let mult = w_scale.iter().map(|&sw| sx * sw).collect();
-        (last, RequantOut::F32, mult, bias)
-    };
+    let (target, out, mult, offset) = requant_plan(quantize, &w_scale, sx, bias, last);
     let y = patch.wire_node(
         format!("{name}.requant"),
         Requant {
