@@ -18,7 +18,7 @@ use tract_onnx::tract_core::ops::einsum::EinSum;
 use tract_onnx::tract_core::ops::math;
 use tract_onnx::tract_hir::internal::*;
 
-use super::qlinear::{quantized_type_rule, InputSlots, QParams};
+use super::qlinear::{quantized_type_rule, InputSlots};
 
 const A: usize = 0;
 const A_SCALE: usize = 1;
@@ -114,26 +114,8 @@ impl Expansion for QGemm {
     ) -> TractResult<TVec<OutletId>> {
         let node = &self.slots.node;
         let slots = &self.slots;
-        let a = slots.required(inputs, A)?;
-        let b = slots.required(inputs, B)?;
-        let a_dt = model.outlet_fact(a)?.datum_type;
-        let b_dt = model.outlet_fact(b)?.datum_type;
-        let qa = QParams::read(
-            model,
-            node,
-            "A",
-            slots.required(inputs, A_SCALE)?,
-            slots.outlet(inputs, A_ZP),
-            Some(a_dt),
-        )?;
-        let qb = QParams::read(
-            model,
-            node,
-            "B",
-            slots.required(inputs, B_SCALE)?,
-            slots.outlet(inputs, B_ZP),
-            Some(b_dt),
-        )?;
+        let (a, a_dt, qa) = slots.quantized_input(model, inputs, "A", [A, A_SCALE, A_ZP])?;
+        let (b, _, qb) = slots.quantized_input(model, inputs, "B", [B, B_SCALE, B_ZP])?;
         ensure!(qa.is_per_tensor(), "{node}: A must be quantized per tensor");
         // B's output-column axis: N is axis 0 of a transposed [N, K] B.
         let n_axis = if self.trans_b { 0 } else { 1 };
@@ -193,19 +175,8 @@ impl Expansion for QGemm {
         }
         match slots.outlet(inputs, Y_SCALE) {
             None => Ok(tvec!(y)),
-            Some(y_scale) => {
-                let qy = QParams::read(
-                    model,
-                    node,
-                    "y",
-                    y_scale,
-                    slots.outlet(inputs, Y_ZP),
-                    if slots.get(Y_ZP).is_some() {
-                        None
-                    } else {
-                        Some(a_dt)
-                    },
-                )?;
+            Some(_) => {
+                let qy = slots.output_qparams(model, inputs, "y", [Y_SCALE, Y_ZP], a_dt)?;
                 Ok(tvec!(qy.wire_quantize(model, node, prefix, y)?))
             }
         }

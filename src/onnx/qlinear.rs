@@ -81,6 +81,48 @@ impl InputSlots {
         self.outlet(inputs, ix)
             .with_context(|| format!("{}: input #{ix} is missing", self.node))
     }
+
+    /// A quantized input (logical slots `value`, `scale`, `zero_point`): its outlet,
+    /// its integer type and its quantization. `what` names it in errors ("A", "x").
+    pub fn quantized_input(
+        &self,
+        model: &TypedModel,
+        inputs: &[OutletId],
+        what: &str,
+        [value, scale, zero_point]: [usize; 3],
+    ) -> TractResult<(OutletId, DatumType, QParams)> {
+        let outlet = self.required(inputs, value)?;
+        let dt = model.outlet_fact(outlet)?.datum_type;
+        let q = QParams::read(
+            model,
+            &self.node,
+            what,
+            self.required(inputs, scale)?,
+            self.outlet(inputs, zero_point),
+            Some(dt),
+        )?;
+        Ok((outlet, dt, q))
+    }
+
+    /// The quantization of an output (logical slots `scale`, `zero_point`): its type
+    /// is the zero point's, or `default_dt` without one.
+    pub fn output_qparams(
+        &self,
+        model: &TypedModel,
+        inputs: &[OutletId],
+        what: &str,
+        [scale, zero_point]: [usize; 2],
+        default_dt: DatumType,
+    ) -> TractResult<QParams> {
+        QParams::read(
+            model,
+            &self.node,
+            what,
+            self.required(inputs, scale)?,
+            self.outlet(inputs, zero_point),
+            self.get(zero_point).is_none().then_some(default_dt),
+        )
+    }
 }
 
 /// The constant value behind `outlet`, or an error naming `what`.
@@ -393,38 +435,9 @@ impl Expansion for QLinearBinary {
     ) -> TractResult<TVec<OutletId>> {
         let node = &self.slots.node;
         let slots = &self.slots;
-        let a = slots.required(inputs, A)?;
-        let b = slots.required(inputs, B)?;
-        let a_dt = model.outlet_fact(a)?.datum_type;
-        let b_dt = model.outlet_fact(b)?.datum_type;
-        let qa = QParams::read(
-            model,
-            node,
-            "A",
-            slots.required(inputs, A_SCALE)?,
-            slots.outlet(inputs, A_ZP),
-            Some(a_dt),
-        )?;
-        let qb = QParams::read(
-            model,
-            node,
-            "B",
-            slots.required(inputs, B_SCALE)?,
-            slots.outlet(inputs, B_ZP),
-            Some(b_dt),
-        )?;
-        let qc = QParams::read(
-            model,
-            node,
-            "C",
-            slots.required(inputs, C_SCALE)?,
-            slots.outlet(inputs, C_ZP),
-            if slots.get(C_ZP).is_some() {
-                None
-            } else {
-                Some(a_dt)
-            },
-        )?;
+        let (a, a_dt, qa) = slots.quantized_input(model, inputs, "A", [A, A_SCALE, A_ZP])?;
+        let (b, _, qb) = slots.quantized_input(model, inputs, "B", [B, B_SCALE, B_ZP])?;
+        let qc = slots.output_qparams(model, inputs, "C", [C_SCALE, C_ZP], a_dt)?;
         ensure!(
             qa.is_per_tensor() && qb.is_per_tensor(),
             "{node}: per-channel scales or zero points are not supported on A or B"

@@ -124,28 +124,8 @@ fn pool_qparams(
     inputs: &[OutletId],
 ) -> TractResult<(QParams, QParams)> {
     let node = &slots.node;
-    let x = slots.required(inputs, X)?;
-    let x_dt = model.outlet_fact(x)?.datum_type;
-    let qx = QParams::read(
-        model,
-        node,
-        "x",
-        slots.required(inputs, X_SCALE)?,
-        slots.outlet(inputs, X_ZP),
-        Some(x_dt),
-    )?;
-    let qy = QParams::read(
-        model,
-        node,
-        "y",
-        slots.required(inputs, Y_SCALE)?,
-        slots.outlet(inputs, Y_ZP),
-        if slots.get(Y_ZP).is_some() {
-            None
-        } else {
-            Some(x_dt)
-        },
-    )?;
+    let (_, x_dt, qx) = slots.quantized_input(model, inputs, "x", [X, X_SCALE, X_ZP])?;
+    let qy = slots.output_qparams(model, inputs, "y", [Y_SCALE, Y_ZP], x_dt)?;
     ensure!(qx.is_per_tensor(), "{node}: x must be quantized per tensor");
     Ok((qx, qy))
 }
