@@ -12,6 +12,7 @@ pub mod im2col;
 pub mod mixer;
 pub mod mlp;
 pub mod norm;
+pub mod qgemm;
 pub mod quant;
 
 /// An instruction-set level a kernel can be compiled for.
