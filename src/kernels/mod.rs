@@ -13,6 +13,7 @@ pub mod mixer;
 pub mod mlp;
 pub mod norm;
 pub mod qgemm;
+pub mod qmlp;
 pub mod quant;
 
 /// An instruction-set level a kernel can be compiled for.

@@ -100,14 +100,20 @@ pub fn gemm_u8i8(
     acc: &mut [i32],
     ldc: usize,
 ) {
-    assert!(rows.start <= rows.end && rows.end <= w.m, "rows out of range");
+    assert!(
+        rows.start <= rows.end && rows.end <= w.m,
+        "rows out of range"
+    );
     assert!(b.len() >= w.kp * cols, "k4 buffer too short");
     assert!(ldc >= cols, "ldc < cols");
     let nrows = rows.len();
     if nrows == 0 || cols == 0 {
         return;
     }
-    assert!(acc.len() >= (nrows - 1) * ldc + cols, "accumulator too short");
+    assert!(
+        acc.len() >= (nrows - 1) * ldc + cols,
+        "accumulator too short"
+    );
     let _ = isa;
     portable(w, rows, b, cols, acc, ldc);
 }

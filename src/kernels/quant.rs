@@ -10,7 +10,7 @@
 /// Rounds to the nearest integer, ties to even, for |v| < 2²²; `v` must already be
 /// clamped to such a range.
 #[inline(always)]
-fn round_small(v: f32) -> f32 {
+pub(crate) fn round_small(v: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
     (v + MAGIC) - MAGIC
 }
@@ -20,14 +20,14 @@ fn round_small(v: f32) -> f32 {
 /// in its mantissa, and 2²² is a multiple of 2⁸. Integer-only, so it vectorizes
 /// where a saturating float → int conversion would not.
 #[inline(always)]
-fn round_to_low_byte(v: f32, zp: i32) -> u8 {
+pub(crate) fn round_to_low_byte(v: f32, zp: i32) -> u8 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
     ((v + MAGIC).to_bits() as i32).wrapping_add(zp) as u8
 }
 
 /// `v` clamped to `lo..=hi` with plain comparisons (they map to single SIMD
 /// min / max instructions; a NaN becomes `lo`).
-trait ClampTo {
+pub(crate) trait ClampTo {
     fn clamp_to(self, lo: f32, hi: f32) -> f32;
 }
 

@@ -36,7 +36,13 @@ impl Eq for TokenMixer {}
 impl Eq for ChannelMlp {}
 
 /// [`norm::mean_rstd`], split over the executor's threads for large tensors.
-fn stats(isa: Isa, xs: &[f32], eps: f32, executor: &Executor, threads: usize) -> (f32, f32) {
+pub(super) fn stats(
+    isa: Isa,
+    xs: &[f32],
+    eps: f32,
+    executor: &Executor,
+    threads: usize,
+) -> (f32, f32) {
     if threads < 2 || xs.len() < 65_536 {
         return norm::mean_rstd(isa, xs, eps);
     }
@@ -45,7 +51,7 @@ fn stats(isa: Isa, xs: &[f32], eps: f32, executor: &Executor, threads: usize) ->
     })
 }
 
-fn plane_dims(shape: &[usize]) -> TractResult<(usize, usize, usize)> {
+pub(super) fn plane_dims(shape: &[usize]) -> TractResult<(usize, usize, usize)> {
     ensure!(
         shape.len() == 4 && shape[0] == 1,
         "fused PoolFormer ops take [1, C, H, W], got {shape:?}"
@@ -53,19 +59,19 @@ fn plane_dims(shape: &[usize]) -> TractResult<(usize, usize, usize)> {
     Ok((shape[1], shape[2], shape[3]))
 }
 
-fn same_fact(inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+pub(super) fn same_fact(inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
     ensure!(inputs.len() == 1 && inputs[0].datum_type == f32::datum_type());
     Ok(tvec!(f32::fact(inputs[0].shape.clone())))
 }
 
 /// Raw pointer that may cross to worker threads; users keep their accesses disjoint.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
+pub(super) struct SendPtr(pub(super) *mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
 impl SendPtr {
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }

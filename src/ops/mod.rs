@@ -4,6 +4,7 @@
 
 pub mod conv;
 pub mod metaformer;
+pub mod qmlp;
 pub mod requant;
 
 use tract_linalg::multithread::{current_tract_executor, Executor};

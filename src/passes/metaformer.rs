@@ -29,7 +29,11 @@ use tract_core::ops::nn::{DataFormat, RmsNorm};
 
 use super::PassReport;
 use crate::kernels::mlp::MlpWeights;
+use crate::kernels::qmlp::{Dequant, QLayer, QuantMlp};
+use crate::kernels::quant::Grid;
 use crate::ops::metaformer::{ChannelMlp, TokenMixer};
+use crate::ops::qmlp::QuantChannelMlp;
+use crate::ops::requant::{Quantize, Requant, RequantOut};
 
 /// Whether the channel-MLP fusion runs on this target: its matrix products come from
 /// the `gemm` crate, which has SIMD kernels for x86-64 and aarch64 only (elsewhere
@@ -40,6 +44,7 @@ pub const FUSES_MLP: bool = cfg!(any(target_arch = "x86_64", target_arch = "aarc
 pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
     let mut mixers = 0;
     let mut mlps = 0;
+    let mut quant_mlps = 0;
     let ids: Vec<usize> = model.eval_order()?;
     for id in ids {
         let name = model.node(id).op().name();
@@ -47,6 +52,8 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
             match_mixer(model, id)?
         } else if FUSES_MLP && name == "EinSum" {
             match_mlp(model, id)?
+        } else if FUSES_MLP && model.node(id).op_as::<Quantize>().is_some() {
+            match_quant_mlp(model, id)?
         } else {
             None
         };
@@ -55,10 +62,11 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
             match what {
                 Fused::Mixer => mixers += 1,
                 Fused::Mlp => mlps += 1,
+                Fused::QuantMlp => quant_mlps += 1,
             }
         }
     }
-    if mixers + mlps > 0 {
+    if mixers + mlps + quant_mlps > 0 {
         model.compact()?;
     }
     if mixers > 0 {
@@ -71,12 +79,18 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
             "channel MLP (norm + fc1 + GELU + fc2 + scale + residual) ×{mlps}"
         ));
     }
+    if quant_mlps > 0 {
+        report.rewrites.push(format!(
+            "int8 channel MLP (norm + quantize + int8 fc1 + GELU + quantize + int8 fc2 + scale + residual) ×{quant_mlps}"
+        ));
+    }
     Ok(())
 }
 
 enum Fused {
     Mixer,
     Mlp,
+    QuantMlp,
 }
 
 macro_rules! want {
@@ -547,4 +561,227 @@ fn match_mlp(model: &TypedModel, e2: usize) -> TractResult<Option<(TypedModelPat
     let y = patch.wire_node(name, op, &[tx])?[0];
     patch.shunt_outside(model, OutletId::new(add3, 0), y)?;
     Ok(Some((patch, Fused::Mlp)))
+}
+
+/// An integer 1×1 convolution as the int8 pass builds it and tract declutters it: an
+/// EinSum with i32 output of the u8/i8 activation `input` and constant i8 `[O, I]`
+/// weights, contracted over I (axis 1 of an NCHW activation), unit scales, zero
+/// weight and output zero points.
+struct IntPointwise {
+    rows: usize,
+    depth: usize,
+    weights: Vec<i8>,
+    /// Accumulator bias, per output row.
+    bias: Vec<i32>,
+    /// Activation zero point.
+    a0: i32,
+}
+
+fn scalar_is(model: &TypedModel, o: OutletId, value: f64) -> bool {
+    konst(model, o)
+        .filter(|k| k.len() == 1)
+        .and_then(|k| k.cast_to_scalar::<f64>().ok())
+        .is_some_and(|v| v == value)
+}
+
+fn int_pointwise(model: &TypedModel, id: usize, input: OutletId) -> Option<IntPointwise> {
+    let node = model.node(id);
+    let op = node.op_as::<EinSum>()?;
+    if op.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 || node.inputs[0] != input {
+        return None;
+    }
+    let formula = op.axes.to_string();
+    let formula = formula.split_whitespace().next()?;
+    let (ins, out) = formula.split_once("->")?;
+    let (a, b) = ins
+        .split(',')
+        .collect::<Vec<_>>()
+        .get(..2)
+        .map(|v| (v[0], v[1]))?;
+    let ok = a.len() == 4
+        && a.chars().nth(1) == Some('I')
+        && !a.contains('O')
+        && a.replace('I', "O") == out
+        && b == "OI";
+    let w = konst(model, node.inputs[1])?;
+    if !ok || w.rank() != 2 || w.datum_type() != i8::datum_type() {
+        return None;
+    }
+    let (rows, depth) = (w.shape()[0], w.shape()[1]);
+    let unit = [4, 6, 8]
+        .iter()
+        .all(|&i| scalar_is(model, node.inputs[i], 1.0))
+        && [5, 7]
+            .iter()
+            .all(|&i| scalar_is(model, node.inputs[i], 0.0));
+    if !unit {
+        return None;
+    }
+    let a0 = konst(model, node.inputs[3]).filter(|k| k.len() == 1)?;
+    let a0 = a0.cast_to_scalar::<i32>().ok()?;
+    let bias = konst(model, node.inputs[2])?;
+    if bias.datum_type() != i32::datum_type() {
+        return None;
+    }
+    let bias = bias
+        .try_as_plain_ram()
+        .ok()?
+        .as_slice::<i32>()
+        .ok()?
+        .to_vec();
+    let bias = match bias.len() {
+        1 => vec![bias[0]; rows],
+        n if n == rows => bias,
+        _ => return None,
+    };
+    let weights = w.try_as_plain_ram().ok()?.as_slice::<i8>().ok()?.to_vec();
+    Some(IntPointwise {
+        rows,
+        depth,
+        weights,
+        bias,
+        a0,
+    })
+}
+
+/// A per-tensor quantization onto u8, as (1/scale, grid on u8, shift of the
+/// activation's zero point): i8 grids map to u8 by adding 128.
+fn u8_grid(q: &Quantize) -> Option<(f32, Grid, i32)> {
+    if q.dt == u8::datum_type() && q.grid == Grid::of::<u8>(q.grid.zero_point) {
+        Some((q.inv_scale, q.grid, 0))
+    } else if q.dt == i8::datum_type() && q.grid == Grid::of::<i8>(q.grid.zero_point) {
+        Some((q.inv_scale, Grid::of::<u8>(q.grid.zero_point + 128), 128))
+    } else {
+        None
+    }
+}
+
+/// A per-channel requantization of `len` channels on axis 1 to f32.
+fn requant_layer(
+    model: &TypedModel,
+    id: usize,
+    len: usize,
+) -> Option<(Vec<f32>, Vec<f32>, Dequant)> {
+    let r = model.node(id).op_as::<Requant>()?;
+    if r.axis != 1 || r.mult.len() != len || r.offset.len() != len {
+        return None;
+    }
+    let how = match r.out {
+        RequantOut::F32 => Dequant::F32,
+        RequantOut::Grid {
+            grid,
+            dq_zero_point,
+            dq_scale,
+        } => Dequant::Grid {
+            grid,
+            dq_zero_point,
+            dq_scale,
+        },
+        _ => return None,
+    };
+    Some((r.mult.to_vec(), r.offset.to_vec(), how))
+}
+
+/// The node ending the exact GELU whose input is `a`.
+fn gelu_after(model: &TypedModel, a: OutletId) -> Option<usize> {
+    model
+        .outlet_successors(a)
+        .iter()
+        .map(|s| s.node)
+        .find(|&s| gelu_input(model, s) == Some(a))
+}
+
+/// The int8 channel-MLP half as the int8 pass leaves it, from the quantization of the
+/// norm's output (node `q1`) to the residual add.
+fn match_quant_mlp(model: &TypedModel, q1: usize) -> TractResult<Option<(TypedModelPatch, Fused)>> {
+    let quant1 = want_some!(model.node(q1).op_as::<Quantize>());
+    let (inv_scale1, grid1, shift1) = want_some!(u8_grid(quant1));
+    let n2 = model.node(q1).inputs[0];
+    want!(model.outlet_successors(n2).len() == 1);
+    let e1 = want_some!(only_succ(model, q1));
+    let fc1 = want_some!(int_pointwise(model, e1, OutletId::new(q1, 0)));
+    let (hidden, channels) = (fc1.rows, fc1.depth);
+    let r1 = want_some!(only_succ(model, e1));
+    let (mult1, offset1, how1) = want_some!(requant_layer(model, r1, hidden));
+    let g = want_some!(gelu_after(model, OutletId::new(r1, 0)));
+    let q2 = want_some!(only_succ(model, g));
+    let quant2 = want_some!(model.node(q2).op_as::<Quantize>());
+    let (inv_scale2, grid2, shift2) = want_some!(u8_grid(quant2));
+    let e2 = want_some!(only_succ(model, q2));
+    let fc2 = want_some!(int_pointwise(model, e2, OutletId::new(q2, 0)));
+    want!(fc2.rows == channels && fc2.depth == hidden);
+    let r2 = want_some!(only_succ(model, e2));
+    let (mult2, offset2, how2) = want_some!(requant_layer(model, r2, channels));
+    let next = want_some!(only_succ(model, r2));
+    // An optional layer scale, then the residual add.
+    let scaled = if bin_name(model, next).as_deref() == Some("Mul") {
+        split_const(model, next)
+            .filter(|(o, _)| *o == OutletId::new(r2, 0))
+            .and_then(|(_, k)| vector_const(&k, channels))
+            .map(|ls| (ls, next))
+    } else {
+        None
+    };
+    let (layer_scale, branch) = match scaled {
+        Some((ls, mul)) => (ls, mul),
+        None => (vec![1.0; channels], r2),
+    };
+    let add = if branch == r2 {
+        next
+    } else {
+        want_some!(only_succ(model, branch))
+    };
+    want!(bin_name(model, add).as_deref() == Some("Add"));
+    let branch_out = OutletId::new(branch, 0);
+    let ins = &model.node(add).inputs;
+    want!(ins.len() == 2 && ins.contains(&branch_out));
+    let x = want_some!(ins.iter().find(|&&i| i != branch_out).copied());
+    let shape = want_some!(nchw(model, x));
+    want!(shape[1] == channels && nchw(model, OutletId::new(add, 0)) == Some(shape));
+    let norm = want_some!(match_norm(model, n2, x)?);
+
+    let fc1 = QLayer::new(
+        hidden,
+        channels,
+        &fc1.weights,
+        &fc1.bias,
+        fc1.a0 + shift1,
+        mult1,
+        offset1,
+        how1,
+    )?;
+    let fc2 = QLayer::new(
+        channels,
+        hidden,
+        &fc2.weights,
+        &fc2.bias,
+        fc2.a0 + shift2,
+        mult2,
+        offset2,
+        how2,
+    )?;
+    let mlp = QuantMlp {
+        channels,
+        hidden,
+        gamma: norm.gamma,
+        beta: norm.beta,
+        inv_scale1,
+        grid1,
+        fc1,
+        inv_scale2,
+        grid2,
+        fc2,
+        layer_scale,
+    };
+    mlp.check()?;
+    let op = QuantChannelMlp {
+        mlp: Arc::new(mlp),
+        eps: norm.eps,
+    };
+    let mut patch = TypedModelPatch::new("metaformer int8 channel MLP");
+    let tx = patch.tap_model(model, x)?;
+    let name = format!("{}.pfe_quant_channel_mlp", model.node(add).name);
+    let y = patch.wire_node(name, op, &[tx])?[0];
+    patch.shunt_outside(model, OutletId::new(add, 0), y)?;
+    Ok(Some((patch, Fused::QuantMlp)))
 }

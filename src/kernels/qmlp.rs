@@ -1,0 +1,465 @@
+//! The int8 PoolFormer channel MLP as a quantized graph defines it, fused around two
+//! integer matrix products ([`super::qgemm`]):
+//!
+//! ```text
+//! q₁ = Q₁(GroupNorm₁(x)·γ + β)                     u8, per-tensor grid
+//! h  = R₁(W₁·(q₁ − z₁) + bias₁)                     f32 (or re-gridded f32)
+//! q₂ = Q₂(gelu(h))                                  u8, per-tensor grid
+//! y  = x + ls ⊙ R₂(W₂·(q₂ − z₂) + bias₂)
+//! ```
+//!
+//! `Q` is QuantizeLinear, `R` the per-channel requantization of the integer
+//! accumulator ([`crate::ops::requant::Requant`], `acc·mult[c] + offset[c]`, to f32 or
+//! onto a grid and back). Every step keeps the graph's arithmetic: the only
+//! differences from running the graph op by op are f32 rounding in the norm
+//! statistics and in erf, which can move a value that sits within ~1e-6 of a rounding
+//! boundary to the neighbouring quantization step.
+//!
+//! Tokens are processed in blocks of columns; the quantized activations of a block are
+//! written straight into the k4 layout the matrix kernel reads, and the i32
+//! accumulators of the hidden layer (`hidden × cols`) stay in cache.
+
+// Kernels take their operands and the per-row quantization parameters as arguments.
+#![allow(clippy::too_many_arguments)]
+
+use anyhow::{ensure, Result};
+
+use super::mlp::erf;
+use super::qgemm::{gemm_u8i8, k4_len, PackedI8};
+use super::quant::{round_small, round_to_low_byte, ClampTo, Grid};
+use super::{multiversion, Isa};
+
+/// How an i32 accumulator row becomes f32: `v = (acc + corr)·mult + offset`, and
+/// optionally quantized onto a grid and dequantized again.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Dequant {
+    F32,
+    /// `(clamp(round(v) + grid.zero_point) − dq_zero_point)·dq_scale`.
+    Grid {
+        grid: Grid,
+        dq_zero_point: i32,
+        dq_scale: f32,
+    },
+}
+
+/// One integer 1×1 conv of the block and its requantization.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QLayer {
+    pub weights: PackedI8,
+    /// Per output row: `bias − z_in·Σ_k w` in i32, so that the raw u8 product plus
+    /// `corr` is the graph's accumulator `Σ_k w·(q − z_in) + bias`.
+    pub corr: Vec<i32>,
+    pub mult: Vec<f32>,
+    pub offset: Vec<f32>,
+    pub dequant: Dequant,
+}
+
+impl QLayer {
+    /// `w`: `[rows, depth]` row-major i8; `bias`: i32 per row; `z_in`: the zero point
+    /// of the u8 input.
+    pub fn new(
+        rows: usize,
+        depth: usize,
+        w: &[i8],
+        bias: &[i32],
+        z_in: i32,
+        mult: Vec<f32>,
+        offset: Vec<f32>,
+        dequant: Dequant,
+    ) -> Result<QLayer> {
+        let weights = PackedI8::new(rows, depth, w)?;
+        ensure!(
+            bias.len() == rows && mult.len() == rows && offset.len() == rows,
+            "int8 layer: {rows} rows, {} biases, {} multipliers, {} offsets",
+            bias.len(),
+            mult.len(),
+            offset.len()
+        );
+        let corr = weights
+            .row_sums()
+            .iter()
+            .zip(bias)
+            .map(|(&s, &b)| b.wrapping_sub(z_in.wrapping_mul(s)))
+            .collect();
+        Ok(QLayer {
+            weights,
+            corr,
+            mult,
+            offset,
+            dequant,
+        })
+    }
+}
+
+/// Everything one int8 channel-MLP half-block needs besides `x`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuantMlp {
+    pub channels: usize,
+    pub hidden: usize,
+    /// The norm's affine, per channel.
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
+    /// Reciprocal of Q₁'s scale and its grid, expressed on u8 (an i8 grid with zero
+    /// point z is the u8 grid with zero point z + 128).
+    pub inv_scale1: f32,
+    pub grid1: Grid,
+    pub fc1: QLayer,
+    pub inv_scale2: f32,
+    pub grid2: Grid,
+    pub fc2: QLayer,
+    /// Layer scale per channel (ones when the graph has none).
+    pub layer_scale: Vec<f32>,
+}
+
+impl QuantMlp {
+    pub fn check(&self) -> Result<()> {
+        let (c, h) = (self.channels, self.hidden);
+        ensure!(c > 0 && h > 0, "empty int8 MLP");
+        ensure!(
+            self.gamma.len() == c && self.beta.len() == c && self.layer_scale.len() == c,
+            "int8 MLP: per-channel vectors must have {c} values"
+        );
+        ensure!(
+            self.fc1.weights.rows() == h && self.fc1.weights.depth() == c,
+            "int8 MLP: fc1 must be {h}×{c}"
+        );
+        ensure!(
+            self.fc2.weights.rows() == c && self.fc2.weights.depth() == h,
+            "int8 MLP: fc2 must be {c}×{h}"
+        );
+        for g in [self.grid1, self.grid2] {
+            ensure!(
+                g.lo == 0 && g.hi == 255,
+                "int8 MLP: activations must be on a u8 grid"
+            );
+        }
+        Ok(())
+    }
+
+    /// Column blocks: about 256 KiB of hidden i32 accumulators per block, at least 64
+    /// columns, a multiple of `threads` blocks when there are enough columns.
+    pub fn blocks(&self, hw: usize, threads: usize) -> Vec<(usize, usize)> {
+        let target = (65_536 / self.hidden).max(64);
+        let mut n = (hw / target).max(1);
+        if threads > 1 && hw >= threads * 32 {
+            n = n.div_ceil(threads) * threads;
+        }
+        let n = n.min(hw.max(1));
+        (0..n)
+            .map(|b| (b * hw / n, (b + 1) * hw / n))
+            .filter(|(a, b)| a < b)
+            .collect()
+    }
+}
+
+/// Per-thread buffers for [`run_block`].
+#[derive(Default)]
+pub struct QScratch {
+    q1: Vec<u8>,
+    acc1: Vec<i32>,
+    q2: Vec<u8>,
+    acc2: Vec<i32>,
+}
+
+/// Writes 4 quantized rows into one k4 group: `dst[4n + j] = q(rows[j][n])`.
+#[inline(always)]
+fn pack_group(dst: &mut [u8], cols: usize, mut q: impl FnMut(usize, usize) -> u8, nrows: usize) {
+    for (n, d) in dst[..4 * cols].chunks_exact_mut(4).enumerate() {
+        for (j, d) in d.iter_mut().enumerate() {
+            *d = if j < nrows { q(j, n) } else { 0 };
+        }
+    }
+}
+
+multiversion! {
+    /// Q₁ of the normalized, affine-mapped `x` for one k4 group of up to 4 channels:
+    /// `clamp(round((((x − μ)·r)·γ + β)·inv_scale) + zp)`. `rows` holds the group's
+    /// channel rows (`cols` values each), padded with empty slices.
+    pub fn norm_quantize_group(
+        rows: [&[f32]; 4],
+        nrows: usize,
+        cols: usize,
+        stats: (f32, f32),
+        gamma: [f32; 4],
+        beta: [f32; 4],
+        inv_scale: f32,
+        grid: Grid,
+        dst: &mut [u8],
+    ) {
+        let (mean, rstd) = stats;
+        let lo = (grid.lo - grid.zero_point) as f32;
+        let hi = (grid.hi - grid.zero_point) as f32;
+        let zp = grid.zero_point;
+        if nrows == 4 {
+            let (r0, r1, r2, r3) = (&rows[0][..cols], &rows[1][..cols], &rows[2][..cols], &rows[3][..cols]);
+            let q = |x: f32, j: usize| {
+                let n = ((x - mean) * rstd) * gamma[j] + beta[j];
+                round_to_low_byte((n * inv_scale).clamp_to(lo, hi), zp)
+            };
+            for (n, d) in dst[..4 * cols].chunks_exact_mut(4).enumerate() {
+                d[0] = q(r0[n], 0);
+                d[1] = q(r1[n], 1);
+                d[2] = q(r2[n], 2);
+                d[3] = q(r3[n], 3);
+            }
+        } else {
+            pack_group(dst, cols, |j, n| {
+                let v = ((rows[j][n] - mean) * rstd) * gamma[j] + beta[j];
+                round_to_low_byte((v * inv_scale).clamp_to(lo, hi), zp)
+            }, nrows);
+        }
+    }
+}
+
+/// `R(acc + corr)` of one accumulator value.
+#[inline(always)]
+fn dequant(acc: i32, corr: i32, mult: f32, offset: f32, how: Dequant) -> f32 {
+    let v = acc.wrapping_add(corr) as f32 * mult + offset;
+    match how {
+        Dequant::F32 => v,
+        Dequant::Grid {
+            grid,
+            dq_zero_point,
+            dq_scale,
+        } => {
+            let lo = (grid.lo - grid.zero_point) as f32;
+            let hi = (grid.hi - grid.zero_point) as f32;
+            (round_small(v.clamp_to(lo, hi)) + (grid.zero_point - dq_zero_point) as f32) * dq_scale
+        }
+    }
+}
+
+/// The exact GELU, `0.5·a·(1 + erf(a/√2))`.
+#[inline(always)]
+fn gelu(a: f32) -> f32 {
+    0.5 * a * (1.0 + erf(a * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+multiversion! {
+    /// fc1's epilogue for one k4 group of up to 4 hidden rows:
+    /// `q₂ = Q₂(gelu(R₁(acc + corr)))` into `dst`.
+    pub fn hidden_quantize_group(
+        acc: [&[i32]; 4],
+        nrows: usize,
+        cols: usize,
+        corr: [i32; 4],
+        mult: [f32; 4],
+        offset: [f32; 4],
+        how: Dequant,
+        inv_scale: f32,
+        grid: Grid,
+        dst: &mut [u8],
+    ) {
+        let lo = (grid.lo - grid.zero_point) as f32;
+        let hi = (grid.hi - grid.zero_point) as f32;
+        let zp = grid.zero_point;
+        let q = |a: i32, j: usize| {
+            let g = gelu(dequant(a, corr[j], mult[j], offset[j], how));
+            round_to_low_byte((g * inv_scale).clamp_to(lo, hi), zp)
+        };
+        if nrows == 4 {
+            let (a0, a1, a2, a3) = (&acc[0][..cols], &acc[1][..cols], &acc[2][..cols], &acc[3][..cols]);
+            for (n, d) in dst[..4 * cols].chunks_exact_mut(4).enumerate() {
+                d[0] = q(a0[n], 0);
+                d[1] = q(a1[n], 1);
+                d[2] = q(a2[n], 2);
+                d[3] = q(a3[n], 3);
+            }
+        } else {
+            pack_group(dst, cols, |j, n| q(acc[j][n], j), nrows);
+        }
+    }
+}
+
+multiversion! {
+    /// fc2's epilogue for one output row: `out = x + ls·R₂(acc + corr)`.
+    pub fn residual_row(
+        acc: &[i32],
+        x: &[f32],
+        out: &mut [f32],
+        corr: i32,
+        mult: f32,
+        offset: f32,
+        how: Dequant,
+        ls: f32,
+    ) {
+        for ((o, &a), &x) in out.iter_mut().zip(acc).zip(x) {
+            *o = x + ls * dequant(a, corr, mult, offset, how);
+        }
+    }
+}
+
+const EMPTY_F32: &[f32] = &[];
+const EMPTY_I32: &[i32] = &[];
+
+/// Computes output columns `j0..j1` of the int8 MLP half-block.
+///
+/// `x` and `out` point at `channels × hw` row-major activations; `stats` are the
+/// norm's mean and reciprocal standard deviation over all of `x`.
+///
+/// # Safety
+/// `x` must be valid for reads and `out` for writes of `channels·hw` f32, and no one
+/// else may access columns `j0..j1` of `out` during the call.
+pub unsafe fn run_block(
+    isa: Isa,
+    w: &QuantMlp,
+    x: *const f32,
+    out: *mut f32,
+    hw: usize,
+    (j0, j1): (usize, usize),
+    stats: (f32, f32),
+    scratch: &mut QScratch,
+) {
+    let cols = j1 - j0;
+    let (c, h) = (w.channels, w.hidden);
+    scratch.q1.resize(k4_len(c, cols), 0);
+    scratch.q2.resize(k4_len(h, cols), 0);
+    scratch.acc1.resize(h * cols, 0);
+    scratch.acc2.resize(c * cols, 0);
+    let span = (c - 1) * hw + cols;
+    let xs = std::slice::from_raw_parts(x.add(j0), span);
+    quantize_input(isa, w, xs, hw, cols, stats, &mut scratch.q1);
+    hidden_rows(
+        isa,
+        w,
+        &scratch.q1,
+        cols,
+        0..h,
+        &mut scratch.acc1,
+        &mut scratch.q2,
+    );
+    output_rows(isa, w, &scratch.q2, cols, 0..c, &mut scratch.acc2, |r| {
+        let dst = std::slice::from_raw_parts_mut(out.add(r * hw + j0), cols);
+        (&xs[r * hw..r * hw + cols], dst)
+    });
+}
+
+/// Q₁ of `channels` rows of `cols` values, rows `stride` apart in `xs`, into `q1` (k4).
+pub fn quantize_input(
+    isa: Isa,
+    w: &QuantMlp,
+    xs: &[f32],
+    stride: usize,
+    cols: usize,
+    stats: (f32, f32),
+    q1: &mut [u8],
+) {
+    let c = w.channels;
+    for g in 0..c.div_ceil(4) {
+        let nrows = (c - 4 * g).min(4);
+        let mut rows = [EMPTY_F32; 4];
+        let mut gamma = [0f32; 4];
+        let mut beta = [0f32; 4];
+        for j in 0..nrows {
+            let ch = 4 * g + j;
+            rows[j] = &xs[ch * stride..ch * stride + cols];
+            gamma[j] = w.gamma[ch];
+            beta[j] = w.beta[ch];
+        }
+        norm_quantize_group(
+            isa,
+            rows,
+            nrows,
+            cols,
+            stats,
+            gamma,
+            beta,
+            w.inv_scale1,
+            w.grid1,
+            &mut q1[4 * g * cols..4 * (g + 1) * cols],
+        );
+    }
+}
+
+/// fc1 for hidden rows `rows` (starting on a k4 group) and its epilogue into `q2`,
+/// the k4 groups of those rows (group `rows.start/4` first). `acc` holds at least
+/// `rows.len()·cols` values.
+pub fn hidden_rows(
+    isa: Isa,
+    w: &QuantMlp,
+    q1: &[u8],
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    acc: &mut [i32],
+    q2: &mut [u8],
+) {
+    debug_assert!(rows.start.is_multiple_of(4));
+    let l = &w.fc1;
+    let n = rows.len();
+    gemm_u8i8(
+        isa,
+        &l.weights,
+        rows.clone(),
+        q1,
+        cols,
+        &mut acc[..n * cols],
+        cols,
+    );
+    let g0 = rows.start / 4;
+    for g in g0..rows.end.div_ceil(4) {
+        let nrows = (rows.end - 4 * g).min(4);
+        let mut a = [EMPTY_I32; 4];
+        let mut corr = [0i32; 4];
+        let mut mult = [0f32; 4];
+        let mut offset = [0f32; 4];
+        for j in 0..nrows {
+            let r = 4 * g + j;
+            let local = r - rows.start;
+            a[j] = &acc[local * cols..(local + 1) * cols];
+            corr[j] = l.corr[r];
+            mult[j] = l.mult[r];
+            offset[j] = l.offset[r];
+        }
+        hidden_quantize_group(
+            isa,
+            a,
+            nrows,
+            cols,
+            corr,
+            mult,
+            offset,
+            l.dequant,
+            w.inv_scale2,
+            w.grid2,
+            &mut q2[4 * (g - g0) * cols..4 * (g - g0 + 1) * cols],
+        );
+    }
+}
+
+/// fc2 for output rows `rows` and the residual epilogue; `row_io(r)` gives output
+/// row `r`'s residual input and destination.
+pub fn output_rows<'o>(
+    isa: Isa,
+    w: &QuantMlp,
+    q2: &[u8],
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    acc: &mut [i32],
+    mut row_io: impl FnMut(usize) -> (&'o [f32], &'o mut [f32]),
+) {
+    let l = &w.fc2;
+    let n = rows.len();
+    gemm_u8i8(
+        isa,
+        &l.weights,
+        rows.clone(),
+        q2,
+        cols,
+        &mut acc[..n * cols],
+        cols,
+    );
+    for (i, r) in rows.enumerate() {
+        let (x, out) = row_io(r);
+        residual_row(
+            isa,
+            &acc[i * cols..(i + 1) * cols],
+            x,
+            out,
+            l.corr[r],
+            l.mult[r],
+            l.offset[r],
+            l.dequant,
+            w.layer_scale[r],
+        );
+    }
+}
