@@ -11,6 +11,18 @@
 //!
 //! Raw u8 values are multiplied: the activation zero point `z` is the caller's, via
 //! `Σ_k w·(b − z) = acc − z·row_sum`.
+//!
+//! Every kernel is exact: the result is the i32 sum, with no intermediate saturation
+//! (x86's `vpmaddubsw` is not used: its i16 pair sums saturate for u8·i8 products).
+//! [`QKernel`] lists them; [`gemm_u8i8`] picks one from the [`Isa`] level:
+//!
+//! | kernel        | runs for                                   | instructions                |
+//! |---------------|--------------------------------------------|-----------------------------|
+//! | `Avx512Vnni`  | `Isa::Avx512` on a CPU with AVX512-VNNI    | `vpdpbusd` zmm              |
+//! | `Avx2`        | `Isa::Avx2`, and `Isa::Avx512` without VNNI | `vpmaddwd` on widened bytes |
+//! | `NeonDot`     | aarch64 with the dot product (A76, Pi 5)    | `sdot` on `b ^ 0x80`        |
+//! | `Neon`        | aarch64 without it (A72, A53)               | `smull` + `sadalp`          |
+//! | `Portable`    | everything else (armv7: auto-vectorized)    | plain Rust                  |
 
 use std::ops::Range;
 
@@ -87,6 +99,92 @@ pub fn k4_len(depth: usize, cols: usize) -> usize {
     depth.div_ceil(4) * 4 * cols
 }
 
+/// An implementation of [`gemm_u8i8`]. All give the same (exact) result; tests and
+/// benchmarks call each one this CPU runs through [`gemm_u8i8_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QKernel {
+    /// Plain Rust, vectorized by the compiler for the build's baseline target.
+    Portable,
+    /// x86-64 AVX2: bytes widened to i16, `vpmaddwd`, i32 accumulators.
+    Avx2,
+    /// x86-64 AVX-512 VNNI: `vpdpbusd` on 16 tokens per register.
+    Avx512Vnni,
+    /// aarch64 NEON without the dot product: `smull`/`sadalp`.
+    Neon,
+    /// aarch64 NEON with the dot product (FEAT_DotProd): `sdot`.
+    NeonDot,
+}
+
+impl QKernel {
+    /// Every kernel this CPU runs, portable first.
+    pub fn available() -> Vec<QKernel> {
+        [
+            QKernel::Portable,
+            QKernel::Avx2,
+            QKernel::Avx512Vnni,
+            QKernel::Neon,
+            QKernel::NeonDot,
+        ]
+        .into_iter()
+        .filter(|k| k.is_supported())
+        .collect()
+    }
+
+    /// Whether this CPU runs `self`.
+    pub fn is_supported(self) -> bool {
+        match self {
+            QKernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            QKernel::Avx2 => Isa::Avx2.is_supported(),
+            #[cfg(target_arch = "x86_64")]
+            QKernel::Avx512Vnni => has_avx512_vnni(),
+            #[cfg(target_arch = "aarch64")]
+            QKernel::Neon => true,
+            #[cfg(target_arch = "aarch64")]
+            QKernel::NeonDot => std::arch::is_aarch64_feature_detected!("dotprod"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The kernel [`gemm_u8i8`] runs for `isa`: the fastest one at that level.
+    /// `Isa::Avx2` always gets the plain AVX2 kernel (`PFE_ISA=avx2` runs it on any
+    /// AVX2 CPU); VNNI needs `Isa::Avx512`. On aarch64 `Isa::Portable` is the NEON
+    /// level, so it gets the NEON kernels.
+    pub fn for_isa(isa: Isa) -> QKernel {
+        let k = match isa {
+            Isa::Avx512 if QKernel::Avx512Vnni.is_supported() => QKernel::Avx512Vnni,
+            Isa::Avx512 | Isa::Avx2 => QKernel::Avx2,
+            Isa::Portable if QKernel::NeonDot.is_supported() => QKernel::NeonDot,
+            Isa::Portable if QKernel::Neon.is_supported() => QKernel::Neon,
+            Isa::Portable => QKernel::Portable,
+        };
+        if k.is_supported() {
+            k
+        } else {
+            QKernel::Portable
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QKernel::Portable => "portable",
+            QKernel::Avx2 => "avx2",
+            QKernel::Avx512Vnni => "avx512vnni",
+            QKernel::Neon => "neon",
+            QKernel::NeonDot => "neon-dot",
+        }
+    }
+}
+
+/// AVX-512 F/BW with VNNI (`vpdpbusd` on zmm): Ice Lake, Sapphire Rapids, Zen 4 and later.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vnni() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
 /// `acc[(r − rows.start)·ldc + n] = Σ_k w[r, k]·b[k, n]` for `r` in `rows`, `n < cols`,
 /// with `b` in the k4 layout of `cols` tokens.
 ///
@@ -100,16 +198,42 @@ pub fn gemm_u8i8(
     acc: &mut [i32],
     ldc: usize,
 ) {
-    assert!(rows.start <= rows.end && rows.end <= w.m, "rows out of range");
+    gemm_u8i8_with(QKernel::for_isa(isa), w, rows, b, cols, acc, ldc)
+}
+
+/// [`gemm_u8i8`] with a given kernel (the portable one where `kernel` is not supported).
+pub fn gemm_u8i8_with(
+    kernel: QKernel,
+    w: &PackedI8,
+    rows: Range<usize>,
+    b: &[u8],
+    cols: usize,
+    acc: &mut [i32],
+    ldc: usize,
+) {
+    assert!(
+        rows.start <= rows.end && rows.end <= w.m,
+        "rows out of range"
+    );
     assert!(b.len() >= w.kp * cols, "k4 buffer too short");
     assert!(ldc >= cols, "ldc < cols");
     let nrows = rows.len();
     if nrows == 0 || cols == 0 {
         return;
     }
-    assert!(acc.len() >= (nrows - 1) * ldc + cols, "accumulator too short");
-    let _ = isa;
-    portable(w, rows, b, cols, acc, ldc);
+    assert!(
+        acc.len() >= (nrows - 1) * ldc + cols,
+        "accumulator too short"
+    );
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); the buffer lengths were
+        // checked above, which is all the kernel's raw-pointer accesses rely on.
+        QKernel::Avx512Vnni if kernel.is_supported() => unsafe {
+            x86::gemm_avx512vnni(w, rows, b, cols, acc, ldc)
+        },
+        _ => portable(w, rows, b, cols, acc, ldc),
+    }
 }
 
 /// Plain Rust, one output row at a time, tokens innermost (the compiler vectorizes
@@ -133,6 +257,168 @@ fn portable(w: &PackedI8, rows: Range<usize>, b: &[u8], cols: usize, acc: &mut [
                     + wg[1] * q[1] as i32
                     + wg[2] * q[2] as i32
                     + wg[3] * q[3] as i32;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::PackedI8;
+
+    /// Rows of weights per AVX-512 tile.
+    const MR512: usize = 8;
+    /// Registers of 16 tokens per AVX-512 tile: 8 × 3 accumulators, 3 activation
+    /// registers, the weights come as broadcast memory operands.
+    const NV512: usize = 3;
+
+    /// AVX-512 VNNI: tiles of 8 rows × 48 tokens, the rows' weights (the tile's 8 × `kp`
+    /// bytes, ≤ 16 KiB for `k` ≤ 2048) stay in L1 while the tile sweeps the tokens.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VNNI; `b.len() ≥ kp·cols`, `rows` within `w`, `acc`
+    /// holds `(rows.len() − 1)·ldc + cols` values, `cols ≤ ldc` (all checked by
+    /// `gemm_u8i8_with`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn gemm_avx512vnni(
+        w: &PackedI8,
+        rows: Range<usize>,
+        b: &[u8],
+        cols: usize,
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
+        let kp = w.kp;
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr = MR512.min(rows.end - r);
+            // SAFETY: rows r..r + mr exist in `w`; the output rows r − rows.start.. exist
+            // in `acc` (checked by the caller).
+            let wp = unsafe { w.data.as_ptr().add(r * kp) };
+            let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
+            let mut n = 0;
+            while n < cols {
+                let nc = (16 * NV512).min(cols - n);
+                let nv = nc.div_ceil(16);
+                let mask = tail_mask16(nc - 16 * (nv - 1));
+                // SAFETY: tokens n..n + nc of every group are inside `b` (`b.len() ≥
+                // kp·cols`), outputs n..n + nc of the tile's rows inside `acc`; the
+                // last register's lanes past `nc` are masked off.
+                unsafe {
+                    let bp = b.as_ptr().add(4 * n);
+                    let op = out.add(n);
+                    match nv {
+                        3 => rows_512::<3>(mr, wp, kp, bp, 4 * cols, op, ldc, mask),
+                        2 => rows_512::<2>(mr, wp, kp, bp, 4 * cols, op, ldc, mask),
+                        _ => rows_512::<1>(mr, wp, kp, bp, 4 * cols, op, ldc, mask),
+                    }
+                }
+                n += nc;
+            }
+            r += mr;
+        }
+    }
+
+    /// Mask of the first `n` (1..=16) lanes.
+    fn tail_mask16(n: usize) -> __mmask16 {
+        (((1u32 << n) - 1) & 0xffff) as __mmask16
+    }
+
+    /// [`tile_512`] for `mr` (1..=8) rows.
+    ///
+    /// # Safety
+    /// As [`tile_512`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn rows_512<const V: usize>(
+        mr: usize,
+        w: *const i8,
+        kp: usize,
+        b: *const u8,
+        bstride: usize,
+        out: *mut i32,
+        ldc: usize,
+        mask: __mmask16,
+    ) {
+        // SAFETY: the caller's contract, for `mr` rows.
+        unsafe {
+            match mr {
+                8 => tile_512::<8, V>(w, kp, b, bstride, out, ldc, mask),
+                7 => tile_512::<7, V>(w, kp, b, bstride, out, ldc, mask),
+                6 => tile_512::<6, V>(w, kp, b, bstride, out, ldc, mask),
+                5 => tile_512::<5, V>(w, kp, b, bstride, out, ldc, mask),
+                4 => tile_512::<4, V>(w, kp, b, bstride, out, ldc, mask),
+                3 => tile_512::<3, V>(w, kp, b, bstride, out, ldc, mask),
+                2 => tile_512::<2, V>(w, kp, b, bstride, out, ldc, mask),
+                _ => tile_512::<1, V>(w, kp, b, bstride, out, ldc, mask),
+            }
+        }
+    }
+
+    /// `R` rows × `V` registers of 16 tokens: `out[i·ldc + t] = Σ_g w[i, g]·b[g, t]`, the
+    /// last register's lanes limited to `mask`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI; `w` points at `R` rows of `kp` bytes (stride `kp`); `b` at
+    /// `kp/4` groups (stride `bstride` bytes) of `16·(V − 1) + popcount(mask)` tokens;
+    /// `out` at `R` rows (stride `ldc`) of as many i32.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_512<const R: usize, const V: usize>(
+        w: *const i8,
+        kp: usize,
+        b: *const u8,
+        bstride: usize,
+        out: *mut i32,
+        ldc: usize,
+        mask: __mmask16,
+    ) {
+        let mut c = [[_mm512_setzero_si512(); V]; R];
+        let mut bp = b;
+        let mut wp = w;
+        for _ in 0..kp / 4 {
+            let mut bv = [_mm512_setzero_si512(); V];
+            for (j, v) in bv.iter_mut().enumerate() {
+                // SAFETY: token registers 0..V − 1 are whole; the last one loads the
+                // lanes in `mask` only (masked-off lanes are not read, cannot fault).
+                *v = unsafe {
+                    let p = bp.add(64 * j) as *const i32;
+                    if j + 1 == V {
+                        _mm512_maskz_loadu_epi32(mask, p)
+                    } else {
+                        _mm512_loadu_epi32(p)
+                    }
+                };
+            }
+            for (i, ci) in c.iter_mut().enumerate() {
+                // SAFETY: 4 bytes of row i's current group (i < R, group < kp/4).
+                let wv =
+                    _mm512_set1_epi32(unsafe { (wp.add(i * kp) as *const i32).read_unaligned() });
+                for (cij, &bj) in ci.iter_mut().zip(&bv) {
+                    *cij = _mm512_dpbusd_epi32(*cij, bj, wv);
+                }
+            }
+            // SAFETY: at most one past the last group (never dereferenced then).
+            unsafe {
+                bp = bp.add(bstride);
+                wp = wp.add(4);
+            }
+        }
+        for (i, ci) in c.iter().enumerate() {
+            for (j, &cij) in ci.iter().enumerate() {
+                // SAFETY: row i < R, tokens of register j inside the tile (the last
+                // register writes the lanes in `mask` only).
+                unsafe {
+                    let p = out.add(i * ldc + 16 * j);
+                    if j + 1 == V {
+                        _mm512_mask_storeu_epi32(p, mask, cij)
+                    } else {
+                        _mm512_storeu_epi32(p, cij)
+                    }
+                }
             }
         }
     }
