@@ -237,7 +237,273 @@ pub fn gemm_u8i8_with(
         QKernel::Avx2 if kernel.is_supported() => unsafe {
             x86::gemm_avx2(w, rows, b, cols, acc, ldc)
         },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: the CPU has the dot product (checked); buffer lengths checked above.
+        QKernel::NeonDot if kernel.is_supported() => unsafe {
+            neon::gemm_dot(w, rows, b, cols, acc, ldc)
+        },
+        #[cfg(target_arch = "aarch64")]
+        QKernel::Neon => neon::gemm(w, rows, b, cols, acc, ldc),
         _ => portable(w, rows, b, cols, acc, ldc),
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use core::arch::aarch64::*;
+    use core::arch::asm;
+    use std::ops::Range;
+
+    use super::PackedI8;
+
+    /// Rows per tile of the dot-product kernel (8 × 2 accumulators).
+    const MR_DOT: usize = 8;
+    /// Rows per tile of the widening kernel (4 × 4 accumulators).
+    const MR: usize = 4;
+
+    /// Both kernels multiply `x = b ^ 0x80 = b − 128` (as i8) by the weights and add
+    /// `128·row_sum` at the end: `Σ w·b = Σ w·x + 128·Σ w`. Tiles are 8 tokens wide (two
+    /// registers of 4 tokens × 4 channels); the last `cols % 8` tokens are first copied,
+    /// zero-padded, into a buffer of 8-token groups, so every load is a whole register.
+    struct Tokens<'a> {
+        b: &'a [u8],
+        cols: usize,
+        full: usize,
+        tail: Vec<u8>,
+    }
+
+    impl<'a> Tokens<'a> {
+        fn new(b: &'a [u8], cols: usize, groups: usize) -> Tokens<'a> {
+            let full = cols / 8 * 8;
+            let mut tail = Vec::new();
+            if full < cols {
+                tail = vec![0u8; groups * 32];
+                for (g, t) in tail.chunks_exact_mut(32).enumerate() {
+                    t[..4 * (cols - full)]
+                        .copy_from_slice(&b[4 * (g * cols + full)..4 * (g + 1) * cols]);
+                }
+            }
+            Tokens {
+                b,
+                cols,
+                full,
+                tail,
+            }
+        }
+
+        /// Tiles as (first token, tokens, pointer to its first group, group stride).
+        fn tiles(&self) -> impl Iterator<Item = (usize, usize, *const u8, usize)> + '_ {
+            let full = (0..self.full)
+                .step_by(8)
+                .map(|n| (n, 8, self.b[4 * n..].as_ptr(), 4 * self.cols));
+            let tail = (self.full < self.cols)
+                .then(|| (self.full, self.cols - self.full, self.tail.as_ptr(), 32));
+            full.chain(tail)
+        }
+    }
+
+    /// Writes tile results `c` (plus 128·row_sum) to `nt` tokens from `n` of each row.
+    fn store<const R: usize>(
+        c: [[int32x4_t; 2]; R],
+        row_sums: &[i32],
+        acc: &mut [i32],
+        ldc: usize,
+        n: usize,
+        nt: usize,
+    ) {
+        for (i, ci) in c.iter().enumerate() {
+            let mut v = [0i32; 8];
+            // SAFETY: NEON is part of aarch64; two stores of 4 i32 into the 8 of `v`.
+            unsafe {
+                let corr = vdupq_n_s32(row_sums[i].wrapping_mul(128));
+                vst1q_s32(v.as_mut_ptr(), vaddq_s32(ci[0], corr));
+                vst1q_s32(v.as_mut_ptr().add(4), vaddq_s32(ci[1], corr));
+            }
+            acc[i * ldc + n..i * ldc + n + nt].copy_from_slice(&v[..nt]);
+        }
+    }
+
+    /// `sdot acc.4s, a.16b, b.16b`: each i32 lane += the dot product of its 4 byte pairs.
+    #[inline(always)]
+    fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: a register-only instruction; it is only inlined into `dotprod`
+        // functions, which run only on CPUs with FEAT_DotProd.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        acc
+    }
+
+    /// Dot-product kernel: tiles of 8 rows × 8 tokens, one `sdot` per row, register
+    /// of 4 tokens and group of 4 channels (the row's 4 weights broadcast, `ld1r`).
+    ///
+    /// # Safety
+    /// The CPU has FEAT_DotProd; buffers as checked by `gemm_u8i8_with`.
+    #[target_feature(enable = "dotprod")]
+    pub(super) unsafe fn gemm_dot(
+        w: &PackedI8,
+        rows: Range<usize>,
+        b: &[u8],
+        cols: usize,
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
+        let kp = w.kp;
+        let tokens = Tokens::new(b, cols, kp / 4);
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr = MR_DOT.min(rows.end - r);
+            let wp = w.row(r).as_ptr();
+            let rs = &w.row_sums[r..r + mr];
+            let out = &mut acc[(r - rows.start) * ldc..];
+            for (n, nt, bp, bs) in tokens.tiles() {
+                // SAFETY: rows r..r + mr of `kp` bytes in `w`; `bp` points at kp/4
+                // groups (stride `bs`) of 8 tokens' bytes (the buffer's or the
+                // zero-padded tail's); FEAT_DotProd as for this function.
+                unsafe {
+                    match mr {
+                        8 => store(tile_dot::<8>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        7 => store(tile_dot::<7>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        6 => store(tile_dot::<6>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        5 => store(tile_dot::<5>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        4 => store(tile_dot::<4>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        3 => store(tile_dot::<3>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        2 => store(tile_dot::<2>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        _ => store(tile_dot::<1>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                    }
+                }
+            }
+            r += mr;
+        }
+    }
+
+    /// # Safety
+    /// FEAT_DotProd; `w`: `R` rows of `kp` bytes (stride `kp`); `b`: `kp/4` groups
+    /// (stride `bstride`) of 32 bytes.
+    #[target_feature(enable = "dotprod")]
+    unsafe fn tile_dot<const R: usize>(
+        w: *const i8,
+        kp: usize,
+        b: *const u8,
+        bstride: usize,
+    ) -> [[int32x4_t; 2]; R] {
+        let flip = vdupq_n_u8(0x80);
+        let mut c = [[vdupq_n_s32(0); 2]; R];
+        let mut bp = b;
+        let mut wp = w;
+        for _ in 0..kp / 4 {
+            // SAFETY: 32 bytes of this group (8 tokens × 4 channels).
+            let (x0, x1) = unsafe {
+                (
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(bp), flip)),
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(bp.add(16)), flip)),
+                )
+            };
+            for (i, ci) in c.iter_mut().enumerate() {
+                // SAFETY: 4 bytes of row i's current group (i < R, group < kp/4).
+                let wv =
+                    vreinterpretq_s8_s32(unsafe { vld1q_dup_s32(wp.add(i * kp) as *const i32) });
+                ci[0] = sdot(ci[0], x0, wv);
+                ci[1] = sdot(ci[1], x1, wv);
+            }
+            // SAFETY: at most one past the last group (never dereferenced then).
+            unsafe {
+                bp = bp.add(bstride);
+                wp = wp.add(4);
+            }
+        }
+        c
+    }
+
+    /// Kernel without the dot product (Cortex-A72, A53): per row, register of 4 tokens
+    /// and group, `smull`/`smull2` give the 16 products in i16 (|x·w| ≤ 2¹⁴, exact) and
+    /// `sadalp` adds their pairs into i32 accumulators (2 per register of tokens: tokens
+    /// 0, 1 and 2, 3, each as 2 partial sums, added by one `addp` at the end). Tiles of
+    /// 4 rows × 8 tokens.
+    pub(super) fn gemm(
+        w: &PackedI8,
+        rows: Range<usize>,
+        b: &[u8],
+        cols: usize,
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
+        let kp = w.kp;
+        let tokens = Tokens::new(b, cols, kp / 4);
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr = MR.min(rows.end - r);
+            let wp = w.row(r).as_ptr();
+            let rs = &w.row_sums[r..r + mr];
+            let out = &mut acc[(r - rows.start) * ldc..];
+            for (n, nt, bp, bs) in tokens.tiles() {
+                // SAFETY: rows r..r + mr of `kp` bytes in `w`; `bp` points at kp/4
+                // groups (stride `bs`) of 8 tokens' bytes.
+                unsafe {
+                    match mr {
+                        4 => store(tile::<4>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        3 => store(tile::<3>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        2 => store(tile::<2>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        _ => store(tile::<1>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                    }
+                }
+            }
+            r += mr;
+        }
+    }
+
+    /// # Safety
+    /// `w`: `R` rows of `kp` bytes (stride `kp`); `b`: `kp/4` groups (stride `bstride`)
+    /// of 32 bytes.
+    unsafe fn tile<const R: usize>(
+        w: *const i8,
+        kp: usize,
+        b: *const u8,
+        bstride: usize,
+    ) -> [[int32x4_t; 2]; R] {
+        let flip = vdupq_n_u8(0x80);
+        let zero = vdupq_n_s32(0);
+        // Per row and register of tokens: partial sums of tokens 0, 1 and of 2, 3.
+        let mut c = [[[zero; 2]; 2]; R];
+        let mut bp = b;
+        let mut wp = w;
+        for _ in 0..kp / 4 {
+            // SAFETY: 32 bytes of this group (8 tokens × 4 channels).
+            let x = unsafe {
+                [
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(bp), flip)),
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(bp.add(16)), flip)),
+                ]
+            };
+            for (i, ci) in c.iter_mut().enumerate() {
+                // SAFETY: 4 bytes of row i's current group (i < R, group < kp/4).
+                let wv =
+                    vreinterpretq_s8_s32(unsafe { vld1q_dup_s32(wp.add(i * kp) as *const i32) });
+                for (cij, &xj) in ci.iter_mut().zip(&x) {
+                    cij[0] = vpadalq_s16(cij[0], vmull_s8(vget_low_s8(xj), vget_low_s8(wv)));
+                    cij[1] = vpadalq_s16(cij[1], vmull_high_s8(xj, wv));
+                }
+            }
+            // SAFETY: at most one past the last group (never dereferenced then).
+            unsafe {
+                bp = bp.add(bstride);
+                wp = wp.add(4);
+            }
+        }
+        let mut out = [[zero; 2]; R];
+        for (o, ci) in out.iter_mut().zip(&c) {
+            for (oj, cij) in o.iter_mut().zip(ci) {
+                *oj = vpaddq_s32(cij[0], cij[1]);
+            }
+        }
+        out
     }
 }
 
