@@ -11,6 +11,18 @@
 //!
 //! Raw u8 values are multiplied: the activation zero point `z` is the caller's, via
 //! `Σ_k w·(b − z) = acc − z·row_sum`.
+//!
+//! Every kernel is exact: the result is the i32 sum, with no intermediate saturation
+//! (x86's `vpmaddubsw` is not used: its i16 pair sums saturate for u8·i8 products).
+//! [`QKernel`] lists them; [`gemm_u8i8`] picks one from the [`Isa`] level:
+//!
+//! | kernel        | runs for                                   | instructions                |
+//! |---------------|--------------------------------------------|-----------------------------|
+//! | `Avx512Vnni`  | `Isa::Avx512` on a CPU with AVX512-VNNI    | `vpdpbusd` zmm              |
+//! | `Avx2`        | `Isa::Avx2`, and `Isa::Avx512` without VNNI | `vpmaddwd` on widened bytes |
+//! | `NeonDot`     | aarch64 with the dot product (A76, Pi 5)    | `sdot` on `b ^ 0x80`        |
+//! | `Neon`        | aarch64 without it (A72, A53)               | `smull` + `sadalp`          |
+//! | `Portable`    | everything else (armv7: auto-vectorized)    | plain Rust                  |
 
 use std::ops::Range;
 
@@ -87,12 +99,111 @@ pub fn k4_len(depth: usize, cols: usize) -> usize {
     depth.div_ceil(4) * 4 * cols
 }
 
+/// An implementation of [`gemm_u8i8`]. All give the same (exact) result; tests and
+/// benchmarks call each one this CPU runs through [`gemm_u8i8_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QKernel {
+    /// Plain Rust, vectorized by the compiler for the build's baseline target.
+    Portable,
+    /// x86-64 AVX2: bytes widened to i16, `vpmaddwd`, i32 accumulators.
+    Avx2,
+    /// x86-64 AVX-512 VNNI: `vpdpbusd` on 16 tokens per register.
+    Avx512Vnni,
+    /// aarch64 NEON without the dot product: `smull`/`sadalp`.
+    Neon,
+    /// aarch64 NEON with the dot product (FEAT_DotProd): `sdot`.
+    NeonDot,
+}
+
+impl QKernel {
+    /// Every kernel this CPU runs, portable first.
+    pub fn available() -> Vec<QKernel> {
+        [
+            QKernel::Portable,
+            QKernel::Avx2,
+            QKernel::Avx512Vnni,
+            QKernel::Neon,
+            QKernel::NeonDot,
+        ]
+        .into_iter()
+        .filter(|k| k.is_supported())
+        .collect()
+    }
+
+    /// Whether this CPU runs `self`.
+    pub fn is_supported(self) -> bool {
+        match self {
+            QKernel::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            QKernel::Avx2 => Isa::Avx2.is_supported(),
+            #[cfg(target_arch = "x86_64")]
+            QKernel::Avx512Vnni => has_avx512_vnni(),
+            #[cfg(target_arch = "aarch64")]
+            QKernel::Neon => true,
+            #[cfg(target_arch = "aarch64")]
+            QKernel::NeonDot => std::arch::is_aarch64_feature_detected!("dotprod"),
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+
+    /// The kernel [`gemm_u8i8`] runs for `isa`: the fastest one at that level.
+    /// `Isa::Avx2` always gets the plain AVX2 kernel (`PFE_ISA=avx2` runs it on any
+    /// AVX2 CPU); VNNI needs `Isa::Avx512`. On aarch64 `Isa::Portable` is the NEON
+    /// level, so it gets the NEON kernels.
+    pub fn for_isa(isa: Isa) -> QKernel {
+        let k = match isa {
+            Isa::Avx512 if QKernel::Avx512Vnni.is_supported() => QKernel::Avx512Vnni,
+            Isa::Avx512 | Isa::Avx2 => QKernel::Avx2,
+            Isa::Portable if QKernel::NeonDot.is_supported() => QKernel::NeonDot,
+            Isa::Portable if QKernel::Neon.is_supported() => QKernel::Neon,
+            Isa::Portable => QKernel::Portable,
+        };
+        if k.is_supported() {
+            k
+        } else {
+            QKernel::Portable
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QKernel::Portable => "portable",
+            QKernel::Avx2 => "avx2",
+            QKernel::Avx512Vnni => "avx512vnni",
+            QKernel::Neon => "neon",
+            QKernel::NeonDot => "neon-dot",
+        }
+    }
+}
+
+/// AVX-512 F/BW with VNNI (`vpdpbusd` on zmm): Ice Lake, Sapphire Rapids, Zen 4 and later.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_vnni() -> bool {
+    is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
 /// `acc[(r − rows.start)·ldc + n] = Σ_k w[r, k]·b[k, n]` for `r` in `rows`, `n < cols`,
 /// with `b` in the k4 layout of `cols` tokens.
 ///
 /// Panics (a caller bug, not bad input) when a buffer is too short.
 pub fn gemm_u8i8(
     isa: Isa,
+    w: &PackedI8,
+    rows: Range<usize>,
+    b: &[u8],
+    cols: usize,
+    acc: &mut [i32],
+    ldc: usize,
+) {
+    gemm_u8i8_with(QKernel::for_isa(isa), w, rows, b, cols, acc, ldc)
+}
+
+/// [`gemm_u8i8`] with a given kernel (the portable one where `kernel` is not supported).
+pub fn gemm_u8i8_with(
+    kernel: QKernel,
     w: &PackedI8,
     rows: Range<usize>,
     b: &[u8],
@@ -114,8 +225,286 @@ pub fn gemm_u8i8(
         acc.len() >= (nrows - 1) * ldc + cols,
         "accumulator too short"
     );
-    let _ = isa;
-    portable(w, rows, b, cols, acc, ldc);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); the buffer lengths were
+        // checked above, which is all the kernel's raw-pointer accesses rely on.
+        QKernel::Avx512Vnni if kernel.is_supported() => unsafe {
+            x86::gemm_avx512vnni(w, rows, b, cols, acc, ldc)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 (checked); buffer lengths checked above.
+        QKernel::Avx2 if kernel.is_supported() => unsafe {
+            x86::gemm_avx2(w, rows, b, cols, acc, ldc)
+        },
+        #[cfg(target_arch = "aarch64")]
+        // SAFETY: the CPU has the dot product (checked); buffer lengths checked above.
+        QKernel::NeonDot if kernel.is_supported() => unsafe {
+            neon::gemm_dot(w, rows, b, cols, acc, ldc)
+        },
+        #[cfg(target_arch = "aarch64")]
+        QKernel::Neon => neon::gemm(w, rows, b, cols, acc, ldc),
+        _ => portable(w, rows, b, cols, acc, ldc),
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use core::arch::aarch64::*;
+    use core::arch::asm;
+    use std::ops::Range;
+
+    use super::PackedI8;
+
+    /// Rows per tile of the dot-product kernel (8 × 2 accumulators).
+    const MR_DOT: usize = 8;
+    /// Rows per tile of the widening kernel (4 × 4 accumulators).
+    const MR: usize = 4;
+
+    /// Both kernels multiply `x = b ^ 0x80 = b − 128` (as i8) by the weights and add
+    /// `128·row_sum` at the end: `Σ w·b = Σ w·x + 128·Σ w`. Tiles are 8 tokens wide (two
+    /// registers of 4 tokens × 4 channels); the last `cols % 8` tokens are first copied,
+    /// zero-padded, into a buffer of 8-token groups, so every load is a whole register.
+    struct Tokens<'a> {
+        b: &'a [u8],
+        cols: usize,
+        full: usize,
+        tail: Vec<u8>,
+    }
+
+    impl<'a> Tokens<'a> {
+        fn new(b: &'a [u8], cols: usize, groups: usize) -> Tokens<'a> {
+            let full = cols / 8 * 8;
+            let mut tail = Vec::new();
+            if full < cols {
+                tail = vec![0u8; groups * 32];
+                for (g, t) in tail.chunks_exact_mut(32).enumerate() {
+                    t[..4 * (cols - full)]
+                        .copy_from_slice(&b[4 * (g * cols + full)..4 * (g + 1) * cols]);
+                }
+            }
+            Tokens {
+                b,
+                cols,
+                full,
+                tail,
+            }
+        }
+
+        /// Tiles as (first token, tokens, pointer to its first group, group stride).
+        fn tiles(&self) -> impl Iterator<Item = (usize, usize, *const u8, usize)> + '_ {
+            let full = (0..self.full)
+                .step_by(8)
+                .map(|n| (n, 8, self.b[4 * n..].as_ptr(), 4 * self.cols));
+            let tail = (self.full < self.cols)
+                .then(|| (self.full, self.cols - self.full, self.tail.as_ptr(), 32));
+            full.chain(tail)
+        }
+    }
+
+    /// Writes tile results `c` (plus 128·row_sum) to `nt` tokens from `n` of each row.
+    fn store<const R: usize>(
+        c: [[int32x4_t; 2]; R],
+        row_sums: &[i32],
+        acc: &mut [i32],
+        ldc: usize,
+        n: usize,
+        nt: usize,
+    ) {
+        for (i, ci) in c.iter().enumerate() {
+            let mut v = [0i32; 8];
+            // SAFETY: NEON is part of aarch64; two stores of 4 i32 into the 8 of `v`.
+            unsafe {
+                let corr = vdupq_n_s32(row_sums[i].wrapping_mul(128));
+                vst1q_s32(v.as_mut_ptr(), vaddq_s32(ci[0], corr));
+                vst1q_s32(v.as_mut_ptr().add(4), vaddq_s32(ci[1], corr));
+            }
+            acc[i * ldc + n..i * ldc + n + nt].copy_from_slice(&v[..nt]);
+        }
+    }
+
+    /// `sdot acc.4s, a.16b, b.16b`: each i32 lane += the dot product of its 4 byte pairs.
+    #[inline(always)]
+    fn sdot(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
+        let mut acc = acc;
+        // SAFETY: a register-only instruction; it is only inlined into `dotprod`
+        // functions, which run only on CPUs with FEAT_DotProd.
+        unsafe {
+            asm!(
+                "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
+                acc = inout(vreg) acc,
+                a = in(vreg) a,
+                b = in(vreg) b,
+                options(pure, nomem, nostack, preserves_flags)
+            );
+        }
+        acc
+    }
+
+    /// Dot-product kernel: tiles of 8 rows × 8 tokens, one `sdot` per row, register
+    /// of 4 tokens and group of 4 channels (the row's 4 weights broadcast, `ld1r`).
+    ///
+    /// # Safety
+    /// The CPU has FEAT_DotProd; buffers as checked by `gemm_u8i8_with`.
+    #[target_feature(enable = "dotprod")]
+    pub(super) unsafe fn gemm_dot(
+        w: &PackedI8,
+        rows: Range<usize>,
+        b: &[u8],
+        cols: usize,
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
+        let kp = w.kp;
+        let tokens = Tokens::new(b, cols, kp / 4);
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr = MR_DOT.min(rows.end - r);
+            let wp = w.row(r).as_ptr();
+            let rs = &w.row_sums[r..r + mr];
+            let out = &mut acc[(r - rows.start) * ldc..];
+            for (n, nt, bp, bs) in tokens.tiles() {
+                // SAFETY: rows r..r + mr of `kp` bytes in `w`; `bp` points at kp/4
+                // groups (stride `bs`) of 8 tokens' bytes (the buffer's or the
+                // zero-padded tail's); FEAT_DotProd as for this function.
+                unsafe {
+                    match mr {
+                        8 => store(tile_dot::<8>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        7 => store(tile_dot::<7>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        6 => store(tile_dot::<6>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        5 => store(tile_dot::<5>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        4 => store(tile_dot::<4>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        3 => store(tile_dot::<3>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        2 => store(tile_dot::<2>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        _ => store(tile_dot::<1>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                    }
+                }
+            }
+            r += mr;
+        }
+    }
+
+    /// # Safety
+    /// FEAT_DotProd; `w`: `R` rows of `kp` bytes (stride `kp`); `b`: `kp/4` groups
+    /// (stride `bstride`) of 32 bytes.
+    #[target_feature(enable = "dotprod")]
+    unsafe fn tile_dot<const R: usize>(
+        w: *const i8,
+        kp: usize,
+        b: *const u8,
+        bstride: usize,
+    ) -> [[int32x4_t; 2]; R] {
+        let flip = vdupq_n_u8(0x80);
+        let mut c = [[vdupq_n_s32(0); 2]; R];
+        let mut bp = b;
+        let mut wp = w;
+        for _ in 0..kp / 4 {
+            // SAFETY: 32 bytes of this group (8 tokens × 4 channels).
+            let (x0, x1) = unsafe {
+                (
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(bp), flip)),
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(bp.add(16)), flip)),
+                )
+            };
+            for (i, ci) in c.iter_mut().enumerate() {
+                // SAFETY: 4 bytes of row i's current group (i < R, group < kp/4).
+                let wv =
+                    vreinterpretq_s8_s32(unsafe { vld1q_dup_s32(wp.add(i * kp) as *const i32) });
+                ci[0] = sdot(ci[0], x0, wv);
+                ci[1] = sdot(ci[1], x1, wv);
+            }
+            // SAFETY: at most one past the last group (never dereferenced then).
+            unsafe {
+                bp = bp.add(bstride);
+                wp = wp.add(4);
+            }
+        }
+        c
+    }
+
+    /// Kernel without the dot product (Cortex-A72, A53): per row, register of 4 tokens
+    /// and group, `smull`/`smull2` give the 16 products in i16 (|x·w| ≤ 2¹⁴, exact) and
+    /// `sadalp` adds their pairs into i32 accumulators (2 per register of tokens: tokens
+    /// 0, 1 and 2, 3, each as 2 partial sums, added by one `addp` at the end). Tiles of
+    /// 4 rows × 8 tokens.
+    pub(super) fn gemm(
+        w: &PackedI8,
+        rows: Range<usize>,
+        b: &[u8],
+        cols: usize,
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
+        let kp = w.kp;
+        let tokens = Tokens::new(b, cols, kp / 4);
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr = MR.min(rows.end - r);
+            let wp = w.row(r).as_ptr();
+            let rs = &w.row_sums[r..r + mr];
+            let out = &mut acc[(r - rows.start) * ldc..];
+            for (n, nt, bp, bs) in tokens.tiles() {
+                // SAFETY: rows r..r + mr of `kp` bytes in `w`; `bp` points at kp/4
+                // groups (stride `bs`) of 8 tokens' bytes.
+                unsafe {
+                    match mr {
+                        4 => store(tile::<4>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        3 => store(tile::<3>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        2 => store(tile::<2>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                        _ => store(tile::<1>(wp, kp, bp, bs), rs, out, ldc, n, nt),
+                    }
+                }
+            }
+            r += mr;
+        }
+    }
+
+    /// # Safety
+    /// `w`: `R` rows of `kp` bytes (stride `kp`); `b`: `kp/4` groups (stride `bstride`)
+    /// of 32 bytes.
+    unsafe fn tile<const R: usize>(
+        w: *const i8,
+        kp: usize,
+        b: *const u8,
+        bstride: usize,
+    ) -> [[int32x4_t; 2]; R] {
+        let flip = vdupq_n_u8(0x80);
+        let zero = vdupq_n_s32(0);
+        // Per row and register of tokens: partial sums of tokens 0, 1 and of 2, 3.
+        let mut c = [[[zero; 2]; 2]; R];
+        let mut bp = b;
+        let mut wp = w;
+        for _ in 0..kp / 4 {
+            // SAFETY: 32 bytes of this group (8 tokens × 4 channels).
+            let x = unsafe {
+                [
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(bp), flip)),
+                    vreinterpretq_s8_u8(veorq_u8(vld1q_u8(bp.add(16)), flip)),
+                ]
+            };
+            for (i, ci) in c.iter_mut().enumerate() {
+                // SAFETY: 4 bytes of row i's current group (i < R, group < kp/4).
+                let wv =
+                    vreinterpretq_s8_s32(unsafe { vld1q_dup_s32(wp.add(i * kp) as *const i32) });
+                for (cij, &xj) in ci.iter_mut().zip(&x) {
+                    cij[0] = vpadalq_s16(cij[0], vmull_s8(vget_low_s8(xj), vget_low_s8(wv)));
+                    cij[1] = vpadalq_s16(cij[1], vmull_high_s8(xj, wv));
+                }
+            }
+            // SAFETY: at most one past the last group (never dereferenced then).
+            unsafe {
+                bp = bp.add(bstride);
+                wp = wp.add(4);
+            }
+        }
+        let mut out = [[zero; 2]; R];
+        for (o, ci) in out.iter_mut().zip(&c) {
+            for (oj, cij) in o.iter_mut().zip(ci) {
+                *oj = vpaddq_s32(cij[0], cij[1]);
+            }
+        }
+        out
+    }
 }
 
 /// Plain Rust, one output row at a time, tokens innermost (the compiler vectorizes
@@ -139,6 +528,294 @@ fn portable(w: &PackedI8, rows: Range<usize>, b: &[u8], cols: usize, acc: &mut [
                     + wg[1] * q[1] as i32
                     + wg[2] * q[2] as i32
                     + wg[3] * q[3] as i32;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use core::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::PackedI8;
+
+    /// Rows of weights per AVX2 tile (8 tokens each: 2 accumulators per row).
+    const MR256: usize = 4;
+
+    /// AVX2 without VNNI, exact: each group of 8 tokens × 4 channels (32 bytes) is
+    /// widened to i16 (tokens 0, 1, 4, 5 and 2, 3, 6, 7, by `vpunpck[lh]bw`), multiplied
+    /// by the row's 4 weights (i16, repeated) with `vpmaddwd`, which adds the channel
+    /// pairs into i32 (|pair| ≤ 2·255·128, no saturation), and accumulated; one
+    /// `vphaddd` per tile at the end adds the two pairs of each token, in token order.
+    /// Tiles of 4 rows × 8 tokens; the last tokens masked (`vpmaskmovd`). Each 4-row
+    /// panel's weights are first widened to i16, group-major (`[g][row][4]`), so that a
+    /// row's group is one 8-byte broadcast load.
+    ///
+    /// # Safety
+    /// The CPU has AVX2; buffers as for [`gemm_avx512vnni`].
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn gemm_avx2(
+        w: &PackedI8,
+        rows: Range<usize>,
+        b: &[u8],
+        cols: usize,
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
+        let kp = w.kp;
+        let mut wide = vec![0i16; MR256 * kp];
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr = MR256.min(rows.end - r);
+            for i in 0..mr {
+                for (g, q) in w.row(r + i).chunks_exact(4).enumerate() {
+                    let d = &mut wide[(g * mr + i) * 4..(g * mr + i + 1) * 4];
+                    for (d, &q) in d.iter_mut().zip(q) {
+                        *d = q as i16;
+                    }
+                }
+            }
+            // SAFETY: the output rows of r..r + mr exist in `acc` (checked by the caller).
+            let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
+            let mut n = 0;
+            while n < cols {
+                let nt = 8.min(cols - n);
+                let mask = _mm256_cmpgt_epi32(
+                    _mm256_set1_epi32(nt as i32),
+                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                );
+                // SAFETY: tokens n..n + nt of every group are inside `b`, their outputs
+                // inside `acc`; lanes past `nt` are masked off (loads and stores); `wide`
+                // holds kp/4 groups of `mr` rows.
+                unsafe {
+                    let wp = wide.as_ptr();
+                    let bp = b.as_ptr().add(4 * n);
+                    let op = out.add(n);
+                    match mr {
+                        4 => tile_256::<4>(wp, kp, bp, 4 * cols, op, ldc, nt, mask),
+                        3 => tile_256::<3>(wp, kp, bp, 4 * cols, op, ldc, nt, mask),
+                        2 => tile_256::<2>(wp, kp, bp, 4 * cols, op, ldc, nt, mask),
+                        _ => tile_256::<1>(wp, kp, bp, 4 * cols, op, ldc, nt, mask),
+                    }
+                }
+                n += nt;
+            }
+            r += mr;
+        }
+    }
+
+    /// `R` rows × 8 tokens (`nt` of them real, `mask` their lanes) of [`gemm_avx2`].
+    ///
+    /// # Safety
+    /// AVX2; `w` points at `kp/4` groups of `R` rows' 4 i16 weights; `b` at `kp/4`
+    /// groups (stride `bstride` bytes) of `nt` tokens; `out` at `R` rows (stride `ldc`)
+    /// of `nt` i32.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2")]
+    unsafe fn tile_256<const R: usize>(
+        w: *const i16,
+        kp: usize,
+        b: *const u8,
+        bstride: usize,
+        out: *mut i32,
+        ldc: usize,
+        nt: usize,
+        mask: __m256i,
+    ) {
+        let zero = _mm256_setzero_si256();
+        let mut lo = [zero; R];
+        let mut hi = [zero; R];
+        let mut bp = b;
+        let mut wp = w;
+        for _ in 0..kp / 4 {
+            // SAFETY: `nt` tokens of this group; the lanes past them are not read.
+            let bv = unsafe {
+                if nt == 8 {
+                    _mm256_loadu_si256(bp as *const __m256i)
+                } else {
+                    _mm256_maskload_epi32(bp as *const i32, mask)
+                }
+            };
+            let blo = _mm256_unpacklo_epi8(bv, zero);
+            let bhi = _mm256_unpackhi_epi8(bv, zero);
+            for i in 0..R {
+                // SAFETY: row i's 4 weights of the current group (i < R, group < kp/4).
+                let wv =
+                    _mm256_set1_epi64x(unsafe { (wp.add(4 * i) as *const i64).read_unaligned() });
+                lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(blo, wv));
+                hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(bhi, wv));
+            }
+            // SAFETY: at most one past the last group (never dereferenced then).
+            unsafe {
+                bp = bp.add(bstride);
+                wp = wp.add(4 * R);
+            }
+        }
+        for i in 0..R {
+            let v = _mm256_hadd_epi32(lo[i], hi[i]);
+            // SAFETY: row i < R, `nt` outputs (the lanes past them masked off).
+            unsafe {
+                let p = out.add(i * ldc);
+                if nt == 8 {
+                    _mm256_storeu_si256(p as *mut __m256i, v)
+                } else {
+                    _mm256_maskstore_epi32(p, mask, v)
+                }
+            }
+        }
+    }
+
+    /// Rows of weights per AVX-512 tile.
+    const MR512: usize = 8;
+    /// Registers of 16 tokens per AVX-512 tile: 8 × 3 accumulators, 3 activation
+    /// registers, the weights come as broadcast memory operands.
+    const NV512: usize = 3;
+
+    /// AVX-512 VNNI: tiles of 8 rows × 48 tokens, the rows' weights (the tile's 8 × `kp`
+    /// bytes, ≤ 16 KiB for `k` ≤ 2048) stay in L1 while the tile sweeps the tokens.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/VNNI; `b.len() ≥ kp·cols`, `rows` within `w`, `acc`
+    /// holds `(rows.len() − 1)·ldc + cols` values, `cols ≤ ldc` (all checked by
+    /// `gemm_u8i8_with`).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub(super) unsafe fn gemm_avx512vnni(
+        w: &PackedI8,
+        rows: Range<usize>,
+        b: &[u8],
+        cols: usize,
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
+        let kp = w.kp;
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr = MR512.min(rows.end - r);
+            // SAFETY: rows r..r + mr exist in `w`; the output rows r − rows.start.. exist
+            // in `acc` (checked by the caller).
+            let wp = unsafe { w.data.as_ptr().add(r * kp) };
+            let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
+            let mut n = 0;
+            while n < cols {
+                let nc = (16 * NV512).min(cols - n);
+                let nv = nc.div_ceil(16);
+                let mask = tail_mask16(nc - 16 * (nv - 1));
+                // SAFETY: tokens n..n + nc of every group are inside `b` (`b.len() ≥
+                // kp·cols`), outputs n..n + nc of the tile's rows inside `acc`; the
+                // last register's lanes past `nc` are masked off.
+                unsafe {
+                    let bp = b.as_ptr().add(4 * n);
+                    let op = out.add(n);
+                    match nv {
+                        3 => rows_512::<3>(mr, wp, kp, bp, 4 * cols, op, ldc, mask),
+                        2 => rows_512::<2>(mr, wp, kp, bp, 4 * cols, op, ldc, mask),
+                        _ => rows_512::<1>(mr, wp, kp, bp, 4 * cols, op, ldc, mask),
+                    }
+                }
+                n += nc;
+            }
+            r += mr;
+        }
+    }
+
+    /// Mask of the first `n` (1..=16) lanes.
+    fn tail_mask16(n: usize) -> __mmask16 {
+        (((1u32 << n) - 1) & 0xffff) as __mmask16
+    }
+
+    /// [`tile_512`] for `mr` (1..=8) rows.
+    ///
+    /// # Safety
+    /// As [`tile_512`].
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn rows_512<const V: usize>(
+        mr: usize,
+        w: *const i8,
+        kp: usize,
+        b: *const u8,
+        bstride: usize,
+        out: *mut i32,
+        ldc: usize,
+        mask: __mmask16,
+    ) {
+        // SAFETY: the caller's contract, for `mr` rows.
+        unsafe {
+            match mr {
+                8 => tile_512::<8, V>(w, kp, b, bstride, out, ldc, mask),
+                7 => tile_512::<7, V>(w, kp, b, bstride, out, ldc, mask),
+                6 => tile_512::<6, V>(w, kp, b, bstride, out, ldc, mask),
+                5 => tile_512::<5, V>(w, kp, b, bstride, out, ldc, mask),
+                4 => tile_512::<4, V>(w, kp, b, bstride, out, ldc, mask),
+                3 => tile_512::<3, V>(w, kp, b, bstride, out, ldc, mask),
+                2 => tile_512::<2, V>(w, kp, b, bstride, out, ldc, mask),
+                _ => tile_512::<1, V>(w, kp, b, bstride, out, ldc, mask),
+            }
+        }
+    }
+
+    /// `R` rows × `V` registers of 16 tokens: `out[i·ldc + t] = Σ_g w[i, g]·b[g, t]`, the
+    /// last register's lanes limited to `mask`.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI; `w` points at `R` rows of `kp` bytes (stride `kp`); `b` at
+    /// `kp/4` groups (stride `bstride` bytes) of `16·(V − 1) + popcount(mask)` tokens;
+    /// `out` at `R` rows (stride `ldc`) of as many i32.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn tile_512<const R: usize, const V: usize>(
+        w: *const i8,
+        kp: usize,
+        b: *const u8,
+        bstride: usize,
+        out: *mut i32,
+        ldc: usize,
+        mask: __mmask16,
+    ) {
+        let mut c = [[_mm512_setzero_si512(); V]; R];
+        let mut bp = b;
+        let mut wp = w;
+        for _ in 0..kp / 4 {
+            let mut bv = [_mm512_setzero_si512(); V];
+            for (j, v) in bv.iter_mut().enumerate() {
+                // SAFETY: token registers 0..V − 1 are whole; the last one loads the
+                // lanes in `mask` only (masked-off lanes are not read, cannot fault).
+                *v = unsafe {
+                    let p = bp.add(64 * j) as *const i32;
+                    if j + 1 == V {
+                        _mm512_maskz_loadu_epi32(mask, p)
+                    } else {
+                        _mm512_loadu_epi32(p)
+                    }
+                };
+            }
+            for (i, ci) in c.iter_mut().enumerate() {
+                // SAFETY: 4 bytes of row i's current group (i < R, group < kp/4).
+                let wv =
+                    _mm512_set1_epi32(unsafe { (wp.add(i * kp) as *const i32).read_unaligned() });
+                for (cij, &bj) in ci.iter_mut().zip(&bv) {
+                    *cij = _mm512_dpbusd_epi32(*cij, bj, wv);
+                }
+            }
+            // SAFETY: at most one past the last group (never dereferenced then).
+            unsafe {
+                bp = bp.add(bstride);
+                wp = wp.add(4);
+            }
+        }
+        for (i, ci) in c.iter().enumerate() {
+            for (j, &cij) in ci.iter().enumerate() {
+                // SAFETY: row i < R, tokens of register j inside the tile (the last
+                // register writes the lanes in `mask` only).
+                unsafe {
+                    let p = out.add(i * ldc + 16 * j);
+                    if j + 1 == V {
+                        _mm512_mask_storeu_epi32(p, mask, cij)
+                    } else {
+                        _mm512_storeu_epi32(p, cij)
+                    }
+                }
             }
         }
     }

@@ -1,0 +1,220 @@
+//! The u8 × i8 → i32 matrix product of the int8 MLP (src/kernels/qgemm.rs).
+//!
+//! Every kernel this CPU runs (`QKernel::available`: portable, AVX2, AVX-512 VNNI on
+//! x86; NEON and NEON dot product on aarch64, the latter only where the CPU has it)
+//! against a plain i64 sum, bit for bit: odd depths (k4 padding holding garbage), token
+//! counts around the register widths, row counts around the tiles, row sub-ranges,
+//! `ldc > cols`, and extreme values over long depths (no saturation, no overflow).
+
+use poolformer_edge::kernels::qgemm::{
+    gemm_u8i8, gemm_u8i8_with, k4_index, k4_len, PackedI8, QKernel,
+};
+use poolformer_edge::kernels::Isa;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+/// A k4 buffer of `k × cols` activations: random bytes everywhere, the padding
+/// channels included, and `a(k, n)` at the real positions when given.
+struct Case {
+    m: usize,
+    k: usize,
+    cols: usize,
+    w: Vec<i8>,
+    b: Vec<u8>,
+}
+
+impl Case {
+    fn random(m: usize, k: usize, cols: usize, seed: u64) -> Case {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let w = (0..m * k).map(|_| rng.gen::<i8>()).collect();
+        let b = (0..k4_len(k, cols)).map(|_| rng.gen::<u8>()).collect();
+        Case { m, k, cols, w, b }
+    }
+
+    /// Weights `fw(r, k)`, activations `fb(k, n)`; padding bytes random.
+    fn with(
+        m: usize,
+        k: usize,
+        cols: usize,
+        fw: impl Fn(usize, usize) -> i8,
+        fb: impl Fn(usize, usize) -> u8,
+    ) -> Case {
+        let mut c = Case::random(m, k, cols, (m * 1000 + k * 10 + cols) as u64);
+        for r in 0..m {
+            for kk in 0..k {
+                c.w[r * k + kk] = fw(r, kk);
+            }
+        }
+        for kk in 0..k {
+            for n in 0..cols {
+                c.b[k4_index(kk, n, cols)] = fb(kk, n);
+            }
+        }
+        c
+    }
+
+    fn reference(&self, r: usize, n: usize) -> i32 {
+        let s: i64 = (0..self.k)
+            .map(|kk| self.w[r * self.k + kk] as i64 * self.b[k4_index(kk, n, self.cols)] as i64)
+            .sum();
+        i32::try_from(s).expect("reference fits i32")
+    }
+
+    /// Runs `kernel` on `rows` with row stride `ldc` and checks every output, and that
+    /// the `ldc − cols` values after each row are untouched.
+    fn check(&self, kernel: QKernel, rows: std::ops::Range<usize>, ldc: usize) {
+        const SENTINEL: i32 = 0x5a5a_5a5a;
+        let packed = PackedI8::new(self.m, self.k, &self.w).unwrap();
+        let nrows = rows.len();
+        let mut acc = vec![SENTINEL; nrows.max(1) * ldc];
+        gemm_u8i8_with(
+            kernel,
+            &packed,
+            rows.clone(),
+            &self.b,
+            self.cols,
+            &mut acc,
+            ldc,
+        );
+        for (i, r) in rows.enumerate() {
+            for n in 0..ldc {
+                let got = acc[i * ldc + n];
+                let want = if n < self.cols {
+                    self.reference(r, n)
+                } else {
+                    SENTINEL
+                };
+                assert_eq!(
+                    got,
+                    want,
+                    "{}: m={} k={} cols={} ldc={ldc}, row {r}, token {n}",
+                    kernel.name(),
+                    self.m,
+                    self.k,
+                    self.cols
+                );
+            }
+        }
+        if nrows == 0 {
+            assert!(
+                acc.iter().all(|&v| v == SENTINEL),
+                "{}: empty rows wrote",
+                kernel.name()
+            );
+        }
+    }
+}
+
+fn kernels() -> Vec<QKernel> {
+    let ks = QKernel::available();
+    eprintln!(
+        "qgemm kernels: {:?}",
+        ks.iter().map(|k| k.name()).collect::<Vec<_>>()
+    );
+    ks
+}
+
+#[test]
+fn odd_sizes_every_kernel() {
+    let kernels = kernels();
+    for (i, &m) in [1, 3, 7, 8, 9, 17, 33].iter().enumerate() {
+        for (j, &k) in [1, 3, 4, 5, 64, 67, 320].iter().enumerate() {
+            for (l, &cols) in [1, 5, 15, 16, 17, 31, 33, 49, 196, 257].iter().enumerate() {
+                let case = Case::random(m, k, cols, (i * 100 + j * 10 + l) as u64);
+                for &kernel in &kernels {
+                    case.check(kernel, 0..m, cols);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn row_ranges_and_ldc() {
+    let kernels = kernels();
+    for &(m, k, cols) in &[(33, 67, 17), (33, 67, 49), (20, 8, 5), (17, 320, 196)] {
+        let case = Case::random(m, k, cols, 7);
+        for rows in [0..m, 5..6, 3..20.min(m), 9..m, m - 1..m, 7..7, 1..m - 1] {
+            for ldc in [cols, cols + 3, cols + 16] {
+                for &kernel in &kernels {
+                    case.check(kernel, rows.clone(), ldc);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn extreme_values_long_depth() {
+    let kernels = kernels();
+    for &k in &[2048, 2051, 4096] {
+        for &(m, cols) in &[(9, 33), (8, 16), (3, 5)] {
+            let cases = [
+                Case::with(m, k, cols, |_, _| -128, |_, _| 255),
+                Case::with(m, k, cols, |_, _| 127, |_, _| 255),
+                // Each pair of channels at the extremes of opposite signs, then same.
+                Case::with(
+                    m,
+                    k,
+                    cols,
+                    |r, kk| if (r + kk) % 2 == 0 { -128 } else { 127 },
+                    |_, _| 255,
+                ),
+                Case::with(
+                    m,
+                    k,
+                    cols,
+                    |_, kk| if kk % 4 < 2 { -128 } else { 127 },
+                    |_, n| 255 - (n % 2) as u8,
+                ),
+                Case::with(m, k, cols, |_, _| -128, |_, _| 0),
+            ];
+            for case in &cases {
+                for &kernel in &kernels {
+                    case.check(kernel, 0..m, cols);
+                }
+            }
+        }
+    }
+    // All 255 × −128: −32640·k, the extreme a saturating i16 pair sum would get wrong.
+    let case = Case::with(1, 2048, 17, |_, _| -128, |_, _| 255);
+    assert_eq!(case.reference(0, 0), -255 * 128 * 2048);
+}
+
+#[test]
+fn isa_dispatch() {
+    let case = Case::random(17, 67, 49, 3);
+    let packed = PackedI8::new(case.m, case.k, &case.w).unwrap();
+    for isa in Isa::available() {
+        let kernel = QKernel::for_isa(isa);
+        assert!(kernel.is_supported());
+        eprintln!("{} → {}", isa.name(), kernel.name());
+        if isa == Isa::Avx2 {
+            assert_eq!(
+                kernel,
+                QKernel::Avx2,
+                "Isa::Avx2 runs the plain AVX2 kernel"
+            );
+        }
+        let mut acc = vec![0; case.m * case.cols];
+        gemm_u8i8(
+            isa,
+            &packed,
+            0..case.m,
+            &case.b,
+            case.cols,
+            &mut acc,
+            case.cols,
+        );
+        for r in 0..case.m {
+            for n in 0..case.cols {
+                assert_eq!(
+                    acc[r * case.cols + n],
+                    case.reference(r, n),
+                    "{}",
+                    isa.name()
+                );
+            }
+        }
+    }
+}
