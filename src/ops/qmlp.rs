@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use tract_core::internal::*;
 
-use crate::kernels::qgemm::k4_len;
+use crate::kernels::qgemm::{k4_len, QKernel};
 use crate::kernels::qmlp::{
     hidden_rows, output_rows, quantize_input, run_block, QScratch, QuantMlp,
 };
@@ -37,7 +37,7 @@ impl Op for QuantChannelMlp {
             self.mlp.channels,
             self.mlp.hidden,
             self.mlp.channels,
-            Isa::best().name()
+            QKernel::for_isa(Isa::best()).name()
         )])
     }
 
