@@ -291,8 +291,13 @@ mod graph {
         for threads in [1, 2, 3] {
             let fused = engine(&bytes, true, threads);
             let report = fused.passes().rewrites.join("; ");
-            assert!(report.contains("int8 channel MLP"), "not fused: {report}");
-            assert!(report.contains("×5"), "not every block fused: {report}");
+            // Where the MLP fusion is off (armv7), this checks the rest of the passes.
+            if poolformer_edge::passes::metaformer::FUSES_MLP {
+                assert!(
+                    report.contains("int8 channel MLP (norm + quantize + int8 fc1 + GELU + quantize + int8 fc2 + scale + residual) ×5"),
+                    "not every block fused: {report}"
+                );
+            }
             let (mut num, mut den) = (0f64, 0f64);
             for seed in 0..4 {
                 let x = super::common::test_image(3, SIZE, SIZE, 100 + seed);
