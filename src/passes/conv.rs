@@ -134,7 +134,11 @@ fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPat
     {
         return Ok(None);
     }
-    let weights = w.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    // Dequantized weights are this pass's own: take them without a copy.
+    let weights = match Arc::try_unwrap(w) {
+        Ok(t) => t.into_plain_array::<f32>()?.into_raw_vec_and_offset().0,
+        Err(w) => w.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+    };
     let op = PatchConv {
         geometry,
         out_channels: o,
