@@ -225,7 +225,7 @@ impl Graph {
         attributes: Vec<AttributeProto>,
     ) -> &mut Self {
         self.nodes.push(NodeProto {
-            name: format!("{op_type}_under_test"),
+            name: format!("{op_type}_under_test_{}", self.nodes.len()),
             op_type: op_type.to_string(),
             domain: domain.to_string(),
             input: inputs.iter().map(|s| s.to_string()).collect(),
@@ -266,12 +266,18 @@ impl Graph {
     /// Loads with this crate's loader, optimizes like the engine (this crate's graph
     /// passes, e.g. the per-channel QLinearConv rewrite, then tract's) and runs once.
     fn run(&self, inputs: Vec<Tensor>) -> TractResult<Tensor> {
+        Ok(self.run_with(inputs, true)?.0)
+    }
+
+    /// As [`Graph::run`], with or without this crate's passes; also returns what the
+    /// passes reported.
+    fn run_with(&self, inputs: Vec<Tensor>, fuse: bool) -> TractResult<(Tensor, String)> {
         let bytes = self.encode();
         let typed = loader().model_for_read(&mut &bytes[..])?.into_typed()?;
-        let (optimized, _) = poolformer_edge::passes::optimize(typed, true)?;
+        let (optimized, report) = poolformer_edge::passes::optimize(typed, fuse)?;
         let model = optimized.into_runnable()?;
         let outputs = model.run(inputs.into_iter().map(|t| t.into_tvalue()).collect())?;
-        Ok(outputs[0].clone().into_tensor())
+        Ok((outputs[0].clone().into_tensor(), report.rewrites.join("; ")))
     }
 }
 
@@ -1259,4 +1265,149 @@ fn bad_qoperator_nodes_give_errors_not_panics() {
     let err =
         load_error(&pool_graph(vec![])).expect("a pool without kernel_shape must be rejected");
     assert!(err.contains("kernel_shape is required"), "{err}");
+}
+
+/// onnxruntime's Conv-only QOperator form of a PoolFormer channel-MLP half (the layer
+/// scale folded into fc2, GELU spelled out as the dynamo exporter writes it):
+///
+/// ```text
+/// n = GroupNorm₁(x)·γ + β → QuantizeLinear → QLinearConv fc1 (per-channel i8, i32 bias)
+///   → DequantizeLinear → gelu → QuantizeLinear → QLinearConv fc2 → DequantizeLinear → + x
+/// ```
+///
+/// With the passes it becomes one `PfeQuantChannelMlp`; without them tract runs it op by
+/// op. Six channels (not a multiple of the kernel's 4-channel groups), 7×7 tokens. The
+/// two may differ where a value lies within f32 rounding of a quantization boundary:
+/// one step of a u8 activation (Q₁, fc1's output, Q₂) moves an fc2 output by at most
+/// `Σ|w₂|·(one step)` — here a few steps of fc2's output grid. Bound: every output
+/// within 4 steps of fc2's output grid, and at most 2% of them off by more than one
+/// (measured: all equal; a one-step error in fc1's requantization breaks the bound).
+#[test]
+fn qoperator_channel_mlp_is_fused_and_agrees() {
+    let (c, h, side) = (6usize, 24usize, 7usize);
+    let hw = side * side;
+    let mut g = Graph::default();
+    let rng = |n: usize, seed: u64| values(Q::I8, n, seed);
+    let w1 = rng(h * c, 31);
+    let w2 = rng(c * h, 32);
+    let b1: Vec<i32> = (0..h as i32).map(|i| 40 * i - 400).collect();
+    let b2: Vec<i32> = (0..c as i32).map(|i| 90 * i - 200).collect();
+    let ws1: Vec<f32> = (0..h).map(|i| 0.004 + 0.0002 * i as f32).collect();
+    let ws2: Vec<f32> = (0..c).map(|i| 0.003 + 0.0003 * i as f32).collect();
+    let gamma: Vec<f32> = (0..c).map(|i| 0.8 + 0.1 * i as f32).collect();
+    let beta: Vec<f32> = (0..c).map(|i| 0.05 * i as f32 - 0.1).collect();
+    let y_scale = 0.004f32;
+    let chan = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    g.input("x", DataType::Float, &[1, c, side, side])
+        .init(
+            "axes",
+            DataType::Int64,
+            &[3],
+            [1i64, 2, 3].iter().flat_map(|v| v.to_le_bytes()).collect(),
+        )
+        .f32_scalar("eps", 1e-5)
+        .init("gamma", DataType::Float, &[c, 1, 1], chan(&gamma))
+        .init("beta", DataType::Float, &[c, 1, 1], chan(&beta))
+        .f32_scalar("s1", 0.03)
+        .q_const("z1", Q::U8, &[], &[128])
+        .q_const("w1", Q::I8, &[h, c, 1, 1], &w1)
+        .f32_vec("ws1", &ws1)
+        .q_const("wz1", Q::I8, &[h], &vec![0; h])
+        .f32_scalar("sh", 0.02)
+        .q_const("zh", Q::U8, &[], &[120])
+        .i32_const("b1", &[h], &b1)
+        .f32_scalar("inv_sqrt2", std::f32::consts::FRAC_1_SQRT_2)
+        .f32_scalar("one", 1.0)
+        .f32_scalar("half", 0.5)
+        .f32_scalar("s2", 0.015)
+        .q_const("z2", Q::U8, &[], &[30])
+        .q_const("w2", Q::I8, &[c, h, 1, 1], &w2)
+        .f32_vec("ws2", &ws2)
+        .q_const("wz2", Q::I8, &[c], &vec![0; c])
+        .f32_scalar("sy", y_scale)
+        .q_const("zy", Q::U8, &[], &[131])
+        .i32_const("b2", &[c], &b2);
+    let keep = vec![attr_int("keepdims", 1)];
+    g.node(
+        "ReduceMean",
+        "",
+        &["x"],
+        "mean",
+        vec![attr_ints("axes", &[1, 2, 3]), attr_int("keepdims", 1)],
+    )
+    .node("Sub", "", &["x", "mean"], "centered", vec![])
+    .node("Mul", "", &["centered", "centered"], "sq", vec![])
+    .node(
+        "ReduceMean",
+        "",
+        &["sq"],
+        "var",
+        vec![attr_ints("axes", &[1, 2, 3]), keep[0].clone()],
+    )
+    .node("Add", "", &["var", "eps"], "var_eps", vec![])
+    .node("Sqrt", "", &["var_eps"], "std", vec![])
+    .node("Div", "", &["centered", "std"], "normalized", vec![])
+    .node("Mul", "", &["normalized", "gamma"], "scaled", vec![])
+    .node("Add", "", &["scaled", "beta"], "n", vec![])
+    .node("QuantizeLinear", "", &["n", "s1", "z1"], "n_q", vec![])
+    .node(
+        "QLinearConv",
+        "",
+        &["n_q", "s1", "z1", "w1", "ws1", "wz1", "sh", "zh", "b1"],
+        "h_q",
+        vec![],
+    )
+    .node("DequantizeLinear", "", &["h_q", "sh", "zh"], "hid", vec![])
+    .node("Mul", "", &["hid", "inv_sqrt2"], "hid_scaled", vec![])
+    .node("Erf", "", &["hid_scaled"], "erf", vec![])
+    .node("Add", "", &["erf", "one"], "erf1", vec![])
+    .node("Mul", "", &["erf1", "half"], "erf_half", vec![])
+    .node("Mul", "", &["hid", "erf_half"], "gelu", vec![])
+    .node("QuantizeLinear", "", &["gelu", "s2", "z2"], "g_q", vec![])
+    .node(
+        "QLinearConv",
+        "",
+        &["g_q", "s2", "z2", "w2", "ws2", "wz2", "sy", "zy", "b2"],
+        "y_q",
+        vec![],
+    )
+    .node(
+        "DequantizeLinear",
+        "",
+        &["y_q", "sy", "zy"],
+        "branch",
+        vec![],
+    )
+    .node("Add", "", &["x", "branch"], "y", vec![])
+    .output("y", DataType::Float);
+    let x: Vec<f32> = (0..c * hw)
+        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 2.0 + (i / hw) as f32 * 0.1)
+        .collect();
+    let input = || vec![Tensor::from_shape(&[1, c, side, side], &x).unwrap()];
+    let (fused, report) = g.run_with(input(), true).unwrap();
+    let (plain, _) = g.run_with(input(), false).unwrap();
+    if poolformer_edge::passes::metaformer::FUSES_MLP {
+        assert!(report.contains("int8 channel MLP"), "not fused: {report}");
+    }
+    let (fused, plain) = (as_f32(&fused), as_f32(&plain));
+    let steps: Vec<f64> = fused
+        .iter()
+        .zip(&plain)
+        .map(|(a, b)| ((a - b) as f64 / y_scale as f64).abs())
+        .collect();
+    let worst = steps.iter().cloned().fold(0.0, f64::max);
+    let off = steps.iter().filter(|&&s| s > 1.01).count();
+    assert!(worst <= 4.01, "fused vs unfused: {worst} steps");
+    assert!(
+        off * 50 <= steps.len(),
+        "{off} of {} outputs off by more than a step",
+        steps.len()
+    );
+    // The branch is not trivially zero: the MLP moved x by many steps.
+    let moved = fused
+        .iter()
+        .zip(&x)
+        .filter(|(a, b)| ((*a - *b) / y_scale).abs() > 3.0)
+        .count();
+    assert!(moved * 2 > x.len(), "the MLP branch barely changes x");
 }
