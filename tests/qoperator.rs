@@ -1327,7 +1327,6 @@ fn qoperator_channel_mlp_is_fused_and_agrees() {
         .f32_scalar("sy", y_scale)
         .q_const("zy", Q::U8, &[], &[131])
         .i32_const("b2", &[c], &b2);
-    let keep = vec![attr_int("keepdims", 1)];
     g.node(
         "ReduceMean",
         "",
@@ -1342,7 +1341,7 @@ fn qoperator_channel_mlp_is_fused_and_agrees() {
         "",
         &["sq"],
         "var",
-        vec![attr_ints("axes", &[1, 2, 3]), keep[0].clone()],
+        vec![attr_ints("axes", &[1, 2, 3]), attr_int("keepdims", 1)],
     )
     .node("Add", "", &["var", "eps"], "var_eps", vec![])
     .node("Sqrt", "", &["var_eps"], "std", vec![])
