@@ -13,6 +13,7 @@ pub mod mixer;
 pub mod mlp;
 pub mod norm;
 pub mod quant;
+pub mod sgemm;
 
 /// An instruction-set level a kernel can be compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
