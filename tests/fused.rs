@@ -369,7 +369,13 @@ fn logits(
     )
     .unwrap();
     let x = Array4::from_shape_vec((1, 3, size, size), input.to_vec()).unwrap();
-    let rewrites = engine.passes().rewrites.clone();
+    let mut rewrites = engine.passes().rewrites.clone();
+    // Which form of the channel MLP the plan runs, as one more line.
+    let packed = engine.model().nodes().iter().filter(|n| {
+        n.op_as::<poolformer_edge::ops::metaformer::PackedChannelMlp>()
+            .is_some()
+    });
+    rewrites.push(format!("packed channel MLP ×{}", packed.count()));
     (engine.run_array(x).unwrap(), rewrites)
 }
 
@@ -387,7 +393,7 @@ fn fused_engine_matches_unfused_and_fuses_every_block() {
     let onnx = export_onnx(&arch, &weights).unwrap();
     let input = common::test_image(3, 64, 64, 3);
     let (plain, none) = logits(&onnx, 64, 1, false, &input);
-    assert!(none.is_empty());
+    assert_eq!(none, ["packed channel MLP ×0"]);
     for threads in [1, 2, 3] {
         let (fused, rewrites) = logits(&onnx, 64, threads, true, &input);
         let d = max_diff(&plain, &fused);
@@ -409,6 +415,14 @@ fn fused_engine_matches_unfused_and_fuses_every_block() {
                     .any(|r| r.starts_with("channel MLP") && r.ends_with(&format!("×{blocks}"))),
                 "{rewrites:?}"
             );
+            // Code generation packs every one where the packed kernels are the faster path.
+            let packed = if PackedMlp::preferred(Isa::best()) {
+                blocks
+            } else {
+                0
+            };
+            let line = format!("packed channel MLP ×{packed}");
+            assert!(rewrites.contains(&line), "{rewrites:?}");
         }
     }
 }
