@@ -35,6 +35,11 @@ pub const MR: usize = 8;
 /// `MC_FLOATS` f32) stay in L2 while every column panel goes through them.
 const MC_FLOATS: usize = 96 * 1024;
 
+/// Longest stretch of the reduction per pass: a column panel of 48 tokens × `KC` (48
+/// KiB) stays in L1 while the weight panels go through it; the partial sums of longer
+/// reductions are stored and reloaded once per stretch.
+const KC: usize = 256;
+
 /// Tokens per vector and the most vectors in a column panel, per instruction set.
 pub fn geometry(isa: Isa) -> (usize, usize) {
     match isa {
@@ -285,29 +290,43 @@ pub unsafe fn gemm(
         zero_x.set_layout_like(x, 1);
         return gemm(isa, &zero_w, panels, &zero_x, epilogue);
     }
-    let chunk = (MC_FLOATS / (w.depth * MR)).max(1);
-    let mut p0 = panels.start;
-    while p0 < panels.end {
-        let p1 = (p0 + chunk).min(panels.end);
-        for c in 0..x.panels() {
-            let (s, e) = (x.starts[c], x.starts[c + 1]);
-            let strip = Strip {
-                w,
-                panels: p0..p1,
-                x: x.data.as_slice().as_ptr().add(x.depth * s),
-                col0: s,
-                valid: e.min(x.cols) - s,
-            };
-            strip.run(isa, (e - s) / geometry(isa).0, epilogue);
+    let (kc, mc) = (KC, MC_FLOATS);
+    let k_blocks = w.depth.div_ceil(kc);
+    for kb in 0..k_blocks {
+        let depth = kb * w.depth / k_blocks..(kb + 1) * w.depth / k_blocks;
+        let chunk = (mc / (depth.len() * MR)).max(1);
+        let mut p0 = panels.start;
+        while p0 < panels.end {
+            let p1 = (p0 + chunk).min(panels.end);
+            for c in 0..x.panels() {
+                let (s, e) = (x.starts[c], x.starts[c + 1]);
+                let strip = Strip {
+                    w,
+                    panels: p0..p1,
+                    depth: depth.clone(),
+                    first: kb == 0,
+                    last: kb + 1 == k_blocks,
+                    x: x.data.as_slice().as_ptr().add(x.depth * s),
+                    col0: s,
+                    valid: e.min(x.cols) - s,
+                };
+                strip.run(isa, (e - s) / geometry(isa).0, epilogue);
+            }
+            p0 = p1;
         }
-        p0 = p1;
     }
 }
 
-/// One column panel of `X` against a range of weight panels.
+/// One column panel of `X` against a range of weight panels, over one stretch of the
+/// reduction: the first one starts from the epilogue's additive terms (or zero), the
+/// last one applies the epilogue, those between add onto the stored partial sums.
 struct Strip<'a> {
     w: &'a PackedWeights,
     panels: Range<usize>,
+    depth: Range<usize>,
+    first: bool,
+    last: bool,
+    /// The panel's start (row 0 of the reduction).
     x: *const f32,
     col0: usize,
     valid: usize,
@@ -335,12 +354,13 @@ impl Strip<'_> {
     /// The plain definition, any panel width.
     unsafe fn portable(&self, width: usize, epi: &Epilogue) {
         let k = self.w.depth;
+        let (k0, k1) = (self.depth.start, self.depth.end);
         let wd = self.w.data.as_slice();
-        let xs = std::slice::from_raw_parts(self.x, k * width);
+        let xs = std::slice::from_raw_parts(self.x.add(k0 * width), (k1 - k0) * width);
         let mut acc = vec![0f32; MR * width];
         for p in self.panels.clone() {
             acc.fill(0.0);
-            let a = &wd[p * MR * k..(p + 1) * MR * k];
+            let a = &wd[(p * k + k0) * MR..(p * k + k1) * MR];
             for (av, xv) in a.chunks_exact(MR).zip(xs.chunks_exact(width)) {
                 for (r, &a) in av.iter().enumerate() {
                     for (o, &b) in acc[r * width..(r + 1) * width].iter_mut().zip(xv) {
@@ -356,7 +376,12 @@ impl Strip<'_> {
                     Epilogue::Gelu { scale, bias, dst } => {
                         let d = dst.add(self.w.rows * self.col0 + row * width);
                         for (l, &v) in acc.iter().enumerate() {
-                            *d.add(l) = gelu(v * scale + bias[row]);
+                            let v = if self.first { v } else { v + *d.add(l) };
+                            *d.add(l) = if self.last {
+                                gelu(v * scale + bias[row])
+                            } else {
+                                v
+                            };
                         }
                     }
                     Epilogue::Residual {
@@ -369,7 +394,11 @@ impl Strip<'_> {
                         let xr = x.add(row * ldx + self.col0);
                         let or = out.add(row * ldo + self.col0);
                         for (l, &v) in acc[..self.valid].iter().enumerate() {
-                            *or.add(l) = v + *xr.add(l) + bias[row];
+                            *or.add(l) = if self.first {
+                                v + *xr.add(l) + bias[row]
+                            } else {
+                                v + *or.add(l)
+                            };
                         }
                     }
                 }
@@ -447,14 +476,15 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
     pub(super) unsafe fn strip_avx512<const NV: usize>(s: &Strip, epi: &Epilogue) {
         let w = s.w;
-        let k = w.depth;
+        let (k, k0) = (w.depth, s.depth.start);
         let width = NV * 16;
         let base = w.data.as_slice().as_ptr();
+        let x0 = s.x.add(k0 * width);
         for p in s.panels.clone() {
-            let a = base.add(p * MR * k);
+            let a = base.add((p * k + k0) * MR);
             let mut acc = [[_mm512_setzero_ps(); NV]; MR];
-            for kk in 0..k {
-                let xp = s.x.add(kk * width);
+            for kk in 0..s.depth.len() {
+                let xp = x0.add(kk * width);
                 let mut xv = [_mm512_setzero_ps(); NV];
                 for (v, xv) in xv.iter_mut().enumerate() {
                     *xv = _mm512_load_ps(xp.add(v * 16));
@@ -476,8 +506,18 @@ mod x86 {
                     for (r, acc) in acc.iter().enumerate().take(rows) {
                         let b = _mm512_set1_ps(*bias.get_unchecked(row0 + r));
                         for (v, &a) in acc.iter().enumerate() {
-                            let y = gelu512(_mm512_fmadd_ps(a, sc, b));
-                            _mm512_store_ps(d.add(r * width + v * 16), y);
+                            let dv = d.add(r * width + v * 16);
+                            let a = if s.first {
+                                a
+                            } else {
+                                _mm512_add_ps(a, _mm512_load_ps(dv))
+                            };
+                            let y = if s.last {
+                                gelu512(_mm512_fmadd_ps(a, sc, b))
+                            } else {
+                                a
+                            };
+                            _mm512_store_ps(dv, y);
                         }
                     }
                 }
@@ -493,15 +533,21 @@ mod x86 {
                         let b = _mm512_set1_ps(*bias.get_unchecked(row));
                         let xr = x.add(row * ldx + s.col0);
                         let or = out.add(row * ldo + s.col0);
+                        // First stretch: acc + b + x; later ones: acc + out.
+                        let (src, b) = if s.first {
+                            (xr, b)
+                        } else {
+                            (or as *const f32, _mm512_setzero_ps())
+                        };
                         for (v, &a) in acc.iter().enumerate() {
                             let n = s.valid.saturating_sub(v * 16).min(16);
                             let y = _mm512_add_ps(a, b);
                             if n == 16 {
-                                let y = _mm512_add_ps(y, _mm512_loadu_ps(xr.add(v * 16)));
+                                let y = _mm512_add_ps(y, _mm512_loadu_ps(src.add(v * 16)));
                                 _mm512_storeu_ps(or.add(v * 16), y);
                             } else if n > 0 {
                                 let m: __mmask16 = ((1u32 << n) - 1) as u16;
-                                let xv = _mm512_maskz_loadu_ps(m, xr.add(v * 16));
+                                let xv = _mm512_maskz_loadu_ps(m, src.add(v * 16));
                                 _mm512_mask_storeu_ps(or.add(v * 16), m, _mm512_add_ps(y, xv));
                             }
                         }
@@ -516,19 +562,20 @@ mod x86 {
     pub(super) unsafe fn strip_avx2<const NV: usize>(s: &Strip, epi: &Epilogue) {
         const HR: usize = MR / 2;
         let w = s.w;
-        let k = w.depth;
+        let (k, k0) = (w.depth, s.depth.start);
         let width = NV * 8;
         let base = w.data.as_slice().as_ptr();
+        let x0 = s.x.add(k0 * width);
         for p in s.panels.clone() {
             for half in 0..2 {
                 let row0 = p * MR + half * HR;
                 if row0 >= w.rows {
                     break;
                 }
-                let a = base.add(p * MR * k + half * HR);
+                let a = base.add((p * k + k0) * MR + half * HR);
                 let mut acc = [[_mm256_setzero_ps(); NV]; HR];
-                for kk in 0..k {
-                    let xp = s.x.add(kk * width) as *const __m256;
+                for kk in 0..s.depth.len() {
+                    let xp = x0.add(kk * width) as *const __m256;
                     let ap = a.add(kk * MR);
                     for (r, acc) in acc.iter_mut().enumerate() {
                         let av = _mm256_broadcast_ss(&*ap.add(r));
@@ -549,8 +596,18 @@ mod x86 {
                         for (r, acc) in acc.iter().enumerate().take(rows) {
                             let b = _mm256_set1_ps(*bias.get_unchecked(row0 + r));
                             for (v, &a) in acc.iter().enumerate() {
-                                let y = gelu256(_mm256_fmadd_ps(a, sc, b));
-                                _mm256_store_ps(d.add(r * width + v * 8), y);
+                                let dv = d.add(r * width + v * 8);
+                                let a = if s.first {
+                                    a
+                                } else {
+                                    _mm256_add_ps(a, _mm256_load_ps(dv))
+                                };
+                                let y = if s.last {
+                                    gelu256(_mm256_fmadd_ps(a, sc, b))
+                                } else {
+                                    a
+                                };
+                                _mm256_store_ps(dv, y);
                             }
                         }
                     }
@@ -566,16 +623,21 @@ mod x86 {
                             let b = _mm256_set1_ps(*bias.get_unchecked(row));
                             let xr = x.add(row * ldx + s.col0);
                             let or = out.add(row * ldo + s.col0);
+                            let (src, b) = if s.first {
+                                (xr, b)
+                            } else {
+                                (or as *const f32, _mm256_setzero_ps())
+                            };
                             for (v, &a) in acc.iter().enumerate() {
                                 let n = s.valid.saturating_sub(v * 8).min(8);
                                 let y = _mm256_add_ps(a, b);
                                 if n == 8 {
-                                    let y = _mm256_add_ps(y, _mm256_loadu_ps(xr.add(v * 8)));
+                                    let y = _mm256_add_ps(y, _mm256_loadu_ps(src.add(v * 8)));
                                     _mm256_storeu_ps(or.add(v * 8), y);
                                 } else if n > 0 {
                                     let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                                     let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
-                                    let xv = _mm256_maskload_ps(xr.add(v * 8), m);
+                                    let xv = _mm256_maskload_ps(src.add(v * 8), m);
                                     _mm256_maskstore_ps(or.add(v * 8), m, _mm256_add_ps(y, xv));
                                 }
                             }
