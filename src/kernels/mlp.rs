@@ -96,10 +96,9 @@ impl PackedMlp {
         }
     }
 
-    /// Whether [`run_block_packed`] is the faster path on `isa` (the `gemm` crate's
-    /// kernels are, where only the portable build of [`sgemm`] exists).
+    /// Whether [`run_block_packed`] is the faster path on `isa` ([`sgemm::preferred`]).
     pub fn preferred(isa: Isa) -> bool {
-        matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.is_supported()
+        sgemm::preferred(isa)
     }
 }
 

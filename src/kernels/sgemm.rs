@@ -40,6 +40,13 @@ const MC_FLOATS: usize = 96 * 1024;
 /// reductions are stored and reloaded once per stretch.
 const KC: usize = 256;
 
+/// Whether these kernels are the faster path on `isa`: the AVX2 and AVX-512 builds
+/// are; where only the portable build exists, the `gemm` crate's kernels (NEON on
+/// aarch64) are faster.
+pub fn preferred(isa: Isa) -> bool {
+    matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.is_supported()
+}
+
 /// Tokens per vector and the most vectors in a column panel, per instruction set.
 pub fn geometry(isa: Isa) -> (usize, usize) {
     match isa {
