@@ -9,12 +9,20 @@
 //! Tolerances. Kernels: the f32 results carry relative rounding errors of order
 //! K·2⁻²⁴ for K-term sums (K ≤ 64 here), so 1e-5 relative (1e-4 for the MLP, whose
 //! folded weights reassociate the norm's affine into the matrix products) is tight yet
-//! clear of rounding. Graphs: 1e-4 absolute on logits of order 1, the bound the
+//! clear of rounding. The packed matrix products (`kernels::sgemm`) are checked against
+//! max(1e-5, K·6e-8)·(1 + Σ|terms|): a K-term f32 dot product is off by at most about
+//! K·2⁻²⁴·Σ|terms| whatever the summation order, FMA contraction or split of the
+//! reduction (K·6e-8 ≥ K·2⁻²⁴), and the erf approximation adds at most 2e-6·|a|/2 to
+//! gelu(a) (see the erf test), so the bound holds without depending on cancellation,
+//! yet a wrong index, tail, stretch or epilogue term is off by far more. Graphs: 1e-4 absolute on logits of order 1, the bound the
 //! reference test argues for (the fused ops reorder sums but stay in f32).
 
 mod common;
 
-use poolformer_edge::kernels::mlp::{run_block, MlpWeights, Scratch};
+use poolformer_edge::kernels::mlp::{
+    run_block, run_block_packed, sequential, MlpWeights, PackedMlp, Scratch,
+};
+use poolformer_edge::kernels::sgemm::{self, Epilogue, PackedCols, PackedWeights};
 use poolformer_edge::kernels::{mixer, norm, Isa};
 use poolformer_edge::models::export::export_onnx;
 use poolformer_edge::models::synth::synthesize;
@@ -170,6 +178,184 @@ fn channel_mlp_block_matches_definition_on_every_isa() {
             );
         }
     }
+    // The packed kernels, every build, whole blocks and blocks split by rows.
+    let packed = PackedMlp::new(std::sync::Arc::new(w.clone()));
+    for isa in Isa::available() {
+        for (block, parts) in [(7, 1), (23, 1), (7, 2), (23, 3), (5, 9)] {
+            let mut out = vec![f32::NAN; c * hw];
+            let mut scratch = Scratch::default();
+            for j0 in (0..hw).step_by(block) {
+                let cols = (j0, (j0 + block).min(hw));
+                unsafe {
+                    run_block_packed(
+                        isa,
+                        &packed,
+                        x.as_ptr(),
+                        out.as_mut_ptr(),
+                        hw,
+                        cols,
+                        (mean, rstd),
+                        &mut scratch,
+                        parts,
+                        &sequential,
+                    );
+                }
+            }
+            for (i, (&g, &e)) in out.iter().zip(&want).enumerate() {
+                assert!(
+                    (g as f64 - e).abs() <= 1e-4 * e.abs().max(1.0),
+                    "packed {isa:?} blocks of {block}, {parts} parts, at {i}: {g} vs {e}"
+                );
+            }
+        }
+    }
+}
+
+/// (rows M, depth K, tokens N): tails of the 8-row panels and of 8/16-token vectors,
+/// N below one vector, K = 1, panels of one, two and three vectors, reductions longer
+/// than one stretch (256) with uneven stretches, PoolFormer-like.
+const SGEMM_SHAPES: &[(usize, usize, usize)] = &[
+    (1, 1, 1),
+    (3, 1, 5),
+    (8, 4, 16),
+    (9, 7, 17),
+    (13, 5, 33),
+    (7, 3, 48),
+    (17, 64, 49),
+    (19, 130, 3),
+    (5, 17, 100),
+    (24, 9, 47),
+    (16, 32, 64),
+    (9, 300, 20),
+    (17, 521, 5),
+];
+
+/// `(Σ w·(x − shift), Σ |w·(x − shift)|)` in f64 for output `(i, j)`.
+fn sgemm_tol(k: usize) -> f64 {
+    1e-5f64.max(k as f64 * 6e-8)
+}
+
+fn dot_ref(
+    w: &[f32],
+    x: &[f32],
+    ldx: usize,
+    k: usize,
+    shift: f32,
+    i: usize,
+    j: usize,
+) -> (f64, f64) {
+    (0..k)
+        .map(|kk| w[i * k + kk] as f64 * (x[kk * ldx + j] as f64 - shift as f64))
+        .fold((0.0, 0.0), |(s, a), t| (s + t, a + t.abs()))
+}
+
+#[test]
+fn sgemm_gelu_matches_definition_on_every_isa() {
+    for &(m, k, n) in SGEMM_SHAPES {
+        let ldx = n + 3;
+        let w: Vec<f32> = noise(m * k, (m * k) as u64)
+            .iter()
+            .map(|v| v * 0.3)
+            .collect();
+        let x = noise(k * ldx, (k * n) as u64 + 1);
+        let bias: Vec<f32> = noise(m, 7).iter().map(|v| v * 0.2).collect();
+        let (shift, scale) = (0.6f32, 2.0 / (k as f32).sqrt());
+        let packed_w = PackedWeights::pack(&w, m, k);
+        for isa in Isa::available() {
+            let mut px = PackedCols::default();
+            px.pack(isa, &x, ldx, k, n, shift);
+            assert_eq!(px.unpack().len(), k * n);
+            let mut hidden = PackedCols::default();
+            hidden.set_layout_like(&px, m);
+            let epi = Epilogue::Gelu {
+                scale,
+                bias: &bias,
+                dst: hidden.as_mut_ptr(),
+            };
+            unsafe { sgemm::gemm(isa, &packed_w, 0..packed_w.panels(), &px, &epi) };
+            let got = hidden.unpack();
+            for i in 0..m {
+                for j in 0..n {
+                    let (dot, abs) = dot_ref(&w, &x, ldx, k, shift, i, j);
+                    let a = scale as f64 * dot + bias[i] as f64;
+                    let want = common::reference::gelu(a);
+                    let g = got[i * n + j] as f64;
+                    let tol = sgemm_tol(k) * (1.0 + scale as f64 * abs + bias[i].abs() as f64);
+                    assert!(
+                        (g - want).abs() <= tol,
+                        "{isa:?} {m}×{k}×{n} at ({i},{j}): {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sgemm_residual_matches_definition_on_every_isa() {
+    for &(m, k, n) in SGEMM_SHAPES {
+        let (ldx, ldo) = (n + 3, n + 2);
+        let w: Vec<f32> = noise(m * k, (m * k) as u64 + 2)
+            .iter()
+            .map(|v| v * 0.3)
+            .collect();
+        let b = noise(k * ldx, (k * n) as u64 + 3);
+        let res = noise(m * ldx, (m * n) as u64 + 4);
+        let bias = noise(m, 8);
+        let packed_w = PackedWeights::pack(&w, m, k);
+        for isa in Isa::available() {
+            let mut pb = PackedCols::default();
+            pb.pack(isa, &b, ldx, k, n, 0.0);
+            // Outside the n columns of each row the output must stay untouched.
+            let mut out = vec![f32::NAN; m * ldo];
+            let epi = Epilogue::Residual {
+                bias: &bias,
+                x: res.as_ptr(),
+                ldx,
+                out: out.as_mut_ptr(),
+                ldo,
+            };
+            // In two row ranges, as the threads split them.
+            let half = packed_w.panels() / 2;
+            unsafe {
+                sgemm::gemm(isa, &packed_w, 0..half, &pb, &epi);
+                sgemm::gemm(isa, &packed_w, half..packed_w.panels(), &pb, &epi);
+            }
+            for i in 0..m {
+                for j in 0..ldo {
+                    let g = out[i * ldo + j] as f64;
+                    if j >= n {
+                        assert!(g.is_nan(), "{isa:?} {m}×{k}×{n}: wrote ({i},{j})");
+                        continue;
+                    }
+                    let (dot, abs) = dot_ref(&w, &b, ldx, k, 0.0, i, j);
+                    let (r, bi) = (res[i * ldx + j] as f64, bias[i] as f64);
+                    let want = dot + r + bi;
+                    let tol = sgemm_tol(k) * (1.0 + abs + r.abs() + bi.abs());
+                    assert!(
+                        (g - want).abs() <= tol,
+                        "{isa:?} {m}×{k}×{n} at ({i},{j}): {g} vs {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn sgemm_packing_round_trips() {
+    for isa in Isa::available() {
+        for &(k, n) in &[(1usize, 1usize), (3, 7), (2, 16), (5, 49), (4, 196)] {
+            let ldx = n + 1;
+            let x = noise(k * ldx, n as u64);
+            let mut p = PackedCols::default();
+            p.pack(isa, &x, ldx, k, n, 0.25);
+            let want: Vec<f32> = (0..k)
+                .flat_map(|kk| x[kk * ldx..kk * ldx + n].iter().map(|v| v - 0.25))
+                .collect();
+            assert_eq!(p.unpack(), want, "{isa:?} {k}×{n}");
+        }
+    }
 }
 
 fn logits(
@@ -189,7 +375,13 @@ fn logits(
     )
     .unwrap();
     let x = Array4::from_shape_vec((1, 3, size, size), input.to_vec()).unwrap();
-    let rewrites = engine.passes().rewrites.clone();
+    let mut rewrites = engine.passes().rewrites.clone();
+    // Which form of the channel MLP the plan runs, as one more line.
+    let packed = engine.model().nodes().iter().filter(|n| {
+        n.op_as::<poolformer_edge::ops::metaformer::PackedChannelMlp>()
+            .is_some()
+    });
+    rewrites.push(format!("packed channel MLP ×{}", packed.count()));
     (engine.run_array(x).unwrap(), rewrites)
 }
 
@@ -207,7 +399,7 @@ fn fused_engine_matches_unfused_and_fuses_every_block() {
     let onnx = export_onnx(&arch, &weights).unwrap();
     let input = common::test_image(3, 64, 64, 3);
     let (plain, none) = logits(&onnx, 64, 1, false, &input);
-    assert!(none.is_empty());
+    assert_eq!(none, ["packed channel MLP ×0"]);
     for threads in [1, 2, 3] {
         let (fused, rewrites) = logits(&onnx, 64, threads, true, &input);
         let d = max_diff(&plain, &fused);
@@ -229,6 +421,14 @@ fn fused_engine_matches_unfused_and_fuses_every_block() {
                     .any(|r| r.starts_with("channel MLP") && r.ends_with(&format!("×{blocks}"))),
                 "{rewrites:?}"
             );
+            // Code generation packs every one where the packed kernels are the faster path.
+            let packed = if PackedMlp::preferred(Isa::best()) {
+                blocks
+            } else {
+                0
+            };
+            let line = format!("packed channel MLP ×{packed}");
+            assert!(rewrites.contains(&line), "{rewrites:?}");
         }
     }
 }

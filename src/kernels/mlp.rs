@@ -10,12 +10,18 @@
 //!
 //! The tokens (columns of the `C×HW` activation) are processed in blocks, so the
 //! hidden activations of a block (`4C × cols`) stay in cache between the two
-//! products. Matrix products come from the `gemm` crate (AVX2/AVX-512/NEON kernels
-//! chosen at run time); the element-wise parts, GELU included, are multiversioned
-//! here.
+//! products. On x86-64 with AVX2 or AVX-512 the products are this crate's packed
+//! kernels ([`super::sgemm`], [`run_block_packed`]): weights packed once
+//! ([`PackedMlp`]), centering done while packing the block, the bias + GELU and the
+//! residual done in registers before the stores. Elsewhere ([`run_block`]) they come
+//! from the `gemm` crate (NEON on aarch64), with the element-wise parts, GELU
+//! included, as separate multiversioned passes.
+
+use std::sync::Arc;
 
 use anyhow::{ensure, Result};
 
+use super::sgemm::{self, Epilogue, PackedCols, PackedWeights};
 use super::{multiversion, Isa};
 
 /// Folded weights of one block's MLP.
@@ -63,11 +69,103 @@ impl MlpWeights {
     }
 }
 
-/// Per-thread buffers for [`run_block`].
+/// Per-thread buffers for [`run_block`] and [`run_block_packed`].
 #[derive(Default)]
 pub struct Scratch {
     centered: Vec<f32>,
     hidden: Vec<f32>,
+    packed_x: PackedCols,
+    packed_hidden: PackedCols,
+}
+
+/// [`MlpWeights`] with both matrices packed for [`sgemm`].
+#[derive(Debug, Clone)]
+pub struct PackedMlp {
+    pub weights: Arc<MlpWeights>,
+    w1: PackedWeights,
+    w2: PackedWeights,
+}
+
+impl PackedMlp {
+    pub fn new(weights: Arc<MlpWeights>) -> PackedMlp {
+        let (c, h) = (weights.channels, weights.hidden);
+        PackedMlp {
+            w1: PackedWeights::pack(&weights.w1, h, c),
+            w2: PackedWeights::pack(&weights.w2, c, h),
+            weights,
+        }
+    }
+
+    /// Whether [`run_block_packed`] is the faster path on `isa` ([`sgemm::preferred`]).
+    pub fn preferred(isa: Isa) -> bool {
+        sgemm::preferred(isa)
+    }
+}
+
+/// Runs `f(0)`, …, `f(n − 1)`, in any order, possibly at the same time.
+pub type ForEach<'a> = &'a (dyn Fn(usize, &(dyn Fn(usize) + Sync)) + Sync);
+
+/// [`ForEach`] one after the other on the calling thread.
+pub fn sequential(n: usize, f: &(dyn Fn(usize) + Sync)) {
+    (0..n).for_each(f)
+}
+
+/// [`run_block`] on the packed kernels: pack `x − mean` for the block's columns, then
+/// `hidden = gelu(rstd·W1'·centered + c1)` and `out = x + b2' + W2'·hidden`. With
+/// `parts > 1` each product's rows are cut into `parts` ranges run through
+/// `for_each` (the split for blocks too few to share between threads).
+///
+/// # Safety
+/// As [`run_block`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn run_block_packed(
+    isa: Isa,
+    p: &PackedMlp,
+    x: *const f32,
+    out: *mut f32,
+    hw: usize,
+    (j0, j1): (usize, usize),
+    (mean, rstd): (f32, f32),
+    scratch: &mut Scratch,
+    parts: usize,
+    for_each: ForEach,
+) {
+    let w = &*p.weights;
+    let c = w.channels;
+    let cols = j1 - j0;
+    debug_assert!(j0 < j1 && j1 <= hw);
+    let xs = std::slice::from_raw_parts(x.add(j0), (c - 1) * hw + cols);
+    scratch.packed_x.pack(isa, xs, hw, c, cols, mean);
+    let px = &scratch.packed_x;
+    scratch.packed_hidden.set_layout_like(px, w.hidden);
+    // Pointers cross to the workers as addresses; each part writes its own rows.
+    let hidden_addr = scratch.packed_hidden.as_mut_ptr() as usize;
+    let (x_addr, out_addr) = (x as usize, out as usize);
+    let ranges = |panels: usize| {
+        let n = parts.clamp(1, panels.max(1));
+        (n, move |i: usize| i * panels / n..(i + 1) * panels / n)
+    };
+    let (n1, r1) = ranges(p.w1.panels());
+    for_each(n1, &|i| {
+        let epi = Epilogue::Gelu {
+            scale: rstd,
+            bias: &w.c1,
+            dst: hidden_addr as *mut f32,
+        };
+        sgemm::gemm(isa, &p.w1, r1(i), px, &epi);
+    });
+    let ph = &scratch.packed_hidden;
+    let (n2, r2) = ranges(p.w2.panels());
+    for_each(n2, &|i| {
+        let epi = Epilogue::Residual {
+            bias: &w.b2,
+            x: (x_addr as *const f32).add(j0),
+            ldx: hw,
+            out: (out_addr as *mut f32).add(j0),
+            ldo: hw,
+        };
+        sgemm::gemm(isa, &p.w2, r2(i), ph, &epi);
+    });
 }
 
 multiversion! {

@@ -15,6 +15,7 @@ pub mod norm;
 pub mod qgemm;
 pub mod qmlp;
 pub mod quant;
+pub mod sgemm;
 
 /// An instruction-set level a kernel can be compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,13 +1,16 @@
 //! The fused PoolFormer ops the MetaFormer pass (`crate::passes::metaformer`) wires
 //! in: [`TokenMixer`] for a block's first half and [`ChannelMlp`] for its second.
-//! Both take and return the residual stream, `[1, C, H, W]` f32.
+//! Both take and return the residual stream, `[1, C, H, W]` f32. At code generation
+//! (tract's last optimizer phase) a [`ChannelMlp`] becomes a [`PackedChannelMlp`]
+//! where the packed kernels are the faster path on this CPU, so the weights are packed
+//! once per loaded model.
 
 use std::sync::Arc;
 
 use rayon::prelude::*;
 use tract_core::internal::*;
 
-use crate::kernels::mlp::{run_block, MlpWeights, Scratch};
+use crate::kernels::mlp::{run_block, run_block_packed, MlpWeights, PackedMlp, Scratch};
 use crate::kernels::{mixer, norm, Isa};
 
 use tract_linalg::multithread::Executor;
@@ -165,33 +168,53 @@ impl EvalOp for ChannelMlp {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
-        let (c, h, w) = plane_dims(x.shape())?;
-        let wts = &*self.weights;
-        ensure!(
-            c == wts.channels,
-            "channel MLP: {c} channels, weights for {}",
-            wts.channels
-        );
-        let hw = h * w;
-        let isa = Isa::best();
-        let xs: &[f32] = x.try_as_plain_ram()?.as_slice::<f32>()?;
-        let (executor, threads) = executor_threads();
-        let stats = stats(isa, xs, self.eps, &executor, threads);
-        let mut out = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
-        let blocks = wts.blocks(hw, threads);
-        let xp = xs.as_ptr();
-        let mut view = out.try_as_plain_ram_mut()?;
-        let op = SendPtr(view.as_slice_mut::<f32>()?.as_mut_ptr());
-        let xp_addr = xp as usize;
-        // SAFETY (both branches): each call writes only its own columns of `out`,
-        // which outlives the calls; `x` is only read.
-        if threads > 1 && blocks.len() >= threads {
-            in_pool(&executor, || {
-                blocks
-                    .par_iter()
-                    .try_for_each_init(Scratch::default, |scratch, &cols| unsafe {
-                        run_block(
+        eval_mlp(&self.weights, None, self.eps, inputs)
+    }
+}
+
+/// The channel MLP on `inputs[0]`: on the packed kernels when `packed` is given and
+/// they are the faster path on this CPU, on the `gemm` crate's otherwise.
+fn eval_mlp(
+    wts: &MlpWeights,
+    packed: Option<&PackedMlp>,
+    eps: f32,
+    inputs: TVec<TValue>,
+) -> TractResult<TVec<TValue>> {
+    let x = args_1!(inputs);
+    let (c, h, w) = plane_dims(x.shape())?;
+    ensure!(
+        c == wts.channels,
+        "channel MLP: {c} channels, weights for {}",
+        wts.channels
+    );
+    let hw = h * w;
+    let isa = Isa::best();
+    let packed = packed.filter(|_| PackedMlp::preferred(isa));
+    let xs: &[f32] = x.try_as_plain_ram()?.as_slice::<f32>()?;
+    let (executor, threads) = executor_threads();
+    let stats = stats(isa, xs, eps, &executor, threads);
+    let mut out = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
+    let blocks = wts.blocks(hw, threads);
+    let xp = xs.as_ptr();
+    let mut view = out.try_as_plain_ram_mut()?;
+    let op = SendPtr(view.as_slice_mut::<f32>()?.as_mut_ptr());
+    let xp_addr = xp as usize;
+    // SAFETY (every branch): each call writes only its own columns of `out` (or, split
+    // by rows, its own rows of them), which outlives the calls; `x` is only read.
+    if threads > 1 && blocks.len() >= threads {
+        // Token blocks shared between the threads.
+        in_pool(&executor, || {
+            blocks
+                .par_iter()
+                .try_for_each_init(Scratch::default, |scratch, &cols| unsafe {
+                    match packed {
+                        Some(p) => {
+                            let x = xp_addr as *const f32;
+                            let seq = &crate::kernels::mlp::sequential;
+                            run_block_packed(isa, p, x, op.get(), hw, cols, stats, scratch, 1, seq);
+                            Ok(())
+                        }
+                        None => run_block(
                             isa,
                             wts,
                             xp_addr as *const f32,
@@ -201,37 +224,61 @@ impl EvalOp for ChannelMlp {
                             stats,
                             scratch,
                             gemm::Parallelism::None,
-                        )
-                    })
-            })?;
+                        ),
+                    }
+                })
+        })?;
+    } else {
+        // Too few blocks to share (the 7×7 stage): each block's products are split
+        // over the threads by rows.
+        let parallelism = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
         } else {
-            let parallelism = if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
+            gemm::Parallelism::None
+        };
+        let for_each = |n: usize, f: &(dyn Fn(usize) + Sync)| {
+            if n > 1 {
+                (0..n).into_par_iter().for_each(f)
             } else {
-                gemm::Parallelism::None
-            };
-            let mut scratch = Scratch::default();
-            in_pool(&executor, || -> TractResult<()> {
-                for &cols in &blocks {
-                    unsafe {
-                        run_block(
+                (0..n).for_each(f)
+            }
+        };
+        let mut scratch = Scratch::default();
+        in_pool(&executor, || -> TractResult<()> {
+            for &cols in &blocks {
+                let x = xp_addr as *const f32;
+                unsafe {
+                    match packed {
+                        Some(p) => run_block_packed(
+                            isa,
+                            p,
+                            x,
+                            op.get(),
+                            hw,
+                            cols,
+                            stats,
+                            &mut scratch,
+                            threads,
+                            &for_each,
+                        ),
+                        None => run_block(
                             isa,
                             wts,
-                            xp_addr as *const f32,
+                            x,
                             op.get(),
                             hw,
                             cols,
                             stats,
                             &mut scratch,
                             parallelism,
-                        )?
+                        )?,
                     }
                 }
-                Ok(())
-            })?;
-        }
-        Ok(tvec!(out.into_tvalue()))
+            }
+            Ok(())
+        })?;
     }
+    Ok(tvec!(out.into_tvalue()))
 }
 
 impl TypedOp for ChannelMlp {
@@ -244,6 +291,74 @@ impl TypedOp for ChannelMlp {
         let tokens = s.iter().skip(2).product::<TDim>();
         let macs = 2 * self.weights.channels * self.weights.hidden;
         Ok(tvec!((Cost::FMA(f32::datum_type()), tokens * macs)))
+    }
+
+    fn codegen(
+        &self,
+        model: &TypedModel,
+        node: &TypedNode,
+    ) -> TractResult<Option<TypedModelPatch>> {
+        if !PackedMlp::preferred(Isa::best()) {
+            return Ok(None);
+        }
+        let op = PackedChannelMlp {
+            mlp: self.clone(),
+            packed: Arc::new(PackedMlp::new(self.weights.clone())),
+        };
+        Ok(Some(TypedModelPatch::replace_single_op(
+            model,
+            node,
+            &node.inputs,
+            op,
+        )?))
+    }
+
+    as_op!();
+}
+
+/// [`ChannelMlp`] with its weights packed for the `sgemm` kernels (AVX2, AVX-512).
+#[derive(Debug, Clone)]
+pub struct PackedChannelMlp {
+    pub mlp: ChannelMlp,
+    pub packed: Arc<PackedMlp>,
+}
+
+// The packed weights are a function of the unpacked ones.
+impl PartialEq for PackedChannelMlp {
+    fn eq(&self, other: &Self) -> bool {
+        self.mlp == other.mlp
+    }
+}
+impl Eq for PackedChannelMlp {}
+
+impl Op for PackedChannelMlp {
+    fn name(&self) -> StaticName {
+        // The same op as far as profiles and dumps go.
+        "PfeChannelMlp".into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        let mut info = self.mlp.info()?;
+        info.push("weights packed for the sgemm kernels".into());
+        Ok(info)
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for PackedChannelMlp {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        eval_mlp(&self.mlp.weights, Some(&self.packed), self.mlp.eps, inputs)
+    }
+}
+
+impl TypedOp for PackedChannelMlp {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        same_fact(inputs)
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        self.mlp.cost(inputs)
     }
 
     as_op!();

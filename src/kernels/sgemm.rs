@@ -1,0 +1,657 @@
+//! Packed single-precision matrix products with fused epilogues, for the channel MLP.
+//!
+//! `out = W·X` with `W` a constant `M×K` weight matrix and `X` a `K×N` block of
+//! activations whose rows are tokens (the `C×HW` layout of the residual stream).
+//! Tokens go in the SIMD lanes and `W` is the broadcast operand, so a tile of
+//! results is a few rows of `MR` outputs × `NR` tokens, stored straight into rows.
+//!
+//! Layouts:
+//! - [`PackedWeights`]: `W` packed once, in panels of [`MR`] rows, each panel
+//!   `[K][MR]` (a column of the panel per step of the reduction; rows past `M` are 0).
+//! - [`PackedCols`]: `X` packed per call in column panels of one to three vectors of
+//!   tokens, each panel `[K][width]` (zero past the last token). The first product's
+//!   epilogue writes its results (the hidden activations) in this layout, so they are
+//!   the second product's packed operand without another pass.
+//!
+//! Epilogues ([`Epilogue`]), applied in registers before the store:
+//! - `Gelu`: `gelu(scale·acc + bias[row])` (exact erf GELU, [`super::mlp::erf`]'s
+//!   approximation), into a [`PackedCols`];
+//! - `Residual`: `acc + x[row, col] + bias[row]` into row-major output.
+//!
+//! Builds: AVX-512 (8 rows × 16/32/48 tokens, 24 zmm accumulators at most), AVX2+FMA
+//! (4 rows × 8/16/24 tokens, 12 ymm accumulators at most; a panel of 8 rows is two
+//! passes) and a portable scalar build, which is the definition the others are tested
+//! against; the engine uses the `gemm` crate where only the portable build exists.
+
+use std::ops::Range;
+
+use super::mlp::erf;
+use super::Isa;
+
+/// Rows of a packed weight panel.
+pub const MR: usize = 8;
+
+/// Weight rows per stretch of the first loop: the weights of a stretch (up to
+/// `MC_FLOATS` f32) stay in L2 while every column panel goes through them.
+const MC_FLOATS: usize = 96 * 1024;
+
+/// Longest stretch of the reduction per pass: a column panel of 48 tokens × `KC` (48
+/// KiB) stays in L1 while the weight panels go through it; the partial sums of longer
+/// reductions are stored and reloaded once per stretch.
+const KC: usize = 256;
+
+/// Whether these kernels are the faster path on `isa`: the AVX2 and AVX-512 builds
+/// are; where only the portable build exists, the `gemm` crate's kernels (NEON on
+/// aarch64) are faster.
+pub fn preferred(isa: Isa) -> bool {
+    matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.is_supported()
+}
+
+/// Tokens per vector and the most vectors in a column panel, per instruction set.
+pub fn geometry(isa: Isa) -> (usize, usize) {
+    match isa {
+        Isa::Avx512 => (16, 3),
+        Isa::Avx2 => (8, 3),
+        Isa::Portable => (8, 2),
+    }
+}
+
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Line([f32; 16]);
+
+/// f32 storage aligned to cache lines.
+#[derive(Clone, Default)]
+pub struct AlignedBuf {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl AlignedBuf {
+    /// Makes room for `len` values; new room is zero, old values are unspecified.
+    pub fn resize(&mut self, len: usize) {
+        self.lines.resize(len.div_ceil(16), Line([0.0; 16]));
+        self.len = len;
+    }
+    pub fn as_slice(&self) -> &[f32] {
+        // SAFETY: `lines` holds at least `len` contiguous f32.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr() as *const f32, self.len) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [f32] {
+        // SAFETY: as above, uniquely borrowed.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr() as *mut f32, self.len) }
+    }
+}
+
+impl std::fmt::Debug for AlignedBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedBuf({} f32)", self.len)
+    }
+}
+
+/// A constant `rows × depth` matrix packed in panels of [`MR`] rows.
+#[derive(Clone, Debug)]
+pub struct PackedWeights {
+    rows: usize,
+    depth: usize,
+    data: AlignedBuf,
+}
+
+impl PackedWeights {
+    /// Packs row-major `w` (`rows × depth`).
+    pub fn pack(w: &[f32], rows: usize, depth: usize) -> PackedWeights {
+        assert_eq!(w.len(), rows * depth, "weight size");
+        let panels = rows.div_ceil(MR);
+        let mut data = AlignedBuf::default();
+        data.resize(panels * MR * depth);
+        let d = data.as_mut_slice();
+        for p in 0..panels {
+            for r in 0..MR.min(rows - p * MR) {
+                let src = &w[(p * MR + r) * depth..][..depth];
+                for (k, &v) in src.iter().enumerate() {
+                    d[(p * depth + k) * MR + r] = v;
+                }
+            }
+        }
+        PackedWeights { rows, depth, data }
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+    pub fn panels(&self) -> usize {
+        self.rows.div_ceil(MR)
+    }
+}
+
+/// A `depth × cols` block of activations in column panels (see the module notes).
+#[derive(Clone, Debug, Default)]
+pub struct PackedCols {
+    depth: usize,
+    cols: usize,
+    /// First column of each panel, and one past the last panel's padded end.
+    starts: Vec<usize>,
+    data: AlignedBuf,
+}
+
+impl PackedCols {
+    /// Sets the panel layout for `depth × cols` on `isa`: as few panels as the widest
+    /// kernel allows, of even widths (in whole vectors).
+    pub fn set_layout(&mut self, isa: Isa, depth: usize, cols: usize) {
+        let (lanes, max_vectors) = geometry(isa);
+        let vectors = cols.div_ceil(lanes);
+        let panels = vectors.div_ceil(max_vectors);
+        self.starts.clear();
+        self.starts.push(0);
+        for p in 0..panels {
+            let v = vectors / panels + usize::from(p < vectors % panels);
+            self.starts.push(self.starts[p] + v * lanes);
+        }
+        self.depth = depth;
+        self.cols = cols;
+        self.data.resize(depth * self.starts[panels]);
+    }
+
+    /// The same panels as `other`, `depth` deep.
+    pub fn set_layout_like(&mut self, other: &PackedCols, depth: usize) {
+        self.starts.clone_from(&other.starts);
+        self.depth = depth;
+        self.cols = other.cols;
+        self.data.resize(depth * other.padded_cols());
+    }
+
+    /// Packs `src[k·stride + j] − shift` for `k < depth`, `j < cols`, in `isa`'s layout.
+    pub fn pack(
+        &mut self,
+        isa: Isa,
+        src: &[f32],
+        stride: usize,
+        depth: usize,
+        cols: usize,
+        shift: f32,
+    ) {
+        assert!(depth == 0 || cols == 0 || src.len() >= (depth - 1) * stride + cols);
+        self.set_layout(isa, depth, cols);
+        let starts = self.starts.clone();
+        pack_panels(
+            isa,
+            src,
+            stride,
+            depth,
+            cols,
+            shift,
+            &starts,
+            self.data.as_mut_slice(),
+        );
+    }
+
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// The packed data, for an [`Epilogue::Gelu`] to write.
+    pub fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.data.as_mut_slice().as_mut_ptr()
+    }
+    fn padded_cols(&self) -> usize {
+        *self.starts.last().unwrap_or(&0)
+    }
+    fn panels(&self) -> usize {
+        self.starts.len().saturating_sub(1)
+    }
+
+    /// Row-major `depth × cols` copy (for tests and inspection).
+    pub fn unpack(&self) -> Vec<f32> {
+        let mut out = vec![0f32; self.depth * self.cols];
+        let d = self.data.as_slice();
+        for p in 0..self.panels() {
+            let (s, e) = (self.starts[p], self.starts[p + 1]);
+            let w = e - s;
+            for k in 0..self.depth {
+                for j in s..e.min(self.cols) {
+                    out[k * self.cols + j] = d[self.depth * s + k * w + j - s];
+                }
+            }
+        }
+        out
+    }
+}
+
+super::multiversion! {
+    /// [`PackedCols::pack`]'s loop, panels starting at the columns `starts`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn pack_panels(
+        src: &[f32],
+        stride: usize,
+        depth: usize,
+        cols: usize,
+        shift: f32,
+        starts: &[usize],
+        dst: &mut [f32],
+    ) {
+        for p in 0..starts.len().saturating_sub(1) {
+            let (s, e) = (starts[p], starts[p + 1]);
+            let w = e - s;
+            let valid = e.min(cols) - s;
+            let panel = &mut dst[depth * s..depth * e];
+            for (k, row) in panel.chunks_exact_mut(w).enumerate() {
+                let from = &src[k * stride + s..][..valid];
+                for (d, &v) in row.iter_mut().zip(from) {
+                    *d = v - shift;
+                }
+                row[valid..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// What a product does with its results.
+#[derive(Clone, Copy, Debug)]
+pub enum Epilogue<'a> {
+    /// `dst = gelu(scale·acc + bias[row])`, `dst` the data of a [`PackedCols`] laid
+    /// out like the product's `X`, as deep as `W` has rows.
+    Gelu {
+        scale: f32,
+        bias: &'a [f32],
+        dst: *mut f32,
+    },
+    /// `out[row·ldo + col] = acc + x[row·ldx + col] + bias[row]`.
+    Residual {
+        bias: &'a [f32],
+        x: *const f32,
+        ldx: usize,
+        out: *mut f32,
+        ldo: usize,
+    },
+}
+
+/// `epilogue(W·X)` for the rows of weight panels `panels` (all columns of `x`).
+///
+/// # Safety
+/// The epilogue's pointers must be valid for the rows and columns it touches:
+/// `Gelu`'s `dst` for a [`PackedCols`] like `x` of depth `w.rows()`, `Residual`'s `x`
+/// and `out` for rows `< w.rows()` and columns `< x.cols()`. Calls on disjoint panel
+/// ranges write disjoint rows, so they may run at the same time.
+pub unsafe fn gemm(
+    isa: Isa,
+    w: &PackedWeights,
+    panels: Range<usize>,
+    x: &PackedCols,
+    epilogue: &Epilogue,
+) {
+    assert_eq!(w.depth, x.depth, "inner dimensions");
+    assert!(panels.end <= w.panels());
+    let (Epilogue::Gelu { bias, .. } | Epilogue::Residual { bias, .. }) = epilogue;
+    assert!(bias.len() >= w.rows, "bias size");
+    if x.cols == 0 {
+        return;
+    }
+    if w.depth == 0 {
+        // An empty sum: the epilogue of zero, as a product of depth 1 with zeros.
+        let zero_w = PackedWeights::pack(&vec![0.0; w.rows], w.rows, 1);
+        let mut zero_x = PackedCols::default();
+        zero_x.set_layout_like(x, 1);
+        return gemm(isa, &zero_w, panels, &zero_x, epilogue);
+    }
+    let (kc, mc) = (KC, MC_FLOATS);
+    let k_blocks = w.depth.div_ceil(kc);
+    for kb in 0..k_blocks {
+        let depth = kb * w.depth / k_blocks..(kb + 1) * w.depth / k_blocks;
+        let chunk = (mc / (depth.len() * MR)).max(1);
+        let mut p0 = panels.start;
+        while p0 < panels.end {
+            let p1 = (p0 + chunk).min(panels.end);
+            for c in 0..x.panels() {
+                let (s, e) = (x.starts[c], x.starts[c + 1]);
+                let strip = Strip {
+                    w,
+                    panels: p0..p1,
+                    depth: depth.clone(),
+                    first: kb == 0,
+                    last: kb + 1 == k_blocks,
+                    x: x.data.as_slice().as_ptr().add(x.depth * s),
+                    col0: s,
+                    valid: e.min(x.cols) - s,
+                };
+                strip.run(isa, (e - s) / geometry(isa).0, epilogue);
+            }
+            p0 = p1;
+        }
+    }
+}
+
+/// One column panel of `X` against a range of weight panels, over one stretch of the
+/// reduction: the first one starts from the epilogue's additive terms (or zero), the
+/// last one applies the epilogue, those between add onto the stored partial sums.
+struct Strip<'a> {
+    w: &'a PackedWeights,
+    panels: Range<usize>,
+    depth: Range<usize>,
+    first: bool,
+    last: bool,
+    /// The panel's start (row 0 of the reduction).
+    x: *const f32,
+    col0: usize,
+    valid: usize,
+}
+
+impl Strip<'_> {
+    unsafe fn run(&self, isa: Isa, vectors: usize, epi: &Epilogue) {
+        match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if isa.is_supported() => match vectors {
+                1 => x86::strip_avx512::<1>(self, epi),
+                2 => x86::strip_avx512::<2>(self, epi),
+                _ => x86::strip_avx512::<3>(self, epi),
+            },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 if isa.is_supported() => match vectors {
+                1 => x86::strip_avx2::<1>(self, epi),
+                2 => x86::strip_avx2::<2>(self, epi),
+                _ => x86::strip_avx2::<3>(self, epi),
+            },
+            _ => self.portable(vectors * geometry(Isa::Portable).0, epi),
+        }
+    }
+
+    /// The plain definition, any panel width.
+    unsafe fn portable(&self, width: usize, epi: &Epilogue) {
+        let k = self.w.depth;
+        let (k0, k1) = (self.depth.start, self.depth.end);
+        let wd = self.w.data.as_slice();
+        let xs = std::slice::from_raw_parts(self.x.add(k0 * width), (k1 - k0) * width);
+        let mut acc = vec![0f32; MR * width];
+        for p in self.panels.clone() {
+            acc.fill(0.0);
+            let a = &wd[(p * k + k0) * MR..(p * k + k1) * MR];
+            for (av, xv) in a.chunks_exact(MR).zip(xs.chunks_exact(width)) {
+                for (r, &a) in av.iter().enumerate() {
+                    for (o, &b) in acc[r * width..(r + 1) * width].iter_mut().zip(xv) {
+                        *o += a * b;
+                    }
+                }
+            }
+            let row0 = p * MR;
+            for r in 0..MR.min(self.w.rows - row0) {
+                let row = row0 + r;
+                let acc = &acc[r * width..(r + 1) * width];
+                match *epi {
+                    Epilogue::Gelu { scale, bias, dst } => {
+                        let d = dst.add(self.w.rows * self.col0 + row * width);
+                        for (l, &v) in acc.iter().enumerate() {
+                            let v = if self.first { v } else { v + *d.add(l) };
+                            *d.add(l) = if self.last {
+                                gelu(v * scale + bias[row])
+                            } else {
+                                v
+                            };
+                        }
+                    }
+                    Epilogue::Residual {
+                        bias,
+                        x,
+                        ldx,
+                        out,
+                        ldo,
+                    } => {
+                        let xr = x.add(row * ldx + self.col0);
+                        let or = out.add(row * ldo + self.col0);
+                        for (l, &v) in acc[..self.valid].iter().enumerate() {
+                            *or.add(l) = if self.first {
+                                v + *xr.add(l) + bias[row]
+                            } else {
+                                v + *or.add(l)
+                            };
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The exact GELU, `0.5·a·(1 + erf(a/√2))`, with [`erf`]'s approximation.
+#[inline(always)]
+pub fn gelu(a: f32) -> f32 {
+    0.5 * a * (1.0 + erf(a * std::f32::consts::FRAC_1_SQRT_2))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Epilogue, Strip, MR};
+    use core::arch::x86_64::*;
+
+    /// erf's coefficients (see `mlp::erf`).
+    #[allow(clippy::excessive_precision)]
+    const A: [f32; 6] = [
+        0.070_523_078_4,
+        0.042_282_012_3,
+        0.009_270_527_2,
+        0.000_152_014_3,
+        0.000_276_567_2,
+        0.000_043_063_8,
+    ];
+
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    #[inline]
+    fn gelu512(a: __m512) -> __m512 {
+        let z = _mm512_mul_ps(a, _mm512_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let t = _mm512_abs_ps(z);
+        let mut p = _mm512_set1_ps(A[5]);
+        for &c in A[..5].iter().rev() {
+            p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(c));
+        }
+        p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.0));
+        let p2 = _mm512_mul_ps(p, p);
+        let p4 = _mm512_mul_ps(p2, p2);
+        let p8 = _mm512_mul_ps(p4, p4);
+        let p16 = _mm512_mul_ps(p8, p8);
+        let e = _mm512_sub_ps(_mm512_set1_ps(1.0), _mm512_div_ps(_mm512_set1_ps(1.0), p16));
+        // erf(z) has the sign of z; e ≥ 0.
+        let sign = _mm512_and_ps(z, _mm512_set1_ps(-0.0));
+        let erf = _mm512_or_ps(e, sign);
+        let half_a = _mm512_mul_ps(a, _mm512_set1_ps(0.5));
+        _mm512_fmadd_ps(half_a, erf, half_a)
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn gelu256(a: __m256) -> __m256 {
+        let z = _mm256_mul_ps(a, _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2));
+        let sign_bit = _mm256_set1_ps(-0.0);
+        let t = _mm256_andnot_ps(sign_bit, z);
+        let mut p = _mm256_set1_ps(A[5]);
+        for &c in A[..5].iter().rev() {
+            p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(c));
+        }
+        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.0));
+        let p2 = _mm256_mul_ps(p, p);
+        let p4 = _mm256_mul_ps(p2, p2);
+        let p8 = _mm256_mul_ps(p4, p4);
+        let p16 = _mm256_mul_ps(p8, p8);
+        let e = _mm256_sub_ps(_mm256_set1_ps(1.0), _mm256_div_ps(_mm256_set1_ps(1.0), p16));
+        let erf = _mm256_or_ps(e, _mm256_and_ps(z, sign_bit));
+        let half_a = _mm256_mul_ps(a, _mm256_set1_ps(0.5));
+        _mm256_fmadd_ps(half_a, erf, half_a)
+    }
+
+    /// AVX-512: tiles of 8 rows × `NV`·16 tokens.
+    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+    pub(super) unsafe fn strip_avx512<const NV: usize>(s: &Strip, epi: &Epilogue) {
+        let w = s.w;
+        let (k, k0) = (w.depth, s.depth.start);
+        let width = NV * 16;
+        let base = w.data.as_slice().as_ptr();
+        let x0 = s.x.add(k0 * width);
+        for p in s.panels.clone() {
+            let a = base.add((p * k + k0) * MR);
+            let mut acc = [[_mm512_setzero_ps(); NV]; MR];
+            for kk in 0..s.depth.len() {
+                let xp = x0.add(kk * width);
+                let mut xv = [_mm512_setzero_ps(); NV];
+                for (v, xv) in xv.iter_mut().enumerate() {
+                    *xv = _mm512_load_ps(xp.add(v * 16));
+                }
+                let ap = a.add(kk * MR);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*ap.add(r));
+                    for v in 0..NV {
+                        acc[v] = _mm512_fmadd_ps(av, xv[v], acc[v]);
+                    }
+                }
+            }
+            let row0 = p * MR;
+            let rows = MR.min(w.rows - row0);
+            match *epi {
+                Epilogue::Gelu { scale, bias, dst } => {
+                    let sc = _mm512_set1_ps(scale);
+                    let d = dst.add(w.rows * s.col0 + row0 * width);
+                    for (r, acc) in acc.iter().enumerate().take(rows) {
+                        let b = _mm512_set1_ps(*bias.get_unchecked(row0 + r));
+                        for (v, &a) in acc.iter().enumerate() {
+                            let dv = d.add(r * width + v * 16);
+                            let a = if s.first {
+                                a
+                            } else {
+                                _mm512_add_ps(a, _mm512_load_ps(dv))
+                            };
+                            let y = if s.last {
+                                gelu512(_mm512_fmadd_ps(a, sc, b))
+                            } else {
+                                a
+                            };
+                            _mm512_store_ps(dv, y);
+                        }
+                    }
+                }
+                Epilogue::Residual {
+                    bias,
+                    x,
+                    ldx,
+                    out,
+                    ldo,
+                } => {
+                    for (r, acc) in acc.iter().enumerate().take(rows) {
+                        let row = row0 + r;
+                        let b = _mm512_set1_ps(*bias.get_unchecked(row));
+                        let xr = x.add(row * ldx + s.col0);
+                        let or = out.add(row * ldo + s.col0);
+                        // First stretch: acc + b + x; later ones: acc + out.
+                        let (src, b) = if s.first {
+                            (xr, b)
+                        } else {
+                            (or as *const f32, _mm512_setzero_ps())
+                        };
+                        for (v, &a) in acc.iter().enumerate() {
+                            let n = s.valid.saturating_sub(v * 16).min(16);
+                            let y = _mm512_add_ps(a, b);
+                            if n == 16 {
+                                let y = _mm512_add_ps(y, _mm512_loadu_ps(src.add(v * 16)));
+                                _mm512_storeu_ps(or.add(v * 16), y);
+                            } else if n > 0 {
+                                let m: __mmask16 = ((1u32 << n) - 1) as u16;
+                                let xv = _mm512_maskz_loadu_ps(m, src.add(v * 16));
+                                _mm512_mask_storeu_ps(or.add(v * 16), m, _mm512_add_ps(y, xv));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// AVX2: tiles of 4 rows (half a weight panel) × `NV`·8 tokens.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn strip_avx2<const NV: usize>(s: &Strip, epi: &Epilogue) {
+        const HR: usize = MR / 2;
+        let w = s.w;
+        let (k, k0) = (w.depth, s.depth.start);
+        let width = NV * 8;
+        let base = w.data.as_slice().as_ptr();
+        let x0 = s.x.add(k0 * width);
+        for p in s.panels.clone() {
+            for half in 0..2 {
+                let row0 = p * MR + half * HR;
+                if row0 >= w.rows {
+                    break;
+                }
+                let a = base.add((p * k + k0) * MR + half * HR);
+                let mut acc = [[_mm256_setzero_ps(); NV]; HR];
+                for kk in 0..s.depth.len() {
+                    let xp = x0.add(kk * width) as *const __m256;
+                    let ap = a.add(kk * MR);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm256_broadcast_ss(&*ap.add(r));
+                        for (v, acc) in acc.iter_mut().enumerate() {
+                            // Loaded again for every row (from L1): with 12 accumulators
+                            // of 16 registers, holding the tokens makes the compiler
+                            // spill accumulators instead.
+                            let xv = std::ptr::read_volatile(xp.add(v));
+                            *acc = _mm256_fmadd_ps(av, xv, *acc);
+                        }
+                    }
+                }
+                let rows = HR.min(w.rows - row0);
+                match *epi {
+                    Epilogue::Gelu { scale, bias, dst } => {
+                        let sc = _mm256_set1_ps(scale);
+                        let d = dst.add(w.rows * s.col0 + row0 * width);
+                        for (r, acc) in acc.iter().enumerate().take(rows) {
+                            let b = _mm256_set1_ps(*bias.get_unchecked(row0 + r));
+                            for (v, &a) in acc.iter().enumerate() {
+                                let dv = d.add(r * width + v * 8);
+                                let a = if s.first {
+                                    a
+                                } else {
+                                    _mm256_add_ps(a, _mm256_load_ps(dv))
+                                };
+                                let y = if s.last {
+                                    gelu256(_mm256_fmadd_ps(a, sc, b))
+                                } else {
+                                    a
+                                };
+                                _mm256_store_ps(dv, y);
+                            }
+                        }
+                    }
+                    Epilogue::Residual {
+                        bias,
+                        x,
+                        ldx,
+                        out,
+                        ldo,
+                    } => {
+                        for (r, acc) in acc.iter().enumerate().take(rows) {
+                            let row = row0 + r;
+                            let b = _mm256_set1_ps(*bias.get_unchecked(row));
+                            let xr = x.add(row * ldx + s.col0);
+                            let or = out.add(row * ldo + s.col0);
+                            let (src, b) = if s.first {
+                                (xr, b)
+                            } else {
+                                (or as *const f32, _mm256_setzero_ps())
+                            };
+                            for (v, &a) in acc.iter().enumerate() {
+                                let n = s.valid.saturating_sub(v * 8).min(8);
+                                let y = _mm256_add_ps(a, b);
+                                if n == 8 {
+                                    let y = _mm256_add_ps(y, _mm256_loadu_ps(src.add(v * 8)));
+                                    _mm256_storeu_ps(or.add(v * 8), y);
+                                } else if n > 0 {
+                                    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                                    let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+                                    let xv = _mm256_maskload_ps(src.add(v * 8), m);
+                                    _mm256_maskstore_ps(or.add(v * 8), m, _mm256_add_ps(y, xv));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
