@@ -40,11 +40,14 @@ const MC_FLOATS: usize = 96 * 1024;
 /// the partial sums of longer reductions are stored and reloaded once per stretch.
 const KC: usize = 256;
 
-/// Whether these kernels are the faster path on `isa`: the AVX2 and AVX-512 builds
-/// are; where only the portable build exists, the `gemm` crate's kernels (NEON on
-/// aarch64) are faster.
+/// Whether the engine runs these kernels on `isa` rather than the `gemm` crate's: on
+/// AVX-512, where they are measured faster (docs/fusion.md). The AVX2 build reaches
+/// about half the AVX-512 rate, as it should, but has not been compared with the
+/// `gemm` crate's AVX2 kernels on an AVX2-only CPU (on an AVX-512 CPU the crate runs
+/// its AVX-512 kernels whatever `PFE_ISA` says), so AVX2 keeps the crate; where only
+/// the portable build exists, the crate's kernels (NEON on aarch64) are faster.
 pub fn preferred(isa: Isa) -> bool {
-    matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.is_supported()
+    isa == Isa::Avx512 && isa.is_supported()
 }
 
 /// Tokens per vector and the most vectors in a column panel, per instruction set.
