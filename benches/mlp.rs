@@ -1,7 +1,8 @@
 //! The fused channel MLP on PoolFormer-S12's four stage shapes, one thread: the `gemm`
 //! crate path ([`run_block`]) against the packed kernels ([`run_block_packed`]) on each
-//! instruction set this CPU runs. Throughput is in multiply-adds (2·C·4C per token),
-//! so criterion's `elem/s` reads as MAC/s.
+//! instruction set this CPU runs (the engine uses them where `sgemm::preferred`).
+//! Throughput is in multiply-adds (2·C·4C per token), so criterion's `elem/s` reads as
+//! MAC/s.
 //!
 //! Times are the benchmark thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), not wall
 //! time: on a machine shared with other jobs, time slices lost to them do not count
@@ -137,7 +138,7 @@ fn stages(c: &mut Criterion<ThreadCpu>) {
                     }
                 })
             });
-            if PackedMlp::preferred(isa) {
+            if isa != Isa::Portable {
                 group.bench_function(BenchmarkId::new("packed", isa.name()), |b| {
                     b.iter(|| {
                         for &cols in &blocks {

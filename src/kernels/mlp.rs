@@ -10,7 +10,7 @@
 //!
 //! The tokens (columns of the `C×HW` activation) are processed in blocks, so the
 //! hidden activations of a block (`4C × cols`) stay in cache between the two
-//! products. On x86-64 with AVX2 or AVX-512 the products are this crate's packed
+//! products. On x86-64 with AVX-512 the products are this crate's packed
 //! kernels ([`super::sgemm`], [`run_block_packed`]): weights packed once
 //! ([`PackedMlp`]), centering done while packing the block, the bias + GELU and the
 //! residual done in registers before the stores. Elsewhere ([`run_block`]) they come

@@ -31,20 +31,23 @@ use super::Isa;
 /// Rows of a packed weight panel.
 pub const MR: usize = 8;
 
-/// Weight rows per stretch of the first loop: the weights of a stretch (up to
-/// `MC_FLOATS` f32) stay in L2 while every column panel goes through them.
+/// Weight panels per stretch of the outer loop: the weights of a stretch (up to
+/// `MC_FLOATS` f32, 384 KiB) stay in L2 while every column panel goes through them.
 const MC_FLOATS: usize = 96 * 1024;
 
-/// Longest stretch of the reduction per pass: a column panel of 48 tokens × `KC` (48
-/// KiB) stays in L1 while the weight panels go through it; the partial sums of longer
-/// reductions are stored and reloaded once per stretch.
+/// Longest stretch of the reduction per pass: a column panel of ≤ 48 tokens × `KC`
+/// (≤ 48 KiB, the size of L1 here) stays close while the weight panels go through it;
+/// the partial sums of longer reductions are stored and reloaded once per stretch.
 const KC: usize = 256;
 
-/// Whether these kernels are the faster path on `isa`: the AVX2 and AVX-512 builds
-/// are; where only the portable build exists, the `gemm` crate's kernels (NEON on
-/// aarch64) are faster.
+/// Whether the engine runs these kernels on `isa` rather than the `gemm` crate's: on
+/// AVX-512, where they are measured faster (docs/fusion.md). The AVX2 build reaches
+/// about half the AVX-512 rate, as it should, but has not been compared with the
+/// `gemm` crate's AVX2 kernels on an AVX2-only CPU (on an AVX-512 CPU the crate runs
+/// its AVX-512 kernels whatever `PFE_ISA` says), so AVX2 keeps the crate; where only
+/// the portable build exists, the crate's kernels (NEON on aarch64) are faster.
 pub fn preferred(isa: Isa) -> bool {
-    matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.is_supported()
+    isa == Isa::Avx512 && isa.is_supported()
 }
 
 /// Tokens per vector and the most vectors in a column panel, per instruction set.
@@ -297,11 +300,10 @@ pub unsafe fn gemm(
         zero_x.set_layout_like(x, 1);
         return gemm(isa, &zero_w, panels, &zero_x, epilogue);
     }
-    let (kc, mc) = (KC, MC_FLOATS);
-    let k_blocks = w.depth.div_ceil(kc);
+    let k_blocks = w.depth.div_ceil(KC);
     for kb in 0..k_blocks {
         let depth = kb * w.depth / k_blocks..(kb + 1) * w.depth / k_blocks;
-        let chunk = (mc / (depth.len() * MR)).max(1);
+        let chunk = (MC_FLOATS / (depth.len() * MR)).max(1);
         let mut p0 = panels.start;
         while p0 < panels.end {
             let p1 = (p0 + chunk).min(panels.end);

@@ -316,7 +316,8 @@ impl TypedOp for ChannelMlp {
     as_op!();
 }
 
-/// [`ChannelMlp`] with its weights packed for the `sgemm` kernels (AVX2, AVX-512).
+/// [`ChannelMlp`] with its weights packed for the `sgemm` kernels (where
+/// `sgemm::preferred`: AVX-512).
 #[derive(Debug, Clone)]
 pub struct PackedChannelMlp {
     pub mlp: ChannelMlp,
