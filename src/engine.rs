@@ -100,18 +100,23 @@ impl std::fmt::Debug for Engine {
 /// the burst ends up as heap that stays resident after it is freed, next to the
 /// engine's own weights (for int8 PoolFormer-S12: 59 MB peak RSS instead of 46).
 /// With glibc, `load` therefore runs with a 64 KiB mmap threshold (its blocks are
-/// mapped and unmapped), after which the threshold is set to glibc's dynamic
-/// maximum (32 MiB, so inference's activation buffers are reused from the heap, as
-/// they would be anyway) and the heap is trimmed. The setting is process-wide; other
+/// mapped and unmapped), after which the heap is trimmed and the thresholds are set
+/// where glibc's dynamic scheme ends up: mmap above 32 MiB, trim above twice that, so
+/// inference's activation buffers are reused from the heap instead of being mapped,
+/// or given back and faulted in again, at every run. The setting is process-wide; other
 /// C libraries and targets are left alone.
 fn with_compact_heap<R>(load: impl FnOnce() -> R) -> R {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         // SAFETY: mallopt and malloc_trim only tune and trim glibc's allocator.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10) };
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 10);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 128 << 10);
+        }
         let out = load();
         unsafe {
             libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
             libc::malloc_trim(0);
         }
         out
