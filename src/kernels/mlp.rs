@@ -53,20 +53,24 @@ impl MlpWeights {
 
     /// Column ranges to process, one block each: about 256 KiB of hidden activations
     /// per block (they stay in L2 between the two products), at least 128 columns
-    /// (fewer make the matrix kernels repack the weights too often for their work), balanced, and a multiple of `threads` blocks
-    /// when there are enough columns to share.
+    /// (fewer make the matrix kernels repack the weights too often for their work).
     pub fn blocks(&self, hw: usize, threads: usize) -> Vec<(usize, usize)> {
-        let target = (65_536 / self.hidden).max(128);
-        let mut n = (hw / target).max(1);
-        if threads > 1 && hw >= threads * 32 {
-            n = n.div_ceil(threads) * threads;
-        }
-        let n = n.min(hw.max(1));
-        (0..n)
-            .map(|b| (b * hw / n, (b + 1) * hw / n))
-            .filter(|(a, b)| a < b)
-            .collect()
+        column_blocks(hw, (65_536 / self.hidden).max(128), threads)
     }
+}
+
+/// `hw` columns in balanced blocks of about `target` columns, a multiple of `threads`
+/// blocks when there are enough columns to share.
+pub fn column_blocks(hw: usize, target: usize, threads: usize) -> Vec<(usize, usize)> {
+    let mut n = (hw / target.max(1)).max(1);
+    if threads > 1 && hw >= threads * 32 {
+        n = n.div_ceil(threads) * threads;
+    }
+    let n = n.min(hw.max(1));
+    (0..n)
+        .map(|b| (b * hw / n, (b + 1) * hw / n))
+        .filter(|(a, b)| a < b)
+        .collect()
 }
 
 /// Per-thread buffers for [`run_block`] and [`run_block_packed`].

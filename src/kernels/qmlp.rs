@@ -24,7 +24,7 @@
 
 use anyhow::{ensure, Result};
 
-use super::mlp::erf;
+use super::mlp::{column_blocks, erf};
 use super::qgemm::{gemm_u8i8, k4_len, PackedI8};
 use super::quant::{round_small, round_to_low_byte, ClampTo, Grid};
 use super::{multiversion, Isa};
@@ -137,18 +137,9 @@ impl QuantMlp {
     }
 
     /// Column blocks: about 256 KiB of hidden i32 accumulators per block, at least 64
-    /// columns, a multiple of `threads` blocks when there are enough columns.
+    /// columns.
     pub fn blocks(&self, hw: usize, threads: usize) -> Vec<(usize, usize)> {
-        let target = (65_536 / self.hidden).max(64);
-        let mut n = (hw / target).max(1);
-        if threads > 1 && hw >= threads * 32 {
-            n = n.div_ceil(threads) * threads;
-        }
-        let n = n.min(hw.max(1));
-        (0..n)
-            .map(|b| (b * hw / n, (b + 1) * hw / n))
-            .filter(|(a, b)| a < b)
-            .collect()
+        column_blocks(hw, (65_536 / self.hidden).max(64), threads)
     }
 }
 
