@@ -185,19 +185,22 @@ multiversion! {
     }
 }
 
+/// The coefficients a₁…a₆ of Abramowitz & Stegun 7.1.28 (see [`erf`]).
+#[allow(clippy::excessive_precision)]
+pub const ERF_A: [f32; 6] = [
+    0.070_523_078_4,
+    0.042_282_012_3,
+    0.009_270_527_2,
+    0.000_152_014_3,
+    0.000_276_567_2,
+    0.000_043_063_8,
+];
+
 /// erf(x) by Abramowitz & Stegun 7.1.28 (absolute error ≤ 3e-7), branch-free so that
 /// it vectorizes: `1 − 1/(1 + a₁|x| + … + a₆|x|⁶)¹⁶` with the sign of `x`.
 #[inline(always)]
-#[allow(clippy::excessive_precision)]
 pub fn erf(x: f32) -> f32 {
-    const A: [f32; 6] = [
-        0.070_523_078_4,
-        0.042_282_012_3,
-        0.009_270_527_2,
-        0.000_152_014_3,
-        0.000_276_567_2,
-        0.000_043_063_8,
-    ];
+    const A: [f32; 6] = ERF_A;
     let t = x.abs();
     let p = 1.0 + t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * (A[4] + t * A[5])))));
     let p2 = p * p;
@@ -206,14 +209,18 @@ pub fn erf(x: f32) -> f32 {
     (1.0 - 1.0 / (p8 * p8)).copysign(x)
 }
 
+/// The exact GELU, `0.5·a·(1 + erf(a/√2))`, with [`erf`]'s approximation.
+#[inline(always)]
+pub fn gelu(a: f32) -> f32 {
+    0.5 * a * (1.0 + erf(a * std::f32::consts::FRAC_1_SQRT_2))
+}
+
 multiversion! {
     /// `h = gelu(r·h + c[row])` with the exact (erf) GELU, rows of `cols`.
     pub fn bias_gelu_rows(h: &mut [f32], cols: usize, r: f32, c: &[f32]) {
-        let inv_sqrt2 = std::f32::consts::FRAC_1_SQRT_2;
         for (row, &c) in h.chunks_exact_mut(cols).zip(c) {
             for v in row.iter_mut() {
-                let a = *v * r + c;
-                *v = 0.5 * a * (1.0 + erf(a * inv_sqrt2));
+                *v = gelu(*v * r + c);
             }
         }
     }

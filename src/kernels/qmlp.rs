@@ -24,7 +24,7 @@
 
 use anyhow::{ensure, Result};
 
-use super::mlp::{column_blocks, erf};
+use super::mlp::{column_blocks, gelu};
 use super::qgemm::{gemm_u8i8, k4_len, PackedI8};
 use super::quant::{round_small, round_to_low_byte, ClampTo, Grid};
 use super::{multiversion, Isa};
@@ -218,12 +218,6 @@ fn dequant(acc: i32, corr: i32, mult: f32, offset: f32, how: Dequant) -> f32 {
             (round_small(v.clamp_to(lo, hi)) + (grid.zero_point - dq_zero_point) as f32) * dq_scale
         }
     }
-}
-
-/// The exact GELU, `0.5·a·(1 + erf(a/√2))`.
-#[inline(always)]
-fn gelu(a: f32) -> f32 {
-    0.5 * a * (1.0 + erf(a * std::f32::consts::FRAC_1_SQRT_2))
 }
 
 multiversion! {

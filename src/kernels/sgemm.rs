@@ -25,7 +25,7 @@
 
 use std::ops::Range;
 
-use super::mlp::erf;
+use super::mlp::gelu;
 use super::Isa;
 
 /// Rows of a packed weight panel.
@@ -416,27 +416,12 @@ impl Strip<'_> {
     }
 }
 
-/// The exact GELU, `0.5·a·(1 + erf(a/√2))`, with [`erf`]'s approximation.
-#[inline(always)]
-pub fn gelu(a: f32) -> f32 {
-    0.5 * a * (1.0 + erf(a * std::f32::consts::FRAC_1_SQRT_2))
-}
-
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::{Epilogue, Strip, MR};
     use core::arch::x86_64::*;
 
-    /// erf's coefficients (see `mlp::erf`).
-    #[allow(clippy::excessive_precision)]
-    const A: [f32; 6] = [
-        0.070_523_078_4,
-        0.042_282_012_3,
-        0.009_270_527_2,
-        0.000_152_014_3,
-        0.000_276_567_2,
-        0.000_043_063_8,
-    ];
+    use crate::kernels::mlp::ERF_A as A;
 
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
     #[inline]
