@@ -7,8 +7,8 @@
 //! with a plain f64 reference in this file (quantize x, dequantize, float conv,
 //! quantize y). The bound: a requantized output is within one output quantization
 //! step of both; a float output within 1e-4 relative of the largest value.
-//! Also checked: the rewrite happened (report, `Requant` nodes, integer
-//! `OptMatMul` kernels), and the requant loops against a scalar reference.
+//! Also checked: the rewrite happened (report, `Requant` nodes, `PfeQuantConv` or
+//! integer `OptMatMul` kernels), and the requant loops against a scalar reference.
 
 use poolformer_edge::kernels::quant::{self as kq, Grid};
 use poolformer_edge::{Engine, Options};
@@ -570,6 +570,14 @@ fn check_conv(case: ConvCase) {
             .any(|o| o == "DequantizeLinearF32" || o == "QuantizeLinearU8"),
         "{case:?}: ops {ops:?}"
     );
+    // Dense convs run on this crate's u8×i8 kernels where the MLP fusion runs;
+    // grouped ones stay on tract's integer matmul.
+    if case.group == 1 && poolformer_edge::passes::metaformer::FUSES_MLP {
+        assert!(
+            ops.iter().any(|o| o == "PfeQuantConv"),
+            "{case:?}: ops {ops:?}"
+        );
+    }
     for n in fused.model.nodes() {
         if n.op().name() == "OptMatMul" {
             let info = n.op().info().unwrap().join(" ");

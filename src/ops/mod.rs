@@ -4,6 +4,7 @@
 
 pub mod conv;
 pub mod metaformer;
+pub mod qconv;
 pub mod qmlp;
 pub mod requant;
 

@@ -56,14 +56,16 @@ fn weights(model: &TypedModel, o: OutletId) -> TractResult<Option<Arc<Tensor>>> 
     Ok(None)
 }
 
-fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
-    let node = model.node(id);
-    let Some(conv) = node.op_as::<Conv>() else {
-        return Ok(None);
-    };
+/// The geometry of a dense 2-D NCHW convolution (group 1, no dilation, explicit or
+/// no padding) with concrete shapes, with its input and output shapes; `None` for
+/// anything else, or where the output size is not the one the padding gives.
+pub(super) fn geometry(
+    model: &TypedModel,
+    node: &TypedNode,
+    conv: &Conv,
+) -> Option<(ConvGeometry, Vec<usize>, Vec<usize>)> {
     let spec = &conv.pool_spec;
-    if conv.q_params.is_some()
-        || conv.group != 1
+    if conv.group != 1
         || conv.kernel_fmt != KernelFormat::OIHW
         || spec.data_format != DataFormat::NCHW
         || spec.kernel_shape.len() != 2
@@ -71,16 +73,15 @@ fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPat
             .dilations
             .as_ref()
             .is_some_and(|d| d.iter().any(|&v| v != 1))
-        || node.inputs.len() != 3
     {
-        return Ok(None);
+        return None;
     }
     let (pad_before, pad_after): (Vec<usize>, Vec<usize>) = match &spec.padding {
         PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, false) => {
             (b.to_vec(), a.to_vec())
         }
         PaddingSpec::Valid => (vec![0, 0], vec![0, 0]),
-        _ => return Ok(None),
+        _ => return None,
     };
     let strides: Vec<usize> = spec
         .strides
@@ -88,16 +89,51 @@ fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPat
         .map(|s| s.to_vec())
         .unwrap_or(vec![1, 1]);
     let (kh, kw) = (spec.kernel_shape[0], spec.kernel_shape[1]);
-    if kh * kw == 1 && strides == [1, 1] {
+    let (_, xs) = concrete(model, node.inputs[0])?;
+    let (_, ys) = concrete(model, OutletId::new(node.id, 0))?;
+    if xs.len() != 4 || ys.len() != 4 || xs[0] != ys[0] {
+        return None;
+    }
+    // The output size must be the one this padding gives.
+    let expect = |n: usize, k: usize, s: usize, a: usize, b: usize| {
+        (n + a + b).checked_sub(k).map(|v| v / s + 1)
+    };
+    if expect(xs[2], kh, strides[0], pad_before[0], pad_after[0]) != Some(ys[2])
+        || expect(xs[3], kw, strides[1], pad_before[1], pad_after[1]) != Some(ys[3])
+    {
+        return None;
+    }
+    let geometry = ConvGeometry {
+        in_channels: xs[1],
+        in_h: xs[2],
+        in_w: xs[3],
+        kernel: (kh, kw),
+        stride: (strides[0], strides[1]),
+        pad: (pad_before[0], pad_before[1]),
+        out_h: ys[2],
+        out_w: ys[3],
+    };
+    Some((geometry, xs, ys))
+}
+
+fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPatch>> {
+    let node = model.node(id);
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    if conv.q_params.is_some() || node.inputs.len() != 3 {
+        return Ok(None);
+    }
+    let Some((geometry, xs, ys)) = geometry(model, node, conv) else {
+        return Ok(None);
+    };
+    let (kh, kw) = geometry.kernel;
+    if kh * kw == 1 && geometry.stride == (1, 1) {
         return Ok(None); // a 1×1 convolution: tract makes it a plain matrix product
     }
-    let Some((dt, xs)) = concrete(model, node.inputs[0]) else {
-        return Ok(None);
-    };
-    let Some((odt, ys)) = concrete(model, OutletId::new(id, 0)) else {
-        return Ok(None);
-    };
-    if dt != f32::datum_type() || odt != dt || xs.len() != 4 || xs[0] != 1 || ys.len() != 4 {
+    let dt = model.outlet_fact(node.inputs[0])?.datum_type;
+    let odt = model.outlet_fact(OutletId::new(id, 0))?.datum_type;
+    if dt != f32::datum_type() || odt != dt || xs[0] != 1 {
         return Ok(None);
     }
     let Some(w) = weights(model, node.inputs[1])? else {
@@ -115,25 +151,6 @@ fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPat
         n if n == o => b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
         _ => return Ok(None),
     };
-    let geometry = ConvGeometry {
-        in_channels: xs[1],
-        in_h: xs[2],
-        in_w: xs[3],
-        kernel: (kh, kw),
-        stride: (strides[0], strides[1]),
-        pad: (pad_before[0], pad_before[1]),
-        out_h: ys[2],
-        out_w: ys[3],
-    };
-    // The output size must be the one this padding gives.
-    let expect = |n: usize, k: usize, s: usize, a: usize, b: usize| {
-        (n + a + b).checked_sub(k).map(|v| v / s + 1)
-    };
-    if expect(xs[2], kh, strides[0], pad_before[0], pad_after[0]) != Some(ys[2])
-        || expect(xs[3], kw, strides[1], pad_before[1], pad_after[1]) != Some(ys[3])
-    {
-        return Ok(None);
-    }
     // Dequantized weights are this pass's own: take them without a copy.
     let weights = match Arc::try_unwrap(w) {
         Ok(t) => t.into_plain_array::<f32>()?.into_raw_vec_and_offset().0,

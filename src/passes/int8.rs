@@ -24,8 +24,10 @@
 //!    per-tensor activations (u8 or i8) and per-tensor or per-output-channel weights
 //!    (i8 or u8, one zero point for the tensor), the conv becomes tract's quantized
 //!    `cnn::Conv` with `q_params = Some(I32)` and unit scales:
-//!    `acc = Σ (x_q − z_x)(W_q − z_w)`, computed by tract-linalg's i8×i8→i32 kernels
-//!    (1×1 through the matmul path, k×k / strided / padded / grouped through im2col).
+//!    `acc = Σ (x_q − z_x)(W_q − z_w)`. Dense ones then run on this crate's u8×i8
+//!    kernels ([`super::qconv`], after the MetaFormer fusion has taken the channel
+//!    MLPs); grouped ones, and every one where that pass is off, on tract-linalg's
+//!    i8×i8→i32 kernels (1×1 through the matmul path, k×k through im2col).
 //!    One [`Requant`] pass then maps `acc` per output channel `o`:
 //!    - when the conv's only consumer is a per-tensor QuantizeLinear(s_y, z_y):
 //!      `y_q = clamp(round(acc·s_x·s_w[o]/s_y + B[o]/s_y) + z_y)` as u8 / i8;

@@ -124,7 +124,7 @@ fn only_succ(model: &TypedModel, id: usize) -> Option<usize> {
         .then(|| node.outputs[0].successors[0].node)
 }
 
-fn konst(model: &TypedModel, o: OutletId) -> Option<Arc<Tensor>> {
+pub(super) fn konst(model: &TypedModel, o: OutletId) -> Option<Arc<Tensor>> {
     model.outlet_fact(o).ok().and_then(|f| f.konst.clone())
 }
 
@@ -567,24 +567,28 @@ fn match_mlp(model: &TypedModel, e2: usize) -> TractResult<Option<(TypedModelPat
 /// EinSum with i32 output of the u8/i8 activation `input` and constant i8 `[O, I]`
 /// weights, contracted over I (axis 1 of an NCHW activation), unit scales, zero
 /// weight and output zero points.
-struct IntPointwise {
-    rows: usize,
-    depth: usize,
-    weights: Vec<i8>,
+pub(super) struct IntPointwise {
+    pub rows: usize,
+    pub depth: usize,
+    pub weights: Vec<i8>,
     /// Accumulator bias, per output row.
-    bias: Vec<i32>,
+    pub bias: Vec<i32>,
     /// Activation zero point.
-    a0: i32,
+    pub a0: i32,
 }
 
-fn scalar_is(model: &TypedModel, o: OutletId, value: f64) -> bool {
+pub(super) fn scalar_is(model: &TypedModel, o: OutletId, value: f64) -> bool {
     konst(model, o)
         .filter(|k| k.len() == 1)
         .and_then(|k| k.cast_to_scalar::<f64>().ok())
         .is_some_and(|v| v == value)
 }
 
-fn int_pointwise(model: &TypedModel, id: usize, input: OutletId) -> Option<IntPointwise> {
+pub(super) fn int_pointwise(
+    model: &TypedModel,
+    id: usize,
+    input: OutletId,
+) -> Option<IntPointwise> {
     let node = model.node(id);
     let op = node.op_as::<EinSum>()?;
     if op.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 || node.inputs[0] != input {

@@ -3,7 +3,8 @@
 //! everything else as it was, so a graph that matches nothing runs unchanged.
 //!
 //! Order: `int8` sees the graph as it comes out of the ONNX importer (before tract
-//! constant-folds the Q/DQ structure away); `metaformer` sees the decluttered graph.
+//! constant-folds the Q/DQ structure away); `metaformer` sees the decluttered graph,
+//! then `qconv` takes the integer convolutions it left and `conv` the float ones.
 
 use anyhow::Result;
 use tract_onnx::prelude::*;
@@ -11,6 +12,7 @@ use tract_onnx::prelude::*;
 pub mod conv;
 pub mod int8;
 pub mod metaformer;
+pub mod qconv;
 
 /// What the passes did to one model, for `pfe info` and logs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -29,6 +31,7 @@ pub fn optimize(model: TypedModel, fuse: bool) -> Result<(TypedModel, PassReport
     let mut model = model.into_decluttered()?;
     if fuse {
         metaformer::rewrite(&mut model, &mut report)?;
+        qconv::rewrite(&mut model, &mut report)?;
         conv::rewrite(&mut model, &mut report)?;
     }
     Ok((model.into_optimized()?, report))

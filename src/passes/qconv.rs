@@ -1,0 +1,200 @@
+//! Integer convolutions → [`QuantConv`]: the i32-accumulator convolutions and 1×1
+//! products the int8 pass wires (unit scales, requantized by the next node) that the
+//! channel-MLP fusion did not absorb (the stem, the downsampling layers, and every
+//! 1×1 conv of graphs quantized op by op) run on this crate's u8 × i8 kernels. tract's
+//! own quantized matrix path stays for the rest (grouped convs, dilations, the
+//! targets where [`FUSES_MLP`] is off).
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use tract_core::internal::*;
+use tract_core::ops::cnn::Conv;
+use tract_core::ops::einsum::EinSum;
+
+use super::conv::geometry;
+use super::metaformer::{int_pointwise, konst, scalar_is, FUSES_MLP};
+use super::PassReport;
+use crate::kernels::im2col::ConvGeometry;
+use crate::kernels::qgemm::PackedI8;
+use crate::ops::qconv::QuantConv;
+
+pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
+    if !FUSES_MLP {
+        return Ok(());
+    }
+    let mut count = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let found = if let Some(conv) = node.op_as::<Conv>() {
+            match_conv(model, id, conv)?
+        } else if node.op_as::<EinSum>().is_some() {
+            match_pointwise(model, id)?
+        } else {
+            None
+        };
+        if let Some(op) = found {
+            let node = model.node(id);
+            let mut patch = TypedModelPatch::new("int8 convolution");
+            let x = patch.tap_model(model, node.inputs[0])?;
+            let y = patch.wire_node(format!("{}.pfe_quant_conv", node.name), op, &[x])?[0];
+            patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+            patch.apply(model)?;
+            count += 1;
+        }
+    }
+    if count > 0 {
+        model.compact()?;
+        report
+            .rewrites
+            .push(format!("int8 convolution on u8×i8 kernels ×{count}"));
+    }
+    Ok(())
+}
+
+/// The input's element type: `Some(true)` for i8, `Some(false)` for u8.
+fn signed_input(model: &TypedModel, x: OutletId) -> TractResult<Option<bool>> {
+    let dt = model.outlet_fact(x)?.datum_type.unquantized();
+    Ok(if dt == i8::datum_type() {
+        Some(true)
+    } else if dt == u8::datum_type() {
+        Some(false)
+    } else {
+        None
+    })
+}
+
+fn shape_of(model: &TypedModel, o: OutletId) -> TractResult<Option<TVec<usize>>> {
+    Ok(model
+        .outlet_fact(o)?
+        .shape
+        .as_concrete()
+        .map(|s| s.iter().copied().collect()))
+}
+
+/// The op, given the parts every match supplies.
+#[allow(clippy::too_many_arguments)]
+fn quant_conv(
+    geometry: ConvGeometry,
+    out_channels: usize,
+    weights: &[i8],
+    bias: &[i32],
+    a0: i32,
+    signed: bool,
+    input_shape: TVec<usize>,
+    output_shape: TVec<usize>,
+) -> Result<Option<QuantConv>> {
+    let a0 = a0 + if signed { 128 } else { 0 };
+    let Ok(a0) = u8::try_from(a0) else {
+        return Ok(None);
+    };
+    let weights = PackedI8::new(out_channels, geometry.k(), weights)?;
+    let correction: Option<Vec<i32>> = bias
+        .iter()
+        .zip(weights.row_sums())
+        .map(|(&b, &s)| i32::try_from(b as i64 - a0 as i64 * s as i64).ok())
+        .collect();
+    let Some(correction) = correction else {
+        return Ok(None);
+    };
+    Ok(Some(QuantConv {
+        geometry,
+        out_channels,
+        weights: Arc::new(weights),
+        correction: Arc::new(correction),
+        a0,
+        signed_input: signed,
+        input_shape,
+        output_shape,
+    }))
+}
+
+/// tract's quantized `Conv` as the int8 pass wires it: inputs `[x, W_q, bias(i32),
+/// x0, 1, 0, 1, 0, 1]` (unit scales, zero weight and output zero points), i32 out.
+fn match_conv(model: &TypedModel, id: usize, conv: &Conv) -> Result<Option<QuantConv>> {
+    let node = model.node(id);
+    if conv.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 {
+        return Ok(None);
+    }
+    let Some(signed) = signed_input(model, node.inputs[0])? else {
+        return Ok(None);
+    };
+    let Some((geometry, xs, ys)) = geometry(model, node, conv) else {
+        return Ok(None);
+    };
+    let unit = [4, 6, 8]
+        .iter()
+        .all(|&i| scalar_is(model, node.inputs[i], 1.0))
+        && [5, 7]
+            .iter()
+            .all(|&i| scalar_is(model, node.inputs[i], 0.0));
+    let (Some(w), Some(bias), Some(a0)) = (
+        konst(model, node.inputs[1]),
+        konst(model, node.inputs[2]),
+        konst(model, node.inputs[3]).filter(|k| k.len() == 1),
+    ) else {
+        return Ok(None);
+    };
+    let o = ys[1];
+    let (kh, kw) = geometry.kernel;
+    if !unit
+        || w.datum_type() != i8::datum_type()
+        || w.shape() != [o, xs[1], kh, kw]
+        || bias.datum_type() != i32::datum_type()
+    {
+        return Ok(None);
+    }
+    let bias = bias.try_as_plain_ram()?.as_slice::<i32>()?.to_vec();
+    let bias = match bias.len() {
+        1 => vec![bias[0]; o],
+        n if n == o => bias,
+        _ => return Ok(None),
+    };
+    let a0 = a0.cast_to_scalar::<i32>()?;
+    let weights = w.try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
+    quant_conv(
+        geometry,
+        o,
+        &weights,
+        &bias,
+        a0,
+        signed,
+        xs.into(),
+        ys.into(),
+    )
+}
+
+/// A 1×1 convolution as tract declutters it: an integer EinSum over axis 1 of a
+/// 4-D activation (see [`int_pointwise`]).
+fn match_pointwise(model: &TypedModel, id: usize) -> Result<Option<QuantConv>> {
+    let node = model.node(id);
+    let Some(x) = node.inputs.first().copied() else {
+        return Ok(None);
+    };
+    let Some(p) = int_pointwise(model, id, x) else {
+        return Ok(None);
+    };
+    let Some(signed) = signed_input(model, x)? else {
+        return Ok(None);
+    };
+    let (Some(xs), Some(ys)) = (shape_of(model, x)?, shape_of(model, OutletId::new(id, 0))?) else {
+        return Ok(None);
+    };
+    if xs.len() != 4 || ys.len() != 4 || xs[1] != p.depth || ys[1] != p.rows {
+        return Ok(None);
+    }
+    if xs[0] != ys[0] || xs[2..] != ys[2..] {
+        return Ok(None);
+    }
+    let geometry = ConvGeometry {
+        in_channels: p.depth,
+        in_h: xs[2],
+        in_w: xs[3],
+        kernel: (1, 1),
+        stride: (1, 1),
+        pad: (0, 0),
+        out_h: xs[2],
+        out_w: xs[3],
+    };
+    quant_conv(geometry, p.rows, &p.weights, &p.bias, p.a0, signed, xs, ys)
+}
