@@ -917,10 +917,22 @@ fn engine_threads_agree() {
 // ---------- Gemm and MatMul ----------
 
 /// `x [rows, K]` (Gemm, transB = 1, W `[N, K]`) or `x [1, rows, K]` (MatMul, W
-/// `[K, N]`), per-channel along N or per-tensor, bias (Gemm only), optional
-/// trailing Q → DQ. Checked like the convs.
+/// `[K, N]`; `[1, K]` for one row), per-channel along N or per-tensor, bias (Gemm
+/// only), optional trailing Q → DQ. Checked like the convs. One row (a classifier
+/// head) runs on the crate's u8×i8 kernels.
 fn check_fc(gemm: bool, per_channel: bool, act: Act, out_q: Option<Act>, seed: u64) {
-    let (rows, k, n) = (3usize, 40usize, 24usize);
+    check_fc_rows(3, gemm, per_channel, act, out_q, seed)
+}
+
+fn check_fc_rows(
+    rows: usize,
+    gemm: bool,
+    per_channel: bool,
+    act: Act,
+    out_q: Option<Act>,
+    seed: u64,
+) {
+    let (k, n) = (40usize, 24usize);
     let mut rng = Rng(0xDEAD_BEEF ^ seed);
     let xq = x_params(act);
     let input: Vec<f32> = (0..rows * k)
@@ -1019,7 +1031,7 @@ fn check_fc(gemm: bool, per_channel: bool, act: Act, out_q: Option<Act>, seed: u
         (y, 1e-4 * m)
     };
     nodes.push(node("Identity", &[&out], "y", vec![]));
-    let (in_shape, out_shape) = if gemm {
+    let (in_shape, out_shape) = if gemm || rows == 1 {
         (vec![rows, k], vec![rows, n])
     } else {
         (vec![1, rows, k], vec![1, rows, n])
@@ -1052,6 +1064,9 @@ fn check_fc(gemm: bool, per_channel: bool, act: Act, out_q: Option<Act>, seed: u
     );
     let ops = op_names(&fused.model);
     assert!(ops.iter().any(|o| o == "Requant"), "{what}: {ops:?}");
+    if rows == 1 && poolformer_edge::passes::metaformer::FUSES_MLP {
+        assert!(ops.iter().any(|o| o == "PfeQuantConv"), "{what}: {ops:?}");
+    }
     for node in fused.model.nodes() {
         if node.op().name() == "OptMatMul" {
             let info = node.op().info().unwrap().join(" ");
@@ -1069,6 +1084,14 @@ fn gemm_per_channel_u8_with_bias() {
 #[test]
 fn gemm_per_tensor_s8() {
     check_fc(true, false, Act::I8, Some(Act::I8), 3);
+}
+
+#[test]
+fn one_row_heads() {
+    check_fc_rows(1, true, true, Act::U8, None, 7);
+    check_fc_rows(1, true, false, Act::I8, Some(Act::I8), 8);
+    check_fc_rows(1, false, true, Act::U8, Some(Act::U8), 9);
+    check_fc_rows(1, false, false, Act::I8, None, 10);
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Integer convolutions → [`QuantConv`]: the i32-accumulator convolutions and 1×1
 //! products the int8 pass wires (unit scales, requantized by the next node) that the
 //! channel-MLP fusion did not absorb (the stem, the downsampling layers, and every
-//! 1×1 conv of graphs quantized op by op) run on this crate's u8 × i8 kernels. tract's
+//! 1×1 conv of graphs quantized op by op, and a quantized classifier head applied to
+//! one vector) run on this crate's u8 × i8 kernels. tract's
 //! own quantized matrix path stays for the rest (grouped convs, dilations, the
 //! targets where [`FUSES_MLP`] is off).
 
@@ -29,7 +30,10 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
         let found = if let Some(conv) = node.op_as::<Conv>() {
             match_conv(model, id, conv)?
         } else if node.op_as::<EinSum>().is_some() {
-            match_pointwise(model, id)?
+            match match_pointwise(model, id)? {
+                Some(op) => Some(op),
+                None => match_vector_matmul(model, id)?,
+            }
         } else {
             None
         };
@@ -197,4 +201,106 @@ fn match_pointwise(model: &TypedModel, id: usize) -> Result<Option<QuantConv>> {
         out_w: xs[3],
     };
     quant_conv(geometry, p.rows, &p.weights, &p.bias, p.a0, signed, xs, ys)
+}
+
+/// A quantized matrix product of one row vector `[1, K]` (or `[1, K, 1, 1]`, summed
+/// over the unit axes) and constant i8 weights
+/// (`[N, K]` or `[K, N]`), as the int8 pass wires an ONNX Gemm or MatMul head: the
+/// same product as a 1×1 convolution of a `K`-channel, one-pixel image.
+fn match_vector_matmul(model: &TypedModel, id: usize) -> Result<Option<QuantConv>> {
+    let node = model.node(id);
+    let Some(op) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if op.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 {
+        return Ok(None);
+    }
+    let formula = op.axes.to_string();
+    let Some((ins, out)) = formula
+        .split_whitespace()
+        .next()
+        .and_then(|f| f.split_once("->"))
+    else {
+        return Ok(None);
+    };
+    let ins: Vec<Vec<char>> = ins.split(',').map(|s| s.chars().collect()).collect();
+    let out: Vec<char> = out.chars().collect();
+    let [a, b, ..] = &ins[..] else {
+        return Ok(None);
+    };
+    if a.len() < 2 || b.len() != 2 || out.len() != 2 || a[0] != out[0] || a[1] == out[1] {
+        return Ok(None);
+    }
+    // Weights [N, K] as they are, or [K, N] transposed.
+    let transposed = if b[1] == a[1] && b[0] == out[1] {
+        false
+    } else if b[0] == a[1] && b[1] == out[1] {
+        true
+    } else {
+        return Ok(None);
+    };
+    let x = node.inputs[0];
+    let Some(signed) = signed_input(model, x)? else {
+        return Ok(None);
+    };
+    let (Some(xs), Some(ys)) = (shape_of(model, x)?, shape_of(model, OutletId::new(id, 0))?) else {
+        return Ok(None);
+    };
+    let unit = [4, 6, 8]
+        .iter()
+        .all(|&i| scalar_is(model, node.inputs[i], 1.0))
+        && [5, 7]
+            .iter()
+            .all(|&i| scalar_is(model, node.inputs[i], 0.0));
+    let (Some(w), Some(bias), Some(a0)) = (
+        konst(model, node.inputs[1]),
+        konst(model, node.inputs[2]),
+        konst(model, node.inputs[3]).filter(|k| k.len() == 1),
+    ) else {
+        return Ok(None);
+    };
+    // Axes of the input past the first two (a flattened `[1, K, 1, 1]`) must be 1.
+    if !unit
+        || xs.len() != a.len()
+        || xs[0] != 1
+        || xs[2..].iter().any(|&d| d != 1)
+        || ys.len() != 2
+        || ys[0] != 1
+        || w.rank() != 2
+        || w.datum_type() != i8::datum_type()
+        || bias.datum_type() != i32::datum_type()
+    {
+        return Ok(None);
+    }
+    let (k, n) = (xs[1], ys[1]);
+    let ws = w.try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
+    let weights = if transposed {
+        if w.shape() != [k, n] {
+            return Ok(None);
+        }
+        (0..n * k).map(|i| ws[(i % k) * n + i / k]).collect()
+    } else {
+        if w.shape() != [n, k] {
+            return Ok(None);
+        }
+        ws
+    };
+    let bias = bias.try_as_plain_ram()?.as_slice::<i32>()?.to_vec();
+    let bias = match bias.len() {
+        1 => vec![bias[0]; n],
+        len if len == n => bias,
+        _ => return Ok(None),
+    };
+    let geometry = ConvGeometry {
+        in_channels: k,
+        in_h: 1,
+        in_w: 1,
+        kernel: (1, 1),
+        stride: (1, 1),
+        pad: (0, 0),
+        out_h: 1,
+        out_w: 1,
+    };
+    let a0 = a0.cast_to_scalar::<i32>()?;
+    quant_conv(geometry, n, &weights, &bias, a0, signed, xs, ys)
 }
