@@ -5,6 +5,8 @@
 //! against a plain i64 sum, bit for bit: odd depths (k4 padding holding garbage), token
 //! counts around the register widths, row counts around the tiles, row sub-ranges,
 //! `ldc > cols`, and extreme values over long depths (no saturation, no overflow).
+//! Depth 320 over 196 tokens and depths ≥ 2048 over 33 span several of the AVX2
+//! kernel's depth blocks, the last one partial.
 
 use poolformer_edge::kernels::qgemm::{
     gemm_u8i8, gemm_u8i8_with, k4_index, k4_len, PackedI8, QKernel,

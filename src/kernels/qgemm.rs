@@ -543,14 +543,25 @@ mod x86 {
     /// Rows of weights per AVX2 tile (8 tokens each: 2 accumulators per row).
     const MR256: usize = 4;
 
+    /// Bytes of activations one depth block of [`gemm_avx2`] reads: the block stays in
+    /// L1 while every row panel sweeps it.
+    const KC_BYTES256: usize = 16 * 1024;
+
     /// AVX2 without VNNI, exact: each group of 8 tokens × 4 channels (32 bytes) is
     /// widened to i16 (tokens 0, 1, 4, 5 and 2, 3, 6, 7, by `vpunpck[lh]bw`), multiplied
     /// by the row's 4 weights (i16, repeated) with `vpmaddwd`, which adds the channel
     /// pairs into i32 (|pair| ≤ 2·255·128, no saturation), and accumulated; one
     /// `vphaddd` per tile at the end adds the two pairs of each token, in token order.
-    /// Tiles of 4 rows × 8 tokens; the last tokens masked (`vpmaskmovd`). Each 4-row
-    /// panel's weights are first widened to i16, group-major (`[g][row][4]`), so that a
-    /// row's group is one 8-byte broadcast load.
+    /// Tiles of 4 rows × 8 tokens; the last tokens masked (`vpmaskmovd`).
+    ///
+    /// With up to 256 tokens, the depth is cut into blocks of about [`KC_BYTES256`] of
+    /// activations (whole 4-channel groups); for each block, every 4-row panel sweeps all tokens, the
+    /// first block storing its sums and the others adding to them. Without the blocks
+    /// a deep product over few tokens (PoolFormer's last stage: 2048 × 49) reads each
+    /// 64-byte line of activations twice, half at a time, with the whole matrix
+    /// passing through L1 in between. Each panel's weights of a block are first
+    /// widened to i16, group-major (`[g][row][4]`), so that a row's group is one
+    /// 8-byte broadcast load.
     ///
     /// # Safety
     /// The CPU has AVX2; buffers as for [`gemm_avx512vnni`].
@@ -564,83 +575,109 @@ mod x86 {
         ldc: usize,
     ) {
         let kp = w.kp;
-        let mut wide = vec![0i16; MR256 * kp];
-        let mut r = rows.start;
-        while r < rows.end {
-            let mr = MR256.min(rows.end - r);
-            for i in 0..mr {
-                for (g, q) in w.row(r + i).chunks_exact(4).enumerate() {
-                    let d = &mut wide[(g * mr + i) * 4..(g * mr + i + 1) * 4];
-                    for (d, &q) in d.iter_mut().zip(q) {
-                        *d = q as i16;
+        let groups = kp / 4;
+        // Blocks of at least 16 groups; with more tokens than that allows, none.
+        let block = match KC_BYTES256 / (4 * cols) {
+            g if g >= 16 => g,
+            _ => groups,
+        };
+        let mut wide = vec![0i16; MR256 * 4 * block.min(groups)];
+        let mut g0 = 0;
+        while g0 < groups {
+            let gc = block.min(groups - g0);
+            let accumulate = g0 > 0;
+            let mut r = rows.start;
+            while r < rows.end {
+                let mr = MR256.min(rows.end - r);
+                for i in 0..mr {
+                    let row = &w.row(r + i)[4 * g0..4 * (g0 + gc)];
+                    for (g, q) in row.chunks_exact(4).enumerate() {
+                        let d = &mut wide[(g * mr + i) * 4..(g * mr + i + 1) * 4];
+                        for (d, &q) in d.iter_mut().zip(q) {
+                            *d = q as i16;
+                        }
                     }
                 }
-            }
-            // SAFETY: the output rows of r..r + mr exist in `acc` (checked by the caller).
-            let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
-            let mut n = 0;
-            while n < cols {
-                let nt = 8.min(cols - n);
-                let mask = _mm256_cmpgt_epi32(
-                    _mm256_set1_epi32(nt as i32),
-                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-                );
-                // SAFETY: tokens n..n + nt of every group are inside `b`, their outputs
-                // inside `acc`; lanes past `nt` are masked off (loads and stores); `wide`
-                // holds kp/4 groups of `mr` rows.
-                unsafe {
-                    let wp = wide.as_ptr();
-                    let bp = b.as_ptr().add(4 * n);
-                    let op = out.add(n);
-                    match mr {
-                        4 => tile_256::<4>(wp, kp, bp, 4 * cols, op, ldc, nt, mask),
-                        3 => tile_256::<3>(wp, kp, bp, 4 * cols, op, ldc, nt, mask),
-                        2 => tile_256::<2>(wp, kp, bp, 4 * cols, op, ldc, nt, mask),
-                        _ => tile_256::<1>(wp, kp, bp, 4 * cols, op, ldc, nt, mask),
+                // SAFETY: the output rows of r..r + mr exist in `acc` (checked by the caller).
+                let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
+                let mut n = 0;
+                while n < cols {
+                    let nt = 8.min(cols - n);
+                    let mask = _mm256_cmpgt_epi32(
+                        _mm256_set1_epi32(nt as i32),
+                        _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+                    );
+                    // SAFETY: tokens n..n + nt of groups g0..g0 + gc are inside `b`,
+                    // their outputs inside `acc`; lanes past `nt` are masked off (loads
+                    // and stores); `wide` holds gc groups of `mr` rows.
+                    unsafe {
+                        let wp = wide.as_ptr();
+                        let bp = b.as_ptr().add(4 * (g0 * cols + n));
+                        let op = out.add(n);
+                        let t = Tile {
+                            groups: gc,
+                            bstride: 4 * cols,
+                            ldc,
+                            nt,
+                            mask,
+                            accumulate,
+                        };
+                        match mr {
+                            4 => tile_256::<4>(wp, bp, op, &t),
+                            3 => tile_256::<3>(wp, bp, op, &t),
+                            2 => tile_256::<2>(wp, bp, op, &t),
+                            _ => tile_256::<1>(wp, bp, op, &t),
+                        }
                     }
+                    n += nt;
                 }
-                n += nt;
+                r += mr;
             }
-            r += mr;
+            g0 += gc;
         }
     }
 
-    /// `R` rows × 8 tokens (`nt` of them real, `mask` their lanes) of [`gemm_avx2`].
-    ///
-    /// # Safety
-    /// AVX2; `w` points at `kp/4` groups of `R` rows' 4 i16 weights; `b` at `kp/4`
-    /// groups (stride `bstride` bytes) of `nt` tokens; `out` at `R` rows (stride `ldc`)
-    /// of `nt` i32.
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2")]
-    unsafe fn tile_256<const R: usize>(
-        w: *const i16,
-        kp: usize,
-        b: *const u8,
+    /// One tile's extent for [`tile_256`].
+    struct Tile {
+        /// 4-channel groups of this depth block.
+        groups: usize,
+        /// Bytes between groups in the activations.
         bstride: usize,
-        out: *mut i32,
         ldc: usize,
+        /// Real tokens (≤ 8), and their lanes.
         nt: usize,
         mask: __m256i,
-    ) {
+        /// Add to the outputs instead of storing.
+        accumulate: bool,
+    }
+
+    /// `R` rows × 8 tokens of [`gemm_avx2`] over one depth block.
+    ///
+    /// # Safety
+    /// AVX2; `w` points at `t.groups` groups of `R` rows' 4 i16 weights; `b` at
+    /// `t.groups` groups (stride `t.bstride` bytes) of `t.nt` tokens; `out` at `R` rows
+    /// (stride `t.ldc`) of `t.nt` i32, initialized where `t.accumulate`.
+    #[target_feature(enable = "avx2")]
+    unsafe fn tile_256<const R: usize>(w: *const i16, b: *const u8, out: *mut i32, t: &Tile) {
         let zero = _mm256_setzero_si256();
         let mut lo = [zero; R];
         let mut hi = [zero; R];
         let mut bp = b;
         let mut wp = w;
-        for _ in 0..kp / 4 {
+        let full = t.nt == 8;
+        for _ in 0..t.groups {
             // SAFETY: `nt` tokens of this group; the lanes past them are not read.
             let bv = unsafe {
-                if nt == 8 {
+                if full {
                     _mm256_loadu_si256(bp as *const __m256i)
                 } else {
-                    _mm256_maskload_epi32(bp as *const i32, mask)
+                    _mm256_maskload_epi32(bp as *const i32, t.mask)
                 }
             };
             let blo = _mm256_unpacklo_epi8(bv, zero);
             let bhi = _mm256_unpackhi_epi8(bv, zero);
             for i in 0..R {
-                // SAFETY: row i's 4 weights of the current group (i < R, group < kp/4).
+                // SAFETY: row i's 4 weights of the current group (i < R, group < groups).
                 let wv =
                     _mm256_set1_epi64x(unsafe { (wp.add(4 * i) as *const i64).read_unaligned() });
                 lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(blo, wv));
@@ -648,19 +685,26 @@ mod x86 {
             }
             // SAFETY: at most one past the last group (never dereferenced then).
             unsafe {
-                bp = bp.add(bstride);
+                bp = bp.add(t.bstride);
                 wp = wp.add(4 * R);
             }
         }
         for i in 0..R {
-            let v = _mm256_hadd_epi32(lo[i], hi[i]);
-            // SAFETY: row i < R, `nt` outputs (the lanes past them masked off).
+            let mut v = _mm256_hadd_epi32(lo[i], hi[i]);
+            // SAFETY: row i < R, `nt` outputs (the lanes past them masked off),
+            // initialized when accumulating.
             unsafe {
-                let p = out.add(i * ldc);
-                if nt == 8 {
+                let p = out.add(i * t.ldc);
+                if full {
+                    if t.accumulate {
+                        v = _mm256_add_epi32(v, _mm256_loadu_si256(p as *const __m256i));
+                    }
                     _mm256_storeu_si256(p as *mut __m256i, v)
                 } else {
-                    _mm256_maskstore_epi32(p, mask, v)
+                    if t.accumulate {
+                        v = _mm256_add_epi32(v, _mm256_maskload_epi32(p, t.mask));
+                    }
+                    _mm256_maskstore_epi32(p, t.mask, v)
                 }
             }
         }
