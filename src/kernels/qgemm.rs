@@ -589,15 +589,8 @@ mod x86 {
             let mut r = rows.start;
             while r < rows.end {
                 let mr = MR256.min(rows.end - r);
-                for i in 0..mr {
-                    let row = &w.row(r + i)[4 * g0..4 * (g0 + gc)];
-                    for (g, q) in row.chunks_exact(4).enumerate() {
-                        let d = &mut wide[(g * mr + i) * 4..(g * mr + i + 1) * 4];
-                        for (d, &q) in d.iter_mut().zip(q) {
-                            *d = q as i16;
-                        }
-                    }
-                }
+                // SAFETY: AVX2 (this function's precondition).
+                unsafe { widen_panel(w, r, mr, g0, gc, &mut wide) };
                 // SAFETY: the output rows of r..r + mr exist in `acc` (checked by the caller).
                 let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
                 let mut n = 0;
@@ -634,6 +627,61 @@ mod x86 {
                 r += mr;
             }
             g0 += gc;
+        }
+    }
+
+    /// Rows `r..r + mr` of `w`, groups `g0..g0 + gc`, as i16 in the order the tiles
+    /// read them: `wide[(g·mr + i)·4 + j] = w[r + i, 4(g0 + g) + j]`. Full panels
+    /// transpose 4 groups × 4 rows of 4-byte words at a time (`vpunpck[lh]dq/qdq`) and
+    /// sign-extend them (`vpmovsxbw`).
+    ///
+    /// # Safety
+    /// AVX2; rows and groups within `w`; `wide` holds `mr·4·gc` values.
+    #[target_feature(enable = "avx2")]
+    unsafe fn widen_panel(
+        w: &PackedI8,
+        r: usize,
+        mr: usize,
+        g0: usize,
+        gc: usize,
+        wide: &mut [i16],
+    ) {
+        let mut g = 0;
+        if mr == 4 {
+            let rows = [w.row(r), w.row(r + 1), w.row(r + 2), w.row(r + 3)];
+            while g + 4 <= gc {
+                let at = 4 * (g0 + g);
+                // SAFETY: 16 bytes (4 groups) of each row at `at`, inside the row
+                // (g0 + g + 4 ≤ groups); 4 × 32 bytes of `wide` from 16·4·g.
+                unsafe {
+                    let ld = |i: usize| _mm_loadu_si128(rows[i].as_ptr().add(at) as *const __m128i);
+                    let (a, b, c, d) = (ld(0), ld(1), ld(2), ld(3));
+                    let ab_lo = _mm_unpacklo_epi32(a, b);
+                    let cd_lo = _mm_unpacklo_epi32(c, d);
+                    let ab_hi = _mm_unpackhi_epi32(a, b);
+                    let cd_hi = _mm_unpackhi_epi32(c, d);
+                    let groups = [
+                        _mm_unpacklo_epi64(ab_lo, cd_lo),
+                        _mm_unpackhi_epi64(ab_lo, cd_lo),
+                        _mm_unpacklo_epi64(ab_hi, cd_hi),
+                        _mm_unpackhi_epi64(ab_hi, cd_hi),
+                    ];
+                    let dst = wide.as_mut_ptr().add(16 * g) as *mut __m256i;
+                    for (k, v) in groups.into_iter().enumerate() {
+                        _mm256_storeu_si256(dst.add(k), _mm256_cvtepi8_epi16(v));
+                    }
+                }
+                g += 4;
+            }
+        }
+        for g in g..gc {
+            for i in 0..mr {
+                let q = &w.row(r + i)[4 * (g0 + g)..4 * (g0 + g + 1)];
+                let d = &mut wide[(g * mr + i) * 4..(g * mr + i + 1) * 4];
+                for (d, &q) in d.iter_mut().zip(q) {
+                    *d = q as i16;
+                }
+            }
         }
     }
 
