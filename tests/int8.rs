@@ -857,7 +857,7 @@ fn bad_per_channel_scale_is_an_error() {
     assert!(err.contains("scale") || err.contains("channel"), "{err}");
 }
 
-/// Through the engine, as a classifier (Flatten to [1, N]), with 1 and 2 threads.
+/// Through the engine, as a classifier (Flatten to [1, N]), with 1, 2 and 3 threads.
 #[test]
 fn engine_threads_agree() {
     let c = ConvCase {
@@ -880,7 +880,7 @@ fn engine_threads_agree() {
     let onnx = model.encode_to_vec();
     let x = Tensor::from_shape(&[1, 3, 32, 32], &built.input).unwrap();
     let mut outputs = vec![];
-    for (threads, fuse) in [(1, true), (2, true), (1, false)] {
+    for (threads, fuse) in [(1, true), (2, true), (3, true), (1, false)] {
         let engine = Engine::from_bytes(
             &onnx,
             Options {
@@ -900,15 +900,29 @@ fn engine_threads_agree() {
                 "{:?}",
                 engine.passes()
             );
+            // The integer conv runs on the crate's kernels, its rows and patch
+            // groups split unevenly over 2 and 3 threads.
+            let on_qgemm = engine
+                .passes()
+                .rewrites
+                .iter()
+                .any(|r| r.starts_with("int8 convolution on u8×i8 kernels"));
+            assert_eq!(
+                on_qgemm,
+                poolformer_edge::passes::metaformer::FUSES_MLP,
+                "{:?}",
+                engine.passes()
+            );
         }
         let y = engine.run(x.clone()).unwrap();
         outputs.push(y.to_plain_array_view::<f32>().unwrap().to_owned());
     }
     assert_eq!(outputs[0], outputs[1], "1 vs 2 threads");
+    assert_eq!(outputs[0], outputs[2], "1 vs 3 threads");
     let step = built.out_step.unwrap() * 1.001;
     let d = outputs[0]
         .iter()
-        .zip(outputs[2].iter())
+        .zip(outputs[3].iter())
         .map(|(a, b)| (a - b).abs() as f64)
         .fold(0.0, f64::max);
     assert!(d <= step, "fused vs unfused {d} > {step}");
