@@ -1003,7 +1003,7 @@ fn check_qlinear_conv(
     kernel: usize,
     stride: usize,
     pad: usize,
-) {
+) -> String {
     let (c_in, c_out, h, wd) = (3, 4, 6, 5);
     let y = qp(Q::U8, 0.08, 100);
     let what = format!("QLinearConv x {x:?} w {w:?} scales {w_scales:?} zps {w_zero_points:?} k{kernel} s{stride} p{pad}");
@@ -1076,23 +1076,62 @@ fn check_qlinear_conv(
         ],
     )
     .output("y", y.q.onnx());
-    let got = g
-        .run(vec![x.q.tensor(&[1, c_in, h, wd], &x_values)])
+    let (got, report) = g
+        .run_with(vec![x.q.tensor(&[1, c_in, h, wd], &x_values)], true)
         .unwrap_or_else(|e| panic!("{what}: {e:?}"));
     assert_within_one_step(&what, &got, y.q, &[1, c_out, oh, ow], &expected);
+    report
 }
 
 #[test]
 fn qlinear_conv_per_tensor_and_per_channel() {
     let x = qp(Q::U8, 0.03, 120);
     let scales = [0.004, 0.01, 0.002, 0.007];
+    // Where the conv runs on this crate's u8×i8 kernels (and so is checked there).
+    let crate_kernels = |report: String| {
+        let on = report.contains("int8 convolution on u8×i8 kernels");
+        assert_eq!(
+            on,
+            poolformer_edge::passes::metaformer::FUSES_MLP,
+            "{report}"
+        );
+    };
     // Per tensor, u8 weights (onnxruntime's default "all ops" variant).
-    check_qlinear_conv(x, Q::U8, &[0.005], &[128], 3, 1, 1);
-    check_qlinear_conv(x, Q::U8, &[0.005], &[128], 3, 2, 1);
+    crate_kernels(check_qlinear_conv(x, Q::U8, &[0.005], &[128], 3, 1, 1));
+    crate_kernels(check_qlinear_conv(x, Q::U8, &[0.005], &[128], 3, 2, 1));
+    // One weight zero point that W − zp does not fit i8 for: the per-token correction
+    // from the patches' column sums.
+    crate_kernels(check_qlinear_conv(x, Q::U8, &[0.005], &[77], 3, 2, 1));
+    crate_kernels(check_qlinear_conv(x, Q::U8, &[0.005], &[200], 1, 1, 0));
+    crate_kernels(check_qlinear_conv(
+        qp(Q::I8, 0.03, -3),
+        Q::I8,
+        &[0.005],
+        &[9],
+        3,
+        1,
+        1,
+    ));
     // Per channel: i8 symmetric weights (zero points 0), as quantize_static per_channel.
-    check_qlinear_conv(x, Q::I8, &scales, &[0, 0, 0, 0], 3, 1, 1);
-    check_qlinear_conv(x, Q::I8, &scales, &[0, 0, 0, 0], 1, 1, 0);
-    // Per channel with distinct zero points.
+    crate_kernels(check_qlinear_conv(
+        x,
+        Q::I8,
+        &scales,
+        &[0, 0, 0, 0],
+        3,
+        1,
+        1,
+    ));
+    crate_kernels(check_qlinear_conv(
+        x,
+        Q::I8,
+        &scales,
+        &[0, 0, 0, 0],
+        1,
+        1,
+        0,
+    ));
+    // Per channel with distinct zero points (tract's integer conv).
     check_qlinear_conv(x, Q::U8, &scales, &[120, 128, 131, 125], 3, 1, 1);
     check_qlinear_conv(qp(Q::I8, 0.03, -3), Q::I8, &scales, &[2, -1, 0, 4], 3, 2, 1);
 }

@@ -16,8 +16,8 @@ use crate::kernels::Isa;
 
 use super::{executor_threads, in_pool};
 
-/// `acc[o, p] = Σ_k w[o, k]·(x_k,p − a0) + bias[o]` over the patches `x_k,p` of each
-/// image, padding taps reading `a0` (they add nothing), as i32.
+/// `acc[o, p] = Σ_k (w[o, k] − w0)·(x_k,p − a0) + bias[o]` over the patches `x_k,p` of
+/// each image, padding taps reading `a0` (they add nothing), as i32.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuantConv {
     /// One image's geometry (a 1×1 stride-1 conv is a matrix product over the tokens).
@@ -27,6 +27,9 @@ pub struct QuantConv {
     pub weights: Arc<PackedI8>,
     /// Per output channel: `bias[o] − a0·Σ_k w[o, k]`, added to the raw u8 × i8 product.
     pub correction: Arc<Vec<i32>>,
+    /// The weights' zero point `w0` (0 for symmetric weights). Otherwise each token
+    /// also gets `−w0·Σ_k (x_k,p − a0)`, from the patch matrix's column sums.
+    pub weight_zero: i32,
     /// The activation zero point on the u8 scale (an i8 input's plus 128).
     pub a0: u8,
     /// Whether the input is i8 (read as u8 after flipping the sign bit).
@@ -78,6 +81,24 @@ impl QuantConv {
                 .for_each(|(t, chunk)| run(t, chunk));
         } else {
             run(0, out);
+        }
+        if self.weight_zero != 0 {
+            // Σ_k (x_k,p − a0) per token: the padding bytes of the last group are 0.
+            let mut sums = vec![-(g.k() as i64) * self.a0 as i64; p];
+            for group in patches.chunks_exact(4 * p) {
+                for (s, q) in sums.iter_mut().zip(group.chunks_exact(4)) {
+                    *s += q.iter().map(|&v| v as i64).sum::<i64>();
+                }
+            }
+            let fix: Vec<i32> = sums
+                .iter()
+                .map(|&s| (-(self.weight_zero as i64) * s) as i32)
+                .collect();
+            for row in out.chunks_exact_mut(p) {
+                for (v, &f) in row.iter_mut().zip(&fix) {
+                    *v = v.wrapping_add(f);
+                }
+            }
         }
     }
 }

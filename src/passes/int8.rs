@@ -90,6 +90,7 @@ use tract_onnx::tract_hir::internal::{
 };
 use tract_onnx::Onnx;
 
+use super::metaformer::FUSES_MLP;
 use super::PassReport;
 use crate::kernels::quant::Grid;
 use crate::ops::requant::{DequantizeConst, FakeQuant, Quantize, Requant, RequantOut};
@@ -266,7 +267,7 @@ pub fn rewrite_with(
             Some(found) => Some(found),
             None => match int_matmul(model, id)? {
                 Some(found) => Some(found),
-                None => per_channel_qlinear_conv(model, id)?,
+                None => qlinear_conv(model, id)?,
             },
         };
         if let Some((patch, to_int)) = found {
@@ -599,11 +600,13 @@ fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatc
 /// passes over the i32 accumulator: the same conv with unit scales (i32 output, the
 /// bias and zero-point corrections fused into the matrix kernel), then one
 /// [`Requant`]: `y = clamp(round((acc + bias[o])·s_x·s_w[o]/s_y) + z_y)`.
-/// Per-tensor QLinearConvs are left to tract, which fuses them whole.
-fn per_channel_qlinear_conv(
-    model: &TypedModel,
-    id: usize,
-) -> TractResult<Option<(TypedModelPatch, bool)>> {
+///
+/// Per-tensor QLinearConvs take the same form where [`super::qconv`] then runs them
+/// on this crate's u8×i8 kernels ([`FUSES_MLP`] targets); elsewhere they are left to
+/// tract, which fuses them whole. Weights with one zero point `k0` whose `W − k0`
+/// fits i8 are stored as `W − k0` with a zero point of 0 (the cheapest form for those
+/// kernels; others keep `k0`, which they take too).
+fn qlinear_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatch, bool)>> {
     let node = model.node(id);
     let Some(conv) = node.op_as::<Conv>() else {
         return Ok(None);
@@ -646,7 +649,11 @@ fn per_channel_qlinear_conv(
     else {
         return Ok(None);
     };
-    if x0.len() != 1 || k_scale.len() != o || o < 2 || !(sx > 0.0 && sy > 0.0) {
+    // Per tensor only where the result is a dense conv `qconv` takes.
+    let per_channel = k_scale.len() == o && o >= 2;
+    let per_tensor =
+        FUSES_MLP && k_scale.len() == 1 && super::conv::geometry(model, node, conv).is_some();
+    if x0.len() != 1 || !(per_channel || per_tensor) || !(sx > 0.0 && sy > 0.0) {
         return Ok(None);
     }
     let k0s = k0.cast_to::<i32>()?;
@@ -656,6 +663,14 @@ fn per_channel_qlinear_conv(
     }
     let sw = k_scale.cast_to::<f32>()?;
     let sw = sw.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let Some(sw) = broadcast_f32(&sw, o) else {
+        return Ok(None);
+    };
+    // W − k0 as i8 with a zero point of 0, where it fits.
+    let (w, k0s) = match centered_i8(w, k0s[0])? {
+        Some(centered) => (Arc::new(centered), vec![0]),
+        None => (w.clone(), k0s),
+    };
     let b = bias.cast_to::<i32>()?;
     let Some(b) = broadcast_f32(
         &b.try_as_plain_ram()?
@@ -668,7 +683,7 @@ fn per_channel_qlinear_conv(
         return Ok(None);
     };
     let name = &node.name;
-    let mut patch = TypedModelPatch::new(format!("per-channel QLinearConv {name}"));
+    let mut patch = TypedModelPatch::new(format!("QLinearConv {name}"));
     let x = patch.tap_model(model, node.inputs[0])?;
     let wq = patch.add_const(format!("{name}.w_q"), w.clone())?;
     let zero_i32 = patch.add_const(format!("{name}.zero_i32"), tensor0(0i32))?;
@@ -697,6 +712,21 @@ fn per_channel_qlinear_conv(
     )?[0];
     patch.shunt_outside(model, OutletId::new(id, 0), y)?;
     Ok(Some((patch, true)))
+}
+
+/// `w − k0` as an i8 tensor when every value fits (u8 or i8 weights), else `None`.
+fn centered_i8(w: &Tensor, k0: i32) -> TractResult<Option<Tensor>> {
+    let dt = w.datum_type().unquantized();
+    if dt != u8::datum_type() && dt != i8::datum_type() {
+        return Ok(None);
+    }
+    let wi = w.cast_to::<i32>()?;
+    let values = wi.try_as_plain_ram()?.as_slice::<i32>()?;
+    let centered: Option<Vec<i8>> = values.iter().map(|&v| i8::try_from(v - k0).ok()).collect();
+    Ok(match centered {
+        Some(c) => Some(Tensor::from_shape(w.shape(), &c)?),
+        None => None,
+    })
 }
 
 /// The matmul counterpart of [`int_conv`]: `DequantizeLinearF32(x_q)` times

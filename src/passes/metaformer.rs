@@ -564,13 +564,16 @@ fn match_mlp(model: &TypedModel, e2: usize) -> TractResult<Option<(TypedModelPat
 }
 
 /// An integer 1×1 convolution as the int8 pass builds it and tract declutters it: an
-/// EinSum with i32 output of the u8/i8 activation `input` and constant i8 `[O, I]`
-/// weights, contracted over I (axis 1 of an NCHW activation), unit scales, zero
-/// weight and output zero points.
+/// EinSum with i32 output of the u8/i8 activation `input` and constant i8 or u8
+/// `[O, I]` weights, contracted over I (axis 1 of an NCHW activation), unit scales,
+/// one weight zero point and a zero output zero point.
 pub(super) struct IntPointwise {
     pub rows: usize,
     pub depth: usize,
+    /// The weights as i8 (u8 ones minus 128) …
     pub weights: Vec<i8>,
+    /// … and their zero point on that scale.
+    pub w0: i32,
     /// Accumulator bias, per output row.
     pub bias: Vec<i32>,
     /// Activation zero point.
@@ -608,19 +611,20 @@ pub(super) fn int_pointwise(
         && a.replace('I', "O") == out
         && b == "OI";
     let w = konst(model, node.inputs[1])?;
-    if !ok || w.rank() != 2 || w.datum_type() != i8::datum_type() {
+    if !ok || w.rank() != 2 {
         return None;
     }
     let (rows, depth) = (w.shape()[0], w.shape()[1]);
     let unit = [4, 6, 8]
         .iter()
         .all(|&i| scalar_is(model, node.inputs[i], 1.0))
-        && [5, 7]
-            .iter()
-            .all(|&i| scalar_is(model, node.inputs[i], 0.0));
+        && scalar_is(model, node.inputs[7], 0.0);
     if !unit {
         return None;
     }
+    let w0 = konst(model, node.inputs[5]).filter(|k| k.len() == 1)?;
+    let w0 = w0.cast_to_scalar::<i32>().ok()?;
+    let (weights, w0) = i8_weights(&w, w0)?;
     let a0 = konst(model, node.inputs[3]).filter(|k| k.len() == 1)?;
     let a0 = a0.cast_to_scalar::<i32>().ok()?;
     let bias = konst(model, node.inputs[2])?;
@@ -638,14 +642,29 @@ pub(super) fn int_pointwise(
         n if n == rows => bias,
         _ => return None,
     };
-    let weights = w.try_as_plain_ram().ok()?.as_slice::<i8>().ok()?.to_vec();
     Some(IntPointwise {
         rows,
         depth,
         weights,
+        w0,
         bias,
         a0,
     })
+}
+
+/// Constant i8 or u8 weights with zero point `w0` as i8 values and a zero point on the
+/// same scale: u8 ones shifted by −128 (`w − w0 = (w − 128) − (w0 − 128)`).
+pub(super) fn i8_weights(w: &Tensor, w0: i32) -> Option<(Vec<i8>, i32)> {
+    let dt = w.datum_type().unquantized();
+    let plain = w.try_as_plain_ram().ok()?;
+    if dt == i8::datum_type() {
+        Some((plain.as_slice::<i8>().ok()?.to_vec(), w0))
+    } else if dt == u8::datum_type() {
+        let v = plain.as_slice::<u8>().ok()?;
+        Some((v.iter().map(|&b| (b ^ 0x80) as i8).collect(), w0 - 128))
+    } else {
+        None
+    }
 }
 
 /// A per-tensor quantization onto u8, as (1/scale, grid on u8, shift of the
@@ -704,6 +723,7 @@ fn match_quant_mlp(model: &TypedModel, q1: usize) -> TractResult<Option<(TypedMo
     want!(model.outlet_successors(n2).len() == 1);
     let e1 = want_some!(only_succ(model, q1));
     let fc1 = want_some!(int_pointwise(model, e1, OutletId::new(q1, 0)));
+    want!(fc1.w0 == 0);
     let (hidden, channels) = (fc1.rows, fc1.depth);
     let r1 = want_some!(only_succ(model, e1));
     let (mult1, offset1, how1) = want_some!(requant_layer(model, r1, hidden));
@@ -713,6 +733,7 @@ fn match_quant_mlp(model: &TypedModel, q1: usize) -> TractResult<Option<(TypedMo
     let (inv_scale2, grid2, shift2) = want_some!(u8_grid(quant2));
     let e2 = want_some!(only_succ(model, q2));
     let fc2 = want_some!(int_pointwise(model, e2, OutletId::new(q2, 0)));
+    want!(fc2.w0 == 0);
     want!(fc2.rows == channels && fc2.depth == hidden);
     let r2 = want_some!(only_succ(model, e2));
     let (mult2, offset2, how2) = want_some!(requant_layer(model, r2, channels));

@@ -14,7 +14,7 @@ use tract_core::ops::cnn::Conv;
 use tract_core::ops::einsum::EinSum;
 
 use super::conv::geometry;
-use super::metaformer::{int_pointwise, konst, scalar_is, FUSES_MLP};
+use super::metaformer::{i8_weights, int_pointwise, konst, scalar_is, FUSES_MLP};
 use super::PassReport;
 use crate::kernels::im2col::ConvGeometry;
 use crate::kernels::qgemm::PackedI8;
@@ -82,6 +82,7 @@ fn quant_conv(
     geometry: ConvGeometry,
     out_channels: usize,
     weights: &[i8],
+    weight_zero: i32,
     bias: &[i32],
     a0: i32,
     signed: bool,
@@ -106,6 +107,7 @@ fn quant_conv(
         out_channels,
         weights: Arc::new(weights),
         correction: Arc::new(correction),
+        weight_zero,
         a0,
         signed_input: signed,
         input_shape,
@@ -114,7 +116,8 @@ fn quant_conv(
 }
 
 /// tract's quantized `Conv` as the int8 pass wires it: inputs `[x, W_q, bias(i32),
-/// x0, 1, 0, 1, 0, 1]` (unit scales, zero weight and output zero points), i32 out.
+/// x0, 1, w0, 1, 0, 1]` (unit scales, one weight zero point, a zero output zero
+/// point), i32 out.
 fn match_conv(model: &TypedModel, id: usize, conv: &Conv) -> Result<Option<QuantConv>> {
     let node = model.node(id);
     if conv.q_params != Some(i32::datum_type()) || node.inputs.len() != 9 {
@@ -129,25 +132,23 @@ fn match_conv(model: &TypedModel, id: usize, conv: &Conv) -> Result<Option<Quant
     let unit = [4, 6, 8]
         .iter()
         .all(|&i| scalar_is(model, node.inputs[i], 1.0))
-        && [5, 7]
-            .iter()
-            .all(|&i| scalar_is(model, node.inputs[i], 0.0));
-    let (Some(w), Some(bias), Some(a0)) = (
+        && scalar_is(model, node.inputs[7], 0.0);
+    let (Some(w), Some(bias), Some(a0), Some(w0)) = (
         konst(model, node.inputs[1]),
         konst(model, node.inputs[2]),
         konst(model, node.inputs[3]).filter(|k| k.len() == 1),
+        konst(model, node.inputs[5]).filter(|k| k.len() == 1),
     ) else {
         return Ok(None);
     };
     let o = ys[1];
     let (kh, kw) = geometry.kernel;
-    if !unit
-        || w.datum_type() != i8::datum_type()
-        || w.shape() != [o, xs[1], kh, kw]
-        || bias.datum_type() != i32::datum_type()
-    {
+    if !unit || w.shape() != [o, xs[1], kh, kw] || bias.datum_type() != i32::datum_type() {
         return Ok(None);
     }
+    let Some((weights, w0)) = i8_weights(&w, w0.cast_to_scalar::<i32>()?) else {
+        return Ok(None);
+    };
     let bias = bias.try_as_plain_ram()?.as_slice::<i32>()?.to_vec();
     let bias = match bias.len() {
         1 => vec![bias[0]; o],
@@ -155,11 +156,11 @@ fn match_conv(model: &TypedModel, id: usize, conv: &Conv) -> Result<Option<Quant
         _ => return Ok(None),
     };
     let a0 = a0.cast_to_scalar::<i32>()?;
-    let weights = w.try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
     quant_conv(
         geometry,
         o,
         &weights,
+        w0,
         &bias,
         a0,
         signed,
@@ -200,7 +201,9 @@ fn match_pointwise(model: &TypedModel, id: usize) -> Result<Option<QuantConv>> {
         out_h: xs[2],
         out_w: xs[3],
     };
-    quant_conv(geometry, p.rows, &p.weights, &p.bias, p.a0, signed, xs, ys)
+    quant_conv(
+        geometry, p.rows, &p.weights, p.w0, &p.bias, p.a0, signed, xs, ys,
+    )
 }
 
 /// A quantized matrix product of one row vector `[1, K]` (or `[1, K, 1, 1]`, summed
@@ -249,13 +252,12 @@ fn match_vector_matmul(model: &TypedModel, id: usize) -> Result<Option<QuantConv
     let unit = [4, 6, 8]
         .iter()
         .all(|&i| scalar_is(model, node.inputs[i], 1.0))
-        && [5, 7]
-            .iter()
-            .all(|&i| scalar_is(model, node.inputs[i], 0.0));
-    let (Some(w), Some(bias), Some(a0)) = (
+        && scalar_is(model, node.inputs[7], 0.0);
+    let (Some(w), Some(bias), Some(a0), Some(w0)) = (
         konst(model, node.inputs[1]),
         konst(model, node.inputs[2]),
         konst(model, node.inputs[3]).filter(|k| k.len() == 1),
+        konst(model, node.inputs[5]).filter(|k| k.len() == 1),
     ) else {
         return Ok(None);
     };
@@ -267,13 +269,14 @@ fn match_vector_matmul(model: &TypedModel, id: usize) -> Result<Option<QuantConv
         || ys.len() != 2
         || ys[0] != 1
         || w.rank() != 2
-        || w.datum_type() != i8::datum_type()
         || bias.datum_type() != i32::datum_type()
     {
         return Ok(None);
     }
     let (k, n) = (xs[1], ys[1]);
-    let ws = w.try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
+    let Some((ws, w0)) = i8_weights(&w, w0.cast_to_scalar::<i32>()?) else {
+        return Ok(None);
+    };
     let weights = if transposed {
         if w.shape() != [k, n] {
             return Ok(None);
@@ -302,5 +305,5 @@ fn match_vector_matmul(model: &TypedModel, id: usize) -> Result<Option<QuantConv
         out_w: 1,
     };
     let a0 = a0.cast_to_scalar::<i32>()?;
-    quant_conv(geometry, n, &weights, &bias, a0, signed, xs, ys)
+    quant_conv(geometry, n, &weights, w0, &bias, a0, signed, xs, ys)
 }
