@@ -115,6 +115,34 @@ fn quant_conv(
     }))
 }
 
+/// The constant operands of a 9-input integer conv or EinSum with unit scales and a
+/// zero output zero point: `[x, W, bias(i32), a0, 1, w0, 1, 0, 1]`.
+struct IntOperands {
+    w: Arc<Tensor>,
+    bias: Arc<Tensor>,
+    a0: i32,
+    w0: i32,
+}
+
+fn int_operands(model: &TypedModel, node: &TypedNode) -> Option<IntOperands> {
+    let unit = [4, 6, 8]
+        .iter()
+        .all(|&i| scalar_is(model, node.inputs[i], 1.0))
+        && scalar_is(model, node.inputs[7], 0.0);
+    let scalar = |i: usize| {
+        konst(model, node.inputs[i])
+            .filter(|k| k.len() == 1)
+            .and_then(|k| k.cast_to_scalar::<i32>().ok())
+    };
+    let bias = konst(model, node.inputs[2]).filter(|b| b.datum_type() == i32::datum_type())?;
+    unit.then_some(IntOperands {
+        w: konst(model, node.inputs[1])?,
+        bias,
+        a0: scalar(3)?,
+        w0: scalar(5)?,
+    })
+}
+
 /// tract's quantized `Conv` as the int8 pass wires it: inputs `[x, W_q, bias(i32),
 /// x0, 1, w0, 1, 0, 1]` (unit scales, one weight zero point, a zero output zero
 /// point), i32 out.
@@ -129,24 +157,15 @@ fn match_conv(model: &TypedModel, id: usize, conv: &Conv) -> Result<Option<Quant
     let Some((geometry, xs, ys)) = geometry(model, node, conv) else {
         return Ok(None);
     };
-    let unit = [4, 6, 8]
-        .iter()
-        .all(|&i| scalar_is(model, node.inputs[i], 1.0))
-        && scalar_is(model, node.inputs[7], 0.0);
-    let (Some(w), Some(bias), Some(a0), Some(w0)) = (
-        konst(model, node.inputs[1]),
-        konst(model, node.inputs[2]),
-        konst(model, node.inputs[3]).filter(|k| k.len() == 1),
-        konst(model, node.inputs[5]).filter(|k| k.len() == 1),
-    ) else {
+    let Some(IntOperands { w, bias, a0, w0 }) = int_operands(model, node) else {
         return Ok(None);
     };
     let o = ys[1];
     let (kh, kw) = geometry.kernel;
-    if !unit || w.shape() != [o, xs[1], kh, kw] || bias.datum_type() != i32::datum_type() {
+    if w.shape() != [o, xs[1], kh, kw] {
         return Ok(None);
     }
-    let Some((weights, w0)) = i8_weights(&w, w0.cast_to_scalar::<i32>()?) else {
+    let Some((weights, w0)) = i8_weights(&w, w0) else {
         return Ok(None);
     };
     let bias = bias.try_as_plain_ram()?.as_slice::<i32>()?.to_vec();
@@ -155,7 +174,6 @@ fn match_conv(model: &TypedModel, id: usize, conv: &Conv) -> Result<Option<Quant
         n if n == o => bias,
         _ => return Ok(None),
     };
-    let a0 = a0.cast_to_scalar::<i32>()?;
     quant_conv(
         geometry,
         o,
@@ -249,32 +267,21 @@ fn match_vector_matmul(model: &TypedModel, id: usize) -> Result<Option<QuantConv
     let (Some(xs), Some(ys)) = (shape_of(model, x)?, shape_of(model, OutletId::new(id, 0))?) else {
         return Ok(None);
     };
-    let unit = [4, 6, 8]
-        .iter()
-        .all(|&i| scalar_is(model, node.inputs[i], 1.0))
-        && scalar_is(model, node.inputs[7], 0.0);
-    let (Some(w), Some(bias), Some(a0), Some(w0)) = (
-        konst(model, node.inputs[1]),
-        konst(model, node.inputs[2]),
-        konst(model, node.inputs[3]).filter(|k| k.len() == 1),
-        konst(model, node.inputs[5]).filter(|k| k.len() == 1),
-    ) else {
+    let Some(IntOperands { w, bias, a0, w0 }) = int_operands(model, node) else {
         return Ok(None);
     };
     // Axes of the input past the first two (a flattened `[1, K, 1, 1]`) must be 1.
-    if !unit
-        || xs.len() != a.len()
+    if xs.len() != a.len()
         || xs[0] != 1
         || xs[2..].iter().any(|&d| d != 1)
         || ys.len() != 2
         || ys[0] != 1
         || w.rank() != 2
-        || bias.datum_type() != i32::datum_type()
     {
         return Ok(None);
     }
     let (k, n) = (xs[1], ys[1]);
-    let Some((ws, w0)) = i8_weights(&w, w0.cast_to_scalar::<i32>()?) else {
+    let Some((ws, w0)) = i8_weights(&w, w0) else {
         return Ok(None);
     };
     let weights = if transposed {
@@ -304,6 +311,5 @@ fn match_vector_matmul(model: &TypedModel, id: usize) -> Result<Option<QuantConv
         out_h: 1,
         out_w: 1,
     };
-    let a0 = a0.cast_to_scalar::<i32>()?;
     quant_conv(geometry, n, &weights, w0, &bias, a0, signed, xs, ys)
 }
