@@ -1,9 +1,10 @@
 //! [`QuantConv`]: an integer convolution as the int8 pass leaves it (u8 or i8
-//! activations, i8 weights, an i32 accumulator with unit scales, requantized by the
-//! next node), run as patch extraction in the k4 layout plus one u8 × i8 product on
-//! this crate's kernels ([`crate::kernels::qgemm`]) instead of tract's quantized
-//! matrix path. It covers the strided stem and downsampling convolutions and the
-//! 1×1 convolutions the channel-MLP fusion does not absorb.
+//! activations, i8 weights with an optional zero point, an i32 accumulator with unit
+//! scales, requantized by the next node), run as patch extraction in the k4 layout
+//! plus one u8 × i8 product on this crate's kernels ([`crate::kernels::qgemm`])
+//! instead of tract's quantized matrix path. It covers the strided stem and
+//! downsampling convolutions, the 1×1 convolutions the channel-MLP fusion does not
+//! absorb, and a quantized head applied to one vector (a 1×1 conv of one pixel).
 
 use std::sync::Arc;
 

@@ -89,6 +89,10 @@ fn quant_conv(
     input_shape: TVec<usize>,
     output_shape: TVec<usize>,
 ) -> Result<Option<QuantConv>> {
+    // Empty products stay with tract.
+    if out_channels == 0 || geometry.k() == 0 || geometry.out_pixels() == 0 {
+        return Ok(None);
+    }
     let a0 = a0 + if signed { 128 } else { 0 };
     let Ok(a0) = u8::try_from(a0) else {
         return Ok(None);
