@@ -162,6 +162,10 @@ impl EvalOp for QuantConv {
             g.in_channels * g.in_h * g.in_w,
             self.out_channels * g.out_pixels(),
         );
+        ensure!(
+            in_len > 0 && out_len > 0,
+            "int8 conv: empty input or output"
+        );
         let mut out = unsafe { Tensor::uninitialized::<i32>(&self.output_shape)? };
         {
             let mut view = out.try_as_plain_ram_mut()?;
