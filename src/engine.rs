@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use tract_core::ndarray::Array4;
-use tract_linalg::multithread::{multithread_tract_scope, Executor};
+use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
 use crate::models::labels;
@@ -270,7 +270,7 @@ impl Engine {
             .map_err(|_| anyhow!("engine state poisoned"))?;
         let executor = self.executor.clone();
         let mut outputs = guard_panics(|| {
-            multithread_tract_scope(executor, || state.run(tvec!(input.into_tvalue())))
+            crate::ops::on_executor(&executor, || state.run(tvec!(input.into_tvalue())))
         })
         .context("running the model")?;
         Ok(outputs.remove(0).into_tensor())
@@ -290,7 +290,7 @@ impl Engine {
             let executor = self.executor.clone();
             let x = input.clone();
             guard_panics(|| {
-                multithread_tract_scope(executor, || {
+                crate::ops::on_executor(&executor, || {
                     state.run_plan_with_eval(
                         tvec!(x.into_tvalue()),
                         |ctx, op_state, node, inputs| {

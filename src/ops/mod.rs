@@ -20,6 +20,35 @@ pub(crate) fn executor_threads() -> (Executor, usize) {
     (executor, n)
 }
 
+/// Runs a whole model evaluation `f` with `executor` as tract's executor. With a
+/// thread pool, `f` itself runs on one of the pool's threads: every parallel section
+/// of every op then starts on a thread that is already running (the pool's other
+/// threads join as they wake), where calling into the pool from outside would hand
+/// each section over and wait for sleeping workers to wake, many times per run.
+///
+/// `f` need not be `Send`: the caller's thread blocks until `f` has returned on the
+/// pool's thread, so whatever `f` touches is used by one thread at a time, and the
+/// pool's latch orders the two threads' accesses.
+pub(crate) fn on_executor<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
+    match executor {
+        Executor::MultiThread(pool) => {
+            struct AssertSend<T>(T);
+            // SAFETY: see above; the value moves to one thread and back, never shared.
+            unsafe impl<T> Send for AssertSend<T> {}
+            let job = AssertSend((executor.clone(), f));
+            let AssertSend(r) = pool.install(move || {
+                let job = job;
+                let (executor, f) = job.0;
+                AssertSend(tract_linalg::multithread::multithread_tract_scope(
+                    executor, f,
+                ))
+            });
+            r
+        }
+        _ => tract_linalg::multithread::multithread_tract_scope(executor.clone(), f),
+    }
+}
+
 /// Runs `f` inside the executor's pool when it has one, so rayon work spawned by `f`
 /// lands on tract's threads.
 pub(crate) fn in_pool<R: Send>(executor: &Executor, f: impl FnOnce() -> R + Send) -> R {

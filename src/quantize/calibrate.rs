@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
-use tract_linalg::multithread::{multithread_tract_scope, Executor};
+use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
 
 use super::histogram::Histogram;
@@ -36,7 +36,7 @@ pub fn collect(
     progress.set_length(inputs.len() as u64);
     for input in inputs.tensors(input_size) {
         let input = input?.into_tensor();
-        let outputs = multithread_tract_scope(executor.clone(), || {
+        let outputs = crate::ops::on_executor(&executor, || {
             plan.run(tvec!(input.clone().into_tvalue()))
         })
         .context("running the calibration model")?;
@@ -122,7 +122,7 @@ pub fn collect_channel_stats(
     progress.set_length(inputs.len() as u64);
     for input in inputs.tensors(input_size) {
         let input = input?.into_tensor();
-        let outputs = multithread_tract_scope(executor.clone(), || {
+        let outputs = crate::ops::on_executor(&executor, || {
             plan.run(tvec!(input.clone().into_tvalue()))
         })
         .context("running the calibration model")?;

@@ -124,7 +124,9 @@ pub fn main(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Time per op kind, largest first, then the ten slowest nodes.
+/// Time per op kind, largest first; per part of the network (stem, each stage, head,
+/// from the node names' first two components: `stages.2.blocks.0…` → `stages.2`); then
+/// the ten slowest nodes.
 fn print_profile(nodes: &[poolformer_edge::engine::NodeProfile], threads: usize) {
     let total: f64 = nodes.iter().map(|n| n.time.as_secs_f64()).sum::<f64>() * 1e3;
     let mut by_op: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
@@ -139,6 +141,25 @@ fn print_profile(nodes: &[poolformer_edge::engine::NodeProfile], threads: usize)
     eprintln!("{:>9} {:>6} {:>6}  op", "ms", "%", "nodes");
     for (op, (ms, count)) in rows {
         eprintln!("{ms:>9.3} {:>6.1} {count:>6}  {op}", 100.0 * ms / total);
+    }
+    let mut parts: Vec<(String, f64, usize)> = Vec::new();
+    for n in nodes {
+        let part = match n.name.split('.').collect::<Vec<_>>().as_slice() {
+            ["stages", i, ..] => format!("stages.{i}"),
+            [first, ..] => first.to_string(),
+            [] => String::new(),
+        };
+        match parts.iter_mut().find(|p| p.0 == part) {
+            Some(p) => {
+                p.1 += n.time.as_secs_f64() * 1e3;
+                p.2 += 1;
+            }
+            None => parts.push((part, n.time.as_secs_f64() * 1e3, 1)),
+        }
+    }
+    eprintln!("by part of the network:");
+    for (part, ms, count) in parts.iter().filter(|p| p.1 >= 0.005 * total) {
+        eprintln!("{ms:>9.3} {:>6.1} {count:>6}  {part}", 100.0 * ms / total);
     }
     let mut slow: Vec<_> = nodes.iter().collect();
     slow.sort_by_key(|n| std::cmp::Reverse(n.time));
