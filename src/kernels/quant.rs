@@ -195,6 +195,22 @@ pub fn fake_quant(
     }
 }
 
+/// [`fake_quant`] in place.
+pub fn fake_quant_in_place(
+    xs: &mut [f32],
+    inv_scale: f32,
+    grid: Grid,
+    dq_zero_point: i32,
+    dq_scale: f32,
+) {
+    let (lo, hi) = grid.bounds();
+    let shift = (grid.zero_point - dq_zero_point) as f32;
+    for x in xs.iter_mut() {
+        let v = (*x * inv_scale).clamp_to(lo, hi);
+        *x = (round_small(v) + shift) * dq_scale;
+    }
+}
+
 /// QuantizeLinear on f32: `out[i] = clamp(round(x[i]·inv_scale) + zp)`.
 pub fn quantize<T: QuantInt>(x: &[f32], out: &mut [T], inv_scale: f32, grid: Grid) {
     let (lo, hi) = grid.bounds();

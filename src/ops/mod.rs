@@ -3,6 +3,7 @@
 //! thread pool.
 
 pub mod conv;
+pub mod eltwise;
 pub mod metaformer;
 pub mod qconv;
 pub mod qmlp;

@@ -4,12 +4,15 @@
 //!
 //! Order: `int8` sees the graph as it comes out of the ONNX importer (before tract
 //! constant-folds the Q/DQ structure away); `metaformer` sees the decluttered graph,
-//! then `qconv` takes the integer convolutions it left and `conv` the float ones.
+//! then `qconv` takes the integer convolutions it left and `conv` the float ones;
+//! `eltwise` runs last, on tract's optimized graph, and fuses the element-wise
+//! chains left between them.
 
 use anyhow::Result;
 use tract_onnx::prelude::*;
 
 pub mod conv;
+pub mod eltwise;
 pub mod int8;
 pub mod metaformer;
 pub mod qconv;
@@ -23,6 +26,16 @@ pub struct PassReport {
 
 /// Runs this crate's passes, then tract's optimizer, on a freshly typed model.
 pub fn optimize(model: TypedModel, fuse: bool) -> Result<(TypedModel, PassReport)> {
+    let (mut model, mut report) = optimize_graph(model, fuse)?;
+    if fuse {
+        eltwise::rewrite(&mut model, &mut report)?;
+    }
+    Ok((model, report))
+}
+
+/// [`optimize`] without its last pass (`eltwise`, which works on the optimized graph):
+/// with it, the graph the element-wise chains are fused in.
+pub fn optimize_graph(model: TypedModel, fuse: bool) -> Result<(TypedModel, PassReport)> {
     let mut report = PassReport::default();
     let mut model = model;
     if fuse {

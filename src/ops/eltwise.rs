@@ -1,0 +1,380 @@
+//! [`ElementwiseChain`]: a run of element-wise nodes evaluated in one pass over
+//! memory, split over tract's thread pool by channels.
+//!
+//! Graphs quantized op by op (onnxruntime's QDQ format with every op quantized) leave
+//! long element-wise chains between the integer convolutions: a decomposed GroupNorm
+//! (`x − mean`, square, `× rstd`, `× γ`, `+ β`), the pooling mixer's `− x`, layer scales,
+//! residual additions, an erf GELU, each followed by a quantize → dequantize round
+//! trip. Run node by node, each step reads and writes the whole tensor. Here a chain is
+//! applied to slices of a few thousand elements that stay in L1, and every step is the
+//! same arithmetic as the node it replaces (the same f32 operation, the same kernels:
+//! `crate::kernels::quant` for the quantization steps, tract-linalg's erf), so the
+//! output is bit-identical to the unfused graph. The pass that builds chains is
+//! `crate::passes::eltwise`.
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+use tract_core::internal::*;
+
+use crate::kernels::quant as k;
+
+use super::requant::{FakeQuant, Quantize, Requant, RequantOut};
+use super::{executor_threads, in_pool};
+
+/// `+`, `−` or `×` between the chain's value and an operand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arith {
+    Add,
+    /// `value − operand`.
+    Sub,
+    /// `operand − value`.
+    SubFrom,
+    Mul,
+}
+
+impl Arith {
+    #[inline(always)]
+    fn apply(self, v: f32, o: f32) -> f32 {
+        match self {
+            Arith::Add => v + o,
+            Arith::Sub => v - o,
+            Arith::SubFrom => o - v,
+            Arith::Mul => v * o,
+        }
+    }
+
+    fn slice_by_scalar(self, xs: &mut [f32], o: f32) {
+        match self {
+            Arith::Add => xs.iter_mut().for_each(|v| *v += o),
+            Arith::Sub => xs.iter_mut().for_each(|v| *v -= o),
+            Arith::SubFrom => xs.iter_mut().for_each(|v| *v = o - *v),
+            Arith::Mul => xs.iter_mut().for_each(|v| *v *= o),
+        }
+    }
+}
+
+/// Where a per-tensor or per-channel operand comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Operand {
+    /// One value, or one per channel.
+    Const(Arc<Vec<f32>>),
+    /// The op's input of this index, holding one value or one per channel.
+    Input(usize),
+}
+
+/// One element-wise step.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// `v ∘ operand[channel]` (tract's `OptBinByScalar`).
+    Scalar(Arith, Operand),
+    /// `v ∘ t[i]` with `t` the op's input of this index, shaped like the chain
+    /// (tract's `OptBinUnicast`).
+    Tensor(Arith, usize),
+    FakeQuant(FakeQuant),
+    Square,
+    Erf,
+}
+
+/// How the chain's first value is read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Head {
+    /// The f32 input as is.
+    F32,
+    /// i32 accumulators through a [`Requant`] to f32 (its `out` is `F32` or `Grid`,
+    /// its axis the channel axis 1).
+    Requant(Requant),
+}
+
+/// How the chain's last value is written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Tail {
+    F32,
+    /// Quantized to u8 / i8 by a [`Quantize`].
+    Quantize(Quantize),
+}
+
+/// A chain over tensors `[1, C, …]`: input 0 is the stream, the others the operands
+/// named by the steps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ElementwiseChain {
+    pub head: Head,
+    pub steps: Vec<Step>,
+    pub tail: Tail,
+    /// Names of the nodes replaced, in order, for `pfe info` and profiles.
+    pub fused: Vec<String>,
+}
+
+impl Eq for ElementwiseChain {}
+
+/// Elements per slice: small enough to stay in L1 with the operand slices.
+const SLICE: usize = 2048;
+/// Below this many elements the chain runs on the calling thread.
+const PARALLEL_MIN: usize = 32_768;
+
+impl ElementwiseChain {
+    fn out_dt(&self) -> DatumType {
+        match &self.tail {
+            Tail::F32 => f32::datum_type(),
+            Tail::Quantize(q) => q.dt,
+        }
+    }
+
+    fn in_dt(&self) -> DatumType {
+        match &self.head {
+            Head::F32 => f32::datum_type(),
+            Head::Requant(_) => i32::datum_type(),
+        }
+    }
+}
+
+/// Inputs resolved to slices for one evaluation.
+struct Bound<'a> {
+    x_f32: &'a [f32],
+    x_i32: &'a [i32],
+    /// Per step: the per-channel / per-tensor operand, or the tensor operand.
+    operands: Vec<&'a [f32]>,
+    inner: usize,
+    erf: Option<Box<dyn tract_linalg::element_wise::ElementWise<f32>>>,
+}
+
+impl Op for ElementwiseChain {
+    fn name(&self) -> StaticName {
+        "PfeElementwise".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{} steps in one pass: {}",
+            self.fused.len(),
+            self.fused.join(", ")
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ElementwiseChain {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = &inputs[0];
+        let shape = x.shape();
+        ensure!(
+            shape.len() >= 2 && shape[0] == 1,
+            "element-wise chain takes [1, C, …], got {shape:?}"
+        );
+        ensure!(
+            x.datum_type() == self.in_dt(),
+            "element-wise chain: input is {:?}, expected {:?}",
+            x.datum_type(),
+            self.in_dt()
+        );
+        let c = shape[1];
+        let inner: usize = shape[2..].iter().product();
+        let x_plain = x.try_as_plain_ram()?;
+        let (x_f32, x_i32): (&[f32], &[i32]) = match self.head {
+            Head::F32 => (x_plain.as_slice::<f32>()?, &[]),
+            Head::Requant(ref r) => {
+                ensure!(
+                    r.axis == 1 && r.mult.len() == c && r.offset.len() == c,
+                    "element-wise chain: requantization for {} channels on axis {}, input {shape:?}",
+                    r.mult.len(),
+                    r.axis
+                );
+                (&[], x_plain.as_slice::<i32>()?)
+            }
+        };
+        let plains: Vec<_> = inputs
+            .iter()
+            .map(|t| t.try_as_plain_ram())
+            .collect::<TractResult<_>>()?;
+        let mut operands: Vec<&[f32]> = Vec::with_capacity(self.steps.len());
+        let mut erf = None;
+        for step in &self.steps {
+            let o: &[f32] = match step {
+                Step::Scalar(_, Operand::Const(v)) => v.as_slice(),
+                Step::Scalar(_, Operand::Input(i)) => {
+                    ensure!(*i < inputs.len(), "element-wise chain: no input {i}");
+                    plains[*i].as_slice::<f32>()?
+                }
+                Step::Tensor(_, i) => {
+                    ensure!(*i < inputs.len(), "element-wise chain: no input {i}");
+                    ensure!(
+                        inputs[*i].shape() == shape,
+                        "element-wise chain: operand {:?}, stream {shape:?}",
+                        inputs[*i].shape()
+                    );
+                    plains[*i].as_slice::<f32>()?
+                }
+                Step::Erf => {
+                    if erf.is_none() {
+                        erf = Some(tract_linalg::Func::Erf.ew_f32()?);
+                    }
+                    &[]
+                }
+                _ => &[],
+            };
+            if let Step::Scalar(..) = step {
+                ensure!(
+                    o.len() == 1 || o.len() == c,
+                    "element-wise chain: operand of {} values for {c} channels",
+                    o.len()
+                );
+            }
+            operands.push(o);
+        }
+        let bound = Bound {
+            x_f32,
+            x_i32,
+            operands,
+            inner,
+            erf,
+        };
+        let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt(), shape)? };
+        {
+            let mut plain = out.try_as_plain_ram_mut()?;
+            match &self.tail {
+                Tail::F32 => {
+                    self.run(&bound, plain.as_slice_mut::<f32>()?, c, |ch, at, o, _| {
+                        self.apply(&bound, ch, at, o)
+                    })?
+                }
+                Tail::Quantize(q) => {
+                    let (inv, grid) = (q.inv_scale, q.grid);
+                    match q.dt {
+                        DatumType::U8 => {
+                            self.run(&bound, plain.as_slice_mut::<u8>()?, c, |ch, at, o, buf| {
+                                let v = &mut buf[..o.len()];
+                                self.apply(&bound, ch, at, v)?;
+                                k::quantize(v, o, inv, grid);
+                                Ok(())
+                            })?
+                        }
+                        DatumType::I8 => {
+                            self.run(&bound, plain.as_slice_mut::<i8>()?, c, |ch, at, o, buf| {
+                                let v = &mut buf[..o.len()];
+                                self.apply(&bound, ch, at, v)?;
+                                k::quantize(v, o, inv, grid);
+                                Ok(())
+                            })?
+                        }
+                        dt => bail!("element-wise chain: cannot quantize to {dt:?}"),
+                    }
+                }
+            }
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl ElementwiseChain {
+    /// Calls `slice(channel, offset, out_slice, scratch)` on every slice of at most
+    /// [`SLICE`] elements of every channel plane of `out`, split over the threads by
+    /// groups of planes. `scratch` holds [`SLICE`] f32.
+    fn run<T: Send>(
+        &self,
+        b: &Bound,
+        out: &mut [T],
+        c: usize,
+        slice: impl Fn(usize, usize, &mut [T], &mut [f32]) -> TractResult<()> + Sync,
+    ) -> TractResult<()> {
+        let inner = b.inner;
+        if c == 0 || inner == 0 {
+            return Ok(());
+        }
+        let (executor, threads) = executor_threads();
+        let plane = |ch: usize, o: &mut [T], buf: &mut Vec<f32>| -> TractResult<()> {
+            buf.resize(SLICE.min(inner), 0.0);
+            for (i, part) in o.chunks_mut(SLICE).enumerate() {
+                slice(ch, ch * inner + i * SLICE, part, buf)?;
+            }
+            Ok(())
+        };
+        if threads > 1 && c > 1 && c * inner >= PARALLEL_MIN {
+            // Groups of whole planes, a few per thread.
+            let per = c.div_ceil(threads * 4).max(1);
+            in_pool(&executor, || {
+                out.par_chunks_mut(per * inner)
+                    .enumerate()
+                    .try_for_each_init(Vec::new, |buf, (g, planes)| {
+                        for (i, o) in planes.chunks_mut(inner).enumerate() {
+                            plane(g * per + i, o, buf)?;
+                        }
+                        Ok(())
+                    })
+            })
+        } else {
+            let mut buf = Vec::new();
+            for (ch, o) in out.chunks_mut(inner).enumerate() {
+                plane(ch, o, &mut buf)?;
+            }
+            Ok(())
+        }
+    }
+
+    /// The chain on the elements `at..at + v.len()` of channel `ch`, into `v`.
+    fn apply(&self, b: &Bound, ch: usize, at: usize, v: &mut [f32]) -> TractResult<()> {
+        let len = v.len();
+        match &self.head {
+            Head::F32 => v.copy_from_slice(&b.x_f32[at..at + len]),
+            Head::Requant(r) => {
+                let acc = &b.x_i32[at..at + len];
+                let (m, o) = (r.mult[ch], r.offset[ch]);
+                match r.out {
+                    RequantOut::F32 => k::dequant_row(acc, v, m, o),
+                    RequantOut::Grid {
+                        grid,
+                        dq_zero_point,
+                        dq_scale,
+                    } => k::requant_to_grid_row(acc, v, m, o, grid, dq_zero_point, dq_scale),
+                    _ => bail!("element-wise chain: requantization to an integer type"),
+                }
+            }
+        }
+        for (step, operand) in self.steps.iter().zip(&b.operands) {
+            match step {
+                Step::Scalar(op, _) => {
+                    let o = if operand.len() == 1 {
+                        operand[0]
+                    } else {
+                        operand[ch]
+                    };
+                    op.slice_by_scalar(v, o);
+                }
+                Step::Tensor(op, _) => {
+                    let t = &operand[at..at + len];
+                    let op = *op;
+                    v.iter_mut().zip(t).for_each(|(x, &y)| *x = op.apply(*x, y));
+                }
+                Step::FakeQuant(fq) => {
+                    k::fake_quant_in_place(v, fq.inv_scale, fq.grid, fq.dq_zero_point, fq.dq_scale)
+                }
+                Step::Square => v.iter_mut().for_each(|x| *x *= *x),
+                Step::Erf => {
+                    if let Some(erf) = &b.erf {
+                        erf.run(v)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TypedOp for ElementwiseChain {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        ensure!(inputs[0].datum_type == self.in_dt());
+        Ok(tvec!(self.out_dt().fact(inputs[0].shape.clone())))
+    }
+
+    fn cost(&self, inputs: &[&TypedFact]) -> TractResult<TVec<(Cost, TDim)>> {
+        let n = inputs[0].shape.volume();
+        Ok(tvec!((
+            Cost::FMA(f32::datum_type()),
+            n * (self.steps.len() + 1)
+        )))
+    }
+
+    as_op!();
+}

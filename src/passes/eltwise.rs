@@ -1,0 +1,297 @@
+//! Element-wise chains → [`ElementwiseChain`], on the optimized graph (after tract's
+//! code generation, where its binary ops have become `OptBinByScalar` and
+//! `OptBinUnicast`).
+//!
+//! A chain is a run of nodes where each one's only consumer is the next, all on one
+//! tensor shape `[1, C, …]`:
+//!
+//! - head (optional): this crate's `Requant` from i32 to f32, per channel on axis 1;
+//! - steps: `FakeQuant`, `Square`, `Erf`, and `+ − ×` by a value or one per channel
+//!   (`OptBinByScalar`, the operand a constant or a computed tensor such as a
+//!   GroupNorm's mean) or by a tensor of the chain's shape (`OptBinUnicast`);
+//! - tail (optional): this crate's `Quantize` to u8 / i8.
+//!
+//! Two or more such nodes become one op. This is where graphs quantized op by op
+//! spend their time outside the convolutions (see `crate::ops::eltwise`); graphs the
+//! MetaFormer pass fused have few such chains left.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use anyhow::Result;
+use tract_core::internal::*;
+use tract_core::ops::binary::{OptBinByScalar, OptBinUnicast};
+use tract_core::ops::element_wise::ElementWiseOp;
+use tract_linalg::BinOp;
+
+use super::PassReport;
+use crate::ops::eltwise::{Arith, ElementwiseChain, Head, Operand, Step, Tail};
+use crate::ops::requant::{FakeQuant, Quantize, Requant, RequantOut};
+
+/// Chains on fewer elements are left alone.
+const MIN_ELEMENTS: usize = 1024;
+
+pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
+    let mut taken: HashSet<usize> = HashSet::new();
+    let mut chains = Vec::new();
+    for id in model.eval_order()? {
+        if taken.contains(&id) {
+            continue;
+        }
+        if let Some(chain) = grow(model, id, &taken)? {
+            taken.extend(chain.nodes.iter().copied());
+            chains.push(chain);
+        }
+    }
+    if chains.is_empty() {
+        return Ok(());
+    }
+    let fused: usize = chains.iter().map(|c| c.nodes.len()).sum();
+    // A chain's input may be the output of a chain replaced before it.
+    let mut replaced: HashMap<OutletId, OutletId> = HashMap::new();
+    for chain in &chains {
+        let last = OutletId::new(*chain.nodes.last().unwrap(), 0);
+        let new = apply(model, chain, &replaced)?;
+        replaced.insert(last, new);
+    }
+    model.compact()?;
+    report.rewrites.push(format!(
+        "element-wise chains ×{} ({fused} nodes)",
+        chains.len()
+    ));
+    Ok(())
+}
+
+/// A chain found in the graph: its nodes, what each does, and the operand outlets.
+struct Found {
+    nodes: Vec<usize>,
+    stream: OutletId,
+    head: Head,
+    steps: Vec<Step>,
+    /// Per step, the outlet of a computed operand (`Operand::Input` / `Step::Tensor`),
+    /// numbered later.
+    step_inputs: Vec<Option<OutletId>>,
+    tail: Tail,
+}
+
+/// What one node contributes to a chain.
+enum Link {
+    Head(Head),
+    Step(Step, Option<OutletId>),
+    Tail(Tail),
+}
+
+/// The chain starting at `id`, if it has two nodes or more.
+fn grow(model: &TypedModel, id: usize, taken: &HashSet<usize>) -> TractResult<Option<Found>> {
+    let node = model.node(id);
+    if node.inputs.is_empty() || node.outputs.len() != 1 {
+        return Ok(None);
+    }
+    let stream = node.inputs[0];
+    let Some(shape) = chain_shape(model, stream)? else {
+        return Ok(None);
+    };
+    let mut found = Found {
+        nodes: vec![],
+        stream,
+        head: Head::F32,
+        steps: vec![],
+        step_inputs: vec![],
+        tail: Tail::F32,
+    };
+    match link(model, id, stream, &shape)? {
+        Some(Link::Head(h)) => found.head = h,
+        Some(Link::Step(s, o)) => {
+            found.steps.push(s);
+            found.step_inputs.push(o);
+        }
+        _ => return Ok(None),
+    }
+    found.nodes.push(id);
+    let outputs: HashSet<OutletId> = model.output_outlets()?.iter().copied().collect();
+    loop {
+        let last = *found.nodes.last().unwrap();
+        let out = OutletId::new(last, 0);
+        if outputs.contains(&out) {
+            break;
+        }
+        let succ = model.outlet_successors(out);
+        if succ.len() != 1 {
+            break;
+        }
+        let next = succ[0].node;
+        if taken.contains(&next) || model.node(next).outputs.len() != 1 {
+            break;
+        }
+        match link(model, next, out, &shape)? {
+            Some(Link::Step(s, o)) => {
+                found.steps.push(s);
+                found.step_inputs.push(o);
+                found.nodes.push(next);
+            }
+            Some(Link::Tail(t)) => {
+                found.tail = t;
+                found.nodes.push(next);
+                break;
+            }
+            _ => break,
+        }
+    }
+    Ok((found.nodes.len() >= 2).then_some(found))
+}
+
+/// The stream's shape if a chain can run on it: concrete, `[1, C, …]`, large enough.
+fn chain_shape(model: &TypedModel, stream: OutletId) -> TractResult<Option<Vec<usize>>> {
+    let fact = model.outlet_fact(stream)?;
+    let Some(shape) = fact.shape.as_concrete() else {
+        return Ok(None);
+    };
+    let ok = shape.len() >= 2 && shape[0] == 1 && shape.iter().product::<usize>() >= MIN_ELEMENTS;
+    Ok(ok.then(|| shape.to_vec()))
+}
+
+/// What node `id` does to the value arriving on `stream`, if it is a chain link whose
+/// output keeps the chain's shape.
+fn link(
+    model: &TypedModel,
+    id: usize,
+    stream: OutletId,
+    shape: &[usize],
+) -> TractResult<Option<Link>> {
+    let node = model.node(id);
+    let out = &node.outputs[0].fact;
+    if out.shape.as_concrete() != Some(shape) {
+        return Ok(None);
+    }
+    let in_dt = model.outlet_fact(stream)?.datum_type;
+    let f32_in = in_dt == f32::datum_type();
+    let f32_out = out.datum_type == f32::datum_type();
+    let single = node.inputs.len() == 1 && node.inputs[0] == stream;
+
+    if let Some(fq) = node.op_as::<FakeQuant>() {
+        return Ok((single && f32_in).then(|| Link::Step(Step::FakeQuant(fq.clone()), None)));
+    }
+    if let Some(r) = node.op_as::<Requant>() {
+        let to_f32 = matches!(r.out, RequantOut::F32 | RequantOut::Grid { .. });
+        let ok = single && in_dt == i32::datum_type() && r.axis == 1 && to_f32;
+        return Ok(ok.then(|| Link::Head(Head::Requant(r.clone()))));
+    }
+    if let Some(q) = node.op_as::<Quantize>() {
+        return Ok((single && f32_in).then(|| Link::Tail(Tail::Quantize(q.clone()))));
+    }
+    if !(f32_in && f32_out) {
+        return Ok(None);
+    }
+    if let Some(ew) = node.op_as::<ElementWiseOp>() {
+        let step = match ew.0.name().as_str() {
+            "Erf" => Step::Erf,
+            "Square" => Step::Square,
+            _ => return Ok(None),
+        };
+        return Ok((single && ew.1.is_none()).then_some(Link::Step(step, None)));
+    }
+    if node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    if let Some(op) = node.op_as::<OptBinByScalar>() {
+        if node.inputs[0] != stream || node.inputs[1] == stream {
+            return Ok(None);
+        }
+        let arith = match op.linalg_op {
+            BinOp::Add => Arith::Add,
+            BinOp::Sub => Arith::Sub,
+            BinOp::SubF => Arith::SubFrom,
+            BinOp::Mul => Arith::Mul,
+            _ => return Ok(None),
+        };
+        let b = node.inputs[1];
+        let fact = model.outlet_fact(b)?;
+        let Some(b_shape) = fact.shape.as_concrete() else {
+            return Ok(None);
+        };
+        let per_tensor = b_shape.iter().all(|&d| d == 1);
+        let per_channel = b_shape.len() == shape.len()
+            && b_shape[1] == shape[1]
+            && b_shape.iter().enumerate().all(|(i, &d)| i == 1 || d == 1);
+        if fact.datum_type != f32::datum_type() || !(per_tensor || per_channel) {
+            return Ok(None);
+        }
+        return Ok(Some(match &fact.konst {
+            Some(k) => {
+                let values = k
+                    .cast_to::<f32>()?
+                    .try_as_plain_ram()?
+                    .as_slice::<f32>()?
+                    .to_vec();
+                Link::Step(Step::Scalar(arith, Operand::Const(Arc::new(values))), None)
+            }
+            None => Link::Step(Step::Scalar(arith, Operand::Input(0)), Some(b)),
+        }));
+    }
+    if let Some(op) = node.op_as::<OptBinUnicast>() {
+        let (other, stream_first) = if node.inputs[0] == stream && node.inputs[1] != stream {
+            (node.inputs[1], true)
+        } else if node.inputs[1] == stream && node.inputs[0] != stream {
+            (node.inputs[0], false)
+        } else {
+            return Ok(None);
+        };
+        let fact = model.outlet_fact(other)?;
+        if fact.datum_type != f32::datum_type() || fact.shape.as_concrete() != Some(shape) {
+            return Ok(None);
+        }
+        let arith = match (op.binop.name(), stream_first) {
+            ("Add", _) => Arith::Add,
+            ("Mul", _) => Arith::Mul,
+            ("Sub", true) => Arith::Sub,
+            ("Sub", false) => Arith::SubFrom,
+            _ => return Ok(None),
+        };
+        return Ok(Some(Link::Step(Step::Tensor(arith, 0), Some(other))));
+    }
+    Ok(None)
+}
+
+/// Replaces the chain's nodes by one [`ElementwiseChain`]; returns its output.
+fn apply(
+    model: &mut TypedModel,
+    chain: &Found,
+    replaced: &HashMap<OutletId, OutletId>,
+) -> TractResult<OutletId> {
+    let current = |o: &OutletId| *replaced.get(o).unwrap_or(o);
+    let mut patch = TypedModelPatch::new("element-wise chain");
+    let mut inputs = vec![patch.tap_model(model, current(&chain.stream))?];
+    let mut numbered: Vec<OutletId> = vec![];
+    let mut steps = chain.steps.clone();
+    for (step, outlet) in steps.iter_mut().zip(&chain.step_inputs) {
+        let Some(outlet) = outlet else { continue };
+        let index = match numbered.iter().position(|o| o == outlet) {
+            Some(i) => i + 1,
+            None => {
+                numbered.push(*outlet);
+                inputs.push(patch.tap_model(model, current(outlet))?);
+                numbered.len()
+            }
+        };
+        match step {
+            Step::Scalar(_, Operand::Input(i)) | Step::Tensor(_, i) => *i = index,
+            _ => bail!("element-wise chain: operand outlet on a step without one"),
+        }
+    }
+    let last = *chain.nodes.last().unwrap();
+    let op = ElementwiseChain {
+        head: chain.head.clone(),
+        steps,
+        tail: chain.tail.clone(),
+        fused: chain
+            .nodes
+            .iter()
+            .map(|&n| model.node(n).op.name().to_string())
+            .collect(),
+    };
+    let name = format!("{}.pfe_elementwise", model.node(last).name);
+    let y = patch.wire_node(&name, op, &inputs)?[0];
+    patch.shunt_outside(model, OutletId::new(last, 0), y)?;
+    patch.apply(model)?;
+    Ok(OutletId::new(model.node_id_by_name(&name)?, 0))
+}

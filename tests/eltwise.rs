@@ -1,0 +1,382 @@
+//! The element-wise chain pass (`src/passes/eltwise.rs`) on a PoolFormer block in the
+//! form onnxruntime's QDQ quantizer gives it when every op is quantized: a decomposed
+//! GroupNorm, the pooling mixer, a layer scale, residual additions, an erf GELU and a
+//! 1×1 conv, with QuantizeLinear → DequantizeLinear after each op.
+//!
+//! Oracle: the same optimized graph without the pass. Every fused step is the same
+//! f32 operation or the same kernel as the node it replaces, so outputs must be equal
+//! bit for bit, on one thread and on several (the fused op splits channels over the
+//! threads). Also checked: which nodes were fused (a `Requant` head, a `Quantize`
+//! tail, computed per-tensor operands, tensor operands on either side of a `Sub`),
+//! that a tensor used twice ends a chain, and that tract alone (`fuse: false`) agrees
+//! within two quantization steps of the output (its quantization rounds differently
+//! only at exact ties).
+
+use poolformer_edge::ops::eltwise::{Arith, ElementwiseChain, Head, Operand, Step, Tail};
+use poolformer_edge::passes;
+use prost::Message;
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
+use tract_onnx::pb::{
+    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
+};
+use tract_onnx::prelude::*;
+
+/// An ONNX graph under construction: nodes, initializers, a counter for names.
+#[derive(Default)]
+struct Graph {
+    nodes: Vec<NodeProto>,
+    inits: Vec<TensorProto>,
+    n: usize,
+}
+
+impl Graph {
+    fn name(&mut self, what: &str) -> String {
+        self.n += 1;
+        format!("{what}_{}", self.n)
+    }
+
+    fn init(&mut self, dims: &[usize], dt: DataType, raw: Vec<u8>) -> String {
+        let name = self.name("init");
+        self.inits.push(TensorProto {
+            name: name.clone(),
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: dt as i32,
+            raw_data: raw,
+            ..Default::default()
+        });
+        name
+    }
+
+    fn floats(&mut self, dims: &[usize], v: &[f32]) -> String {
+        self.init(
+            dims,
+            DataType::Float,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        )
+    }
+
+    fn op(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        let out = self.name(&op.to_lowercase());
+        self.nodes.push(NodeProto {
+            name: out.clone(),
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![out.clone()],
+            attribute: attrs,
+            ..Default::default()
+        });
+        out
+    }
+
+    /// QuantizeLinear → DequantizeLinear with a u8 grid of step `scale`, zero point `zp`.
+    fn qdq(&mut self, x: &str, scale: f32, zp: u8) -> String {
+        let s = self.floats(&[], &[scale]);
+        let z = self.init(&[], DataType::Uint8, vec![zp]);
+        let q = self.op("QuantizeLinear", &[x, &s, &z], vec![]);
+        self.op("DequantizeLinear", &[&q, &s, &z], vec![])
+    }
+
+    fn bytes(self, shape: &[usize], output: &str) -> Vec<u8> {
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(GraphProto {
+                name: "qdq block".into(),
+                node: self.nodes,
+                initializer: self.inits,
+                input: vec![value_info("x", Some(shape))],
+                output: vec![value_info(output, None)],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+}
+
+fn value_info(name: &str, dims: Option<&[usize]>) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.into(),
+        r#type: Some(TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: DataType::Float as i32,
+                shape: dims.map(|dims| TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|&d| tensor_shape_proto::Dimension {
+                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d as i64)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn ints(name: &str, v: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Ints as i32,
+        ints: v.to_vec(),
+        ..Default::default()
+    }
+}
+
+fn int(name: &str, v: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i: v,
+        ..Default::default()
+    }
+}
+
+/// Deterministic values in [-1, 1).
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+/// One all-ops-quantized PoolFormer block on `[1, c, h, w]`; the output is its last
+/// dequantized tensor.
+fn block(c: usize, h: usize, w: usize) -> Vec<u8> {
+    let mut g = Graph::default();
+    let pc = [1, c, 1, 1];
+    let x = g.qdq("x", 0.02, 128);
+    // GroupNorm(1 group), decomposed as the exporters write it.
+    let mean = g.op(
+        "ReduceMean",
+        &[&x],
+        vec![ints("axes", &[1, 2, 3]), int("keepdims", 1)],
+    );
+    let centered = g.op("Sub", &[&x, &mean], vec![]);
+    let centered = g.qdq(&centered, 0.02, 128);
+    let squared = g.op("Mul", &[&centered, &centered], vec![]);
+    let squared = g.qdq(&squared, 0.004, 0);
+    let var = g.op(
+        "ReduceMean",
+        &[&squared],
+        vec![ints("axes", &[1, 2, 3]), int("keepdims", 1)],
+    );
+    let eps = g.floats(&[], &[1e-5]);
+    let var = g.op("Add", &[&var, &eps], vec![]);
+    let std = g.op("Sqrt", &[&var], vec![]);
+    let normalized = g.op("Div", &[&centered, &std], vec![]);
+    let normalized = g.qdq(&normalized, 0.03, 128);
+    let gamma: Vec<f32> = values(c, 1).iter().map(|v| 1.0 + 0.3 * v).collect();
+    let gamma = g.floats(&pc, &gamma);
+    let scaled = g.op("Mul", &[&normalized, &gamma], vec![]);
+    let scaled = g.qdq(&scaled, 0.03, 128);
+    let beta: Vec<f32> = values(c, 2).iter().map(|v| 0.2 * v).collect();
+    let beta = g.floats(&pc, &beta);
+    let n1 = g.op("Add", &[&scaled, &beta], vec![]);
+    let n1 = g.qdq(&n1, 0.03, 128);
+    // Token mixer: AvgPool3x3(n) − n, layer scale, residual.
+    let pool = g.op(
+        "AveragePool",
+        &[&n1],
+        vec![
+            ints("kernel_shape", &[3, 3]),
+            ints("pads", &[1, 1, 1, 1]),
+            ints("strides", &[1, 1]),
+            int("count_include_pad", 0),
+        ],
+    );
+    let pool = g.qdq(&pool, 0.02, 128);
+    let mixed = g.op("Sub", &[&pool, &n1], vec![]);
+    let mixed = g.qdq(&mixed, 0.02, 128);
+    // The layer scale negated and subtracted: the chain's value on the right of a Sub.
+    let ls: Vec<f32> = values(c, 3).iter().map(|v| -0.5 - 0.4 * v).collect();
+    let ls = g.floats(&pc, &ls);
+    let mixed = g.op("Mul", &[&mixed, &ls], vec![]);
+    let mixed = g.qdq(&mixed, 0.01, 128);
+    let r1 = g.op("Sub", &[&x, &mixed], vec![]);
+    let r1 = g.qdq(&r1, 0.025, 128);
+    // GELU (erf form), quantized for a 1×1 conv.
+    let sqrt2 = g.floats(&[], &[std::f32::consts::SQRT_2]);
+    let a = g.op("Div", &[&r1, &sqrt2], vec![]);
+    let e = g.op("Erf", &[&a], vec![]);
+    let e = g.qdq(&e, 1.0 / 127.0, 128);
+    let one = g.floats(&[], &[1.0]);
+    let e1 = g.op("Add", &[&e, &one], vec![]);
+    let e1 = g.qdq(&e1, 2.0 / 255.0, 0);
+    let xm = g.op("Mul", &[&r1, &e1], vec![]);
+    let xm = g.qdq(&xm, 0.05, 64);
+    let half = g.floats(&[], &[0.5]);
+    let gelu = g.op("Mul", &[&xm, &half], vec![]);
+    let gelu = g.qdq(&gelu, 0.025, 64);
+    // 1×1 conv with per-tensor i8 weights, then the residual again.
+    let wq: Vec<u8> = values(c * c, 4)
+        .iter()
+        .map(|v| (v * 100.0).round() as i8 as u8)
+        .collect();
+    let wq = g.init(&[c, c, 1, 1], DataType::Int8, wq);
+    let ws = g.floats(&[], &[0.004]);
+    let wz = g.init(&[], DataType::Int8, vec![0]);
+    let wdq = g.op("DequantizeLinear", &[&wq, &ws, &wz], vec![]);
+    let conv = g.op("Conv", &[&gelu, &wdq], vec![ints("kernel_shape", &[1, 1])]);
+    let conv = g.qdq(&conv, 0.03, 128);
+    let out = g.op("Add", &[&r1, &conv], vec![]);
+    let out = g.qdq(&out, 0.04, 128);
+    g.bytes(&[1, c, h, w], &out)
+}
+
+fn typed(onnx: &[u8], shape: &[usize]) -> TypedModel {
+    poolformer_edge::onnx::loader()
+        .model_for_read(&mut &onnx[..])
+        .unwrap()
+        .with_input_fact(0, f32::fact(shape).into())
+        .unwrap()
+        .into_typed()
+        .unwrap()
+}
+
+fn run(model: &TypedModel, input: &Tensor, threads: usize) -> Vec<f32> {
+    let plan = model.clone().into_runnable().unwrap();
+    let executor = if threads > 1 {
+        Executor::multithread(threads)
+    } else {
+        Executor::SingleThread
+    };
+    let out =
+        multithread_tract_scope(executor, || plan.run(tvec!(input.clone().into_tvalue()))).unwrap();
+    out[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
+}
+
+fn chains(model: &TypedModel) -> Vec<&ElementwiseChain> {
+    model
+        .nodes()
+        .iter()
+        .filter_map(|n| n.op_as::<ElementwiseChain>())
+        .collect()
+}
+
+fn check_block(c: usize, h: usize, w: usize, seed: u64) {
+    let shape = [1, c, h, w];
+    let onnx = block(c, h, w);
+    let x: Vec<f32> = values(c * h * w, seed).iter().map(|v| 2.0 * v).collect();
+    let x = Tensor::from_shape(&shape, &x).unwrap();
+
+    let (unfused, _) = passes::optimize_graph(typed(&onnx, &shape), true).unwrap();
+    let mut fused = unfused.clone();
+    let mut report = passes::PassReport::default();
+    passes::eltwise::rewrite(&mut fused, &mut report).unwrap();
+    let found = chains(&fused);
+    assert!(
+        found.len() >= 5,
+        "{c}×{h}×{w}: {} chains, report {:?}",
+        found.len(),
+        report.rewrites
+    );
+    assert!(report.rewrites[0].starts_with("element-wise chains"));
+    assert!(
+        found.iter().any(|ch| matches!(ch.head, Head::Requant(_))),
+        "no chain starts at the conv's requantization"
+    );
+    assert!(
+        found.iter().any(|ch| matches!(ch.tail, Tail::Quantize(_))),
+        "no chain ends in the conv input's quantization"
+    );
+    assert!(found
+        .iter()
+        .flat_map(|ch| &ch.steps)
+        .any(|s| matches!(s, Step::Erf)));
+    assert!(
+        found
+            .iter()
+            .flat_map(|ch| &ch.steps)
+            .any(|s| matches!(s, Step::Scalar(_, Operand::Input(_)))),
+        "the GroupNorm's mean and 1/std are computed operands"
+    );
+    assert!(
+        found
+            .iter()
+            .flat_map(|ch| &ch.steps)
+            .any(|s| matches!(s, Step::Tensor(Arith::SubFrom, _))),
+        "the residual subtracts the chain's value from x"
+    );
+    assert!(fused.nodes().len() < unfused.nodes().len());
+
+    let want = run(&unfused, &x, 1);
+    for threads in [1, 3] {
+        let got = run(&fused, &x, threads);
+        assert_eq!(got.len(), want.len());
+        let differ = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differ, 0,
+            "{c}×{h}×{w}, {threads} threads: {differ} outputs differ from the unfused graph"
+        );
+    }
+
+    // tract alone (fake quantization in its own ops): within two output steps.
+    let (alone, _) = passes::optimize(typed(&onnx, &shape), false).unwrap();
+    let tract = run(&alone, &x, 1);
+    let worst = want
+        .iter()
+        .zip(&tract)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= 2.0 * 0.04 + 1e-6,
+        "{c}×{h}×{w}: fused vs tract alone differ by {worst} (output step 0.04)"
+    );
+}
+
+#[test]
+fn qdq_block_is_bit_exact() {
+    // 2400 elements per plane: two slices, the second partial; 38 400 in all, above
+    // the threshold where the op splits channels over threads.
+    check_block(16, 48, 50, 1);
+}
+
+#[test]
+fn qdq_block_small_odd_planes() {
+    // 7 channels of 13×15 (1365 elements, just above the pass's 1024): one slice per
+    // plane, below the threshold for threads, so it runs on the calling thread.
+    check_block(7, 13, 15, 2);
+}
+
+#[test]
+fn report_names_the_fused_nodes() {
+    let shape = [1, 8, 20, 20];
+    let onnx = block(8, 20, 20);
+    let (fused, report) = passes::optimize(typed(&onnx, &shape), true).unwrap();
+    let line = report
+        .rewrites
+        .iter()
+        .find(|l| l.starts_with("element-wise chains"))
+        .expect("the pass reports its chains");
+    let fused_nodes: usize = chains(&fused).iter().map(|c| c.fused.len()).sum();
+    assert!(line.contains(&format!("({fused_nodes} nodes)")), "{line}");
+    for ch in chains(&fused) {
+        let info = tract_core::ops::Op::info(ch).unwrap().join(" ");
+        assert!(
+            info.contains("FakeQuant") || info.contains("Requant"),
+            "{info}"
+        );
+    }
+}
