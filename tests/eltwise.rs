@@ -6,8 +6,8 @@
 //! Oracle: the same optimized graph without the pass. Every fused step is the same
 //! f32 operation or the same kernel as the node it replaces, so outputs must be equal
 //! bit for bit, on one thread and on several (the fused op splits channels over the
-//! threads). Also checked: which nodes were fused (a `Requant` head, a `Quantize`
-//! tail, computed per-tensor operands, tensor operands on either side of a `Sub`),
+//! threads). Also checked: which nodes were fused (a `Requant` head, the 3×3 average
+//! pooling as a head, a `Quantize` tail, computed per-tensor operands, tensor operands on either side of a `Sub`),
 //! that a tensor used twice ends a chain, and that tract alone (`fuse: false`) agrees
 //! within two quantization steps of the output (its quantization rounds differently
 //! only at exact ties).
@@ -294,6 +294,10 @@ fn check_block(c: usize, h: usize, w: usize, seed: u64) {
         "no chain starts at the conv's requantization"
     );
     assert!(
+        found.iter().any(|ch| matches!(ch.head, Head::AvgPool3x3)),
+        "no chain starts at the pooling"
+    );
+    assert!(
         found.iter().any(|ch| matches!(ch.tail, Tail::Quantize(_))),
         "no chain ends in the conv input's quantization"
     );
@@ -358,6 +362,56 @@ fn qdq_block_small_odd_planes() {
     // 7 channels of 13×15 (1365 elements, just above the pass's 1024): one slice per
     // plane, below the threshold for threads, so it runs on the calling thread.
     check_block(7, 13, 15, 2);
+}
+
+#[test]
+fn qdq_block_two_rows() {
+    // Two rows: every pooled value is on an edge (no interior row).
+    check_block(4, 2, 600, 3);
+}
+
+/// AveragePool then a per-channel scale, no quantization: the pooled bits reach the
+/// output unrounded. Inputs spread over six decades, so that adding the taps in another
+/// order would change low bits.
+#[test]
+fn pooling_bits_match_tract() {
+    let (c, h, w) = (5, 37, 41);
+    let shape = [1, c, h, w];
+    let mut g = Graph::default();
+    let pool = g.op(
+        "AveragePool",
+        &["x"],
+        vec![
+            ints("kernel_shape", &[3, 3]),
+            ints("pads", &[1, 1, 1, 1]),
+            int("count_include_pad", 0),
+        ],
+    );
+    let k: Vec<f32> = values(c, 9).iter().map(|v| 1.5 + v).collect();
+    let k = g.floats(&[1, c, 1, 1], &k);
+    let out = g.op("Mul", &[&pool, &k], vec![]);
+    let onnx = g.bytes(&shape, &out);
+    let mags = values(c * h * w, 10);
+    let x: Vec<f32> = values(c * h * w, 11)
+        .iter()
+        .zip(&mags)
+        .map(|(v, m)| v * 10f32.powf(3.0 * m))
+        .collect();
+    let x = Tensor::from_shape(&shape, &x).unwrap();
+    let (unfused, _) = passes::optimize_graph(typed(&onnx, &shape), true).unwrap();
+    let mut fused = unfused.clone();
+    passes::eltwise::rewrite(&mut fused, &mut passes::PassReport::default()).unwrap();
+    assert!(chains(&fused)
+        .iter()
+        .any(|ch| matches!(ch.head, Head::AvgPool3x3)));
+    let want = run(&unfused, &x, 1);
+    let got = run(&fused, &x, 1);
+    let differ = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(differ, 0, "{differ} of {} pooled values differ", got.len());
 }
 
 #[test]

@@ -12,6 +12,7 @@ pub mod im2col;
 pub mod mixer;
 pub mod mlp;
 pub mod norm;
+pub mod pool;
 pub mod qgemm;
 pub mod qmlp;
 pub mod quant;

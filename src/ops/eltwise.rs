@@ -17,6 +17,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use tract_core::internal::*;
 
+use crate::kernels::pool;
 use crate::kernels::quant as k;
 
 use super::requant::{FakeQuant, Quantize, Requant, RequantOut};
@@ -84,6 +85,9 @@ pub enum Head {
     /// i32 accumulators through a [`Requant`] to f32 (its `out` is `F32` or `Grid`,
     /// its axis the channel axis 1).
     Requant(Requant),
+    /// 3×3 average pooling of the `[1, C, H, W]` f32 input, stride 1, padding 1,
+    /// padding not counted (tract's `SumPool`, see [`crate::kernels::pool`]).
+    AvgPool3x3,
 }
 
 /// How the chain's last value is written.
@@ -122,7 +126,7 @@ impl ElementwiseChain {
 
     fn in_dt(&self) -> DatumType {
         match &self.head {
-            Head::F32 => f32::datum_type(),
+            Head::F32 | Head::AvgPool3x3 => f32::datum_type(),
             Head::Requant(_) => i32::datum_type(),
         }
     }
@@ -135,6 +139,8 @@ struct Bound<'a> {
     /// Per step: the per-channel / per-tensor operand, or the tensor operand.
     operands: Vec<&'a [f32]>,
     inner: usize,
+    /// The last axis (pooling's row length).
+    width: usize,
     erf: Option<Box<dyn tract_linalg::element_wise::ElementWise<f32>>>,
 }
 
@@ -175,6 +181,13 @@ impl EvalOp for ElementwiseChain {
         let x_plain = x.try_as_plain_ram()?;
         let (x_f32, x_i32): (&[f32], &[i32]) = match self.head {
             Head::F32 => (x_plain.as_slice::<f32>()?, &[]),
+            Head::AvgPool3x3 => {
+                ensure!(
+                    shape.len() == 4,
+                    "element-wise chain: pooling takes [1, C, H, W], got {shape:?}"
+                );
+                (x_plain.as_slice::<f32>()?, &[])
+            }
             Head::Requant(ref r) => {
                 ensure!(
                     r.axis == 1 && r.mult.len() == c && r.offset.len() == c,
@@ -229,6 +242,7 @@ impl EvalOp for ElementwiseChain {
             x_i32,
             operands,
             inner,
+            width: *shape.last().unwrap_or(&1),
             erf,
         };
         let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt(), shape)? };
@@ -318,6 +332,11 @@ impl ElementwiseChain {
         let len = v.len();
         match &self.head {
             Head::F32 => v.copy_from_slice(&b.x_f32[at..at + len]),
+            Head::AvgPool3x3 => {
+                let plane = &b.x_f32[ch * b.inner..(ch + 1) * b.inner];
+                let w = b.width;
+                pool::avg_pool3x3(plane, b.inner / w, w, at - ch * b.inner, v);
+            }
             Head::Requant(r) => {
                 let acc = &b.x_i32[at..at + len];
                 let (m, o) = (r.mult[ch], r.offset[ch]);

@@ -5,7 +5,9 @@
 //! A chain is a run of nodes where each one's only consumer is the next, all on one
 //! tensor shape `[1, C, …]`:
 //!
-//! - head (optional): this crate's `Requant` from i32 to f32, per channel on axis 1;
+//! - head (optional): this crate's `Requant` from i32 to f32, per channel on axis 1,
+//!   or tract's `SumPool` as ONNX's AveragePool 3×3 / 1 / pad 1 without counting the
+//!   padding (the pooling mixer), computed exactly as tract does;
 //! - steps: `FakeQuant`, `Square`, `Erf`, and `+ − ×` by a value or one per channel
 //!   (`OptBinByScalar`, the operand a constant or a computed tensor such as a
 //!   GroupNorm's mean) or by a tensor of the chain's shape (`OptBinUnicast`);
@@ -21,7 +23,9 @@ use std::sync::Arc;
 use anyhow::Result;
 use tract_core::internal::*;
 use tract_core::ops::binary::{OptBinByScalar, OptBinUnicast};
+use tract_core::ops::cnn::{OptSumPool, PaddingSpec};
 use tract_core::ops::element_wise::ElementWiseOp;
+use tract_core::ops::nn::DataFormat;
 use tract_linalg::BinOp;
 
 use super::PassReport;
@@ -176,6 +180,10 @@ fn link(
         let ok = single && in_dt == i32::datum_type() && r.axis == 1 && to_f32;
         return Ok(ok.then(|| Link::Head(Head::Requant(r.clone()))));
     }
+    if let Some(pool) = node.op_as::<OptSumPool>() {
+        let ok = single && f32_in && f32_out && shape.len() == 4 && is_avg_pool3x3(pool);
+        return Ok(ok.then_some(Link::Head(Head::AvgPool3x3)));
+    }
     if let Some(q) = node.op_as::<Quantize>() {
         return Ok((single && f32_in).then(|| Link::Tail(Tail::Quantize(q.clone()))));
     }
@@ -250,6 +258,27 @@ fn link(
         return Ok(Some(Link::Step(Step::Tensor(arith, 0), Some(other))));
     }
     Ok(None)
+}
+
+/// ONNX AveragePool 3×3, stride 1, padding 1 on each side, padding not counted, NCHW.
+fn is_avg_pool3x3(pool: &OptSumPool) -> bool {
+    let spec = &pool.pool_spec;
+    let ones = |v: &Option<TVec<usize>>| v.as_ref().is_none_or(|v| v.iter().all(|&d| d == 1));
+    let pad_one = match &spec.padding {
+        PaddingSpec::Explicit(b, a) | PaddingSpec::ExplicitOnnxPool(b, a, _) => {
+            b.len() == 2 && b.iter().chain(a.iter()).all(|&p| p == 1)
+        }
+        // With a 3×3 kernel at stride 1, "same" padding is 1 on each side.
+        PaddingSpec::SameUpper | PaddingSpec::SameLower => true,
+        PaddingSpec::Valid => false,
+    };
+    pool.normalize
+        && !pool.count_include_pad
+        && spec.data_format == DataFormat::NCHW
+        && *spec.kernel_shape == [3, 3]
+        && ones(&spec.strides)
+        && ones(&spec.dilations)
+        && pad_one
 }
 
 /// Replaces the chain's nodes by one [`ElementwiseChain`]; returns its output.

@@ -36,10 +36,9 @@ pub fn collect(
     progress.set_length(inputs.len() as u64);
     for input in inputs.tensors(input_size) {
         let input = input?.into_tensor();
-        let outputs = crate::ops::on_executor(&executor, || {
-            plan.run(tvec!(input.clone().into_tvalue()))
-        })
-        .context("running the calibration model")?;
+        let outputs =
+            crate::ops::on_executor(&executor, || plan.run(tvec!(input.clone().into_tvalue())))
+                .context("running the calibration model")?;
         for (name, value) in names.iter().zip(outputs.iter()) {
             let view = value.to_plain_array_view::<f32>()?;
             let values = view
@@ -122,10 +121,9 @@ pub fn collect_channel_stats(
     progress.set_length(inputs.len() as u64);
     for input in inputs.tensors(input_size) {
         let input = input?.into_tensor();
-        let outputs = crate::ops::on_executor(&executor, || {
-            plan.run(tvec!(input.clone().into_tvalue()))
-        })
-        .context("running the calibration model")?;
+        let outputs =
+            crate::ops::on_executor(&executor, || plan.run(tvec!(input.clone().into_tvalue())))
+                .context("running the calibration model")?;
         for (name, value) in names.iter().zip(outputs.iter()) {
             let view = value.to_plain_array_view::<f32>()?;
             let shape = view.shape().to_vec();
