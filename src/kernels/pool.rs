@@ -6,6 +6,7 @@
 //! the columns that the compiler vectorizes (each lane keeps that order).
 
 /// Pooled values of positions `start..start + out.len()` of one `h×w` plane.
+#[inline(always)]
 pub fn avg_pool3x3(plane: &[f32], h: usize, w: usize, start: usize, out: &mut [f32]) {
     debug_assert!(plane.len() == h * w && start + out.len() <= h * w);
     let zero: f32 = std::iter::empty::<f32>().sum();
@@ -22,6 +23,7 @@ pub fn avg_pool3x3(plane: &[f32], h: usize, w: usize, start: usize, out: &mut [f
 
 /// Columns `x0..x1` of output row `y`.
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 fn pool_row(
     plane: &[f32],
     h: usize,
@@ -65,6 +67,7 @@ fn pool_row(
 }
 
 /// One output at `(y, x)`, any position.
+#[inline(always)]
 fn edge(plane: &[f32], h: usize, w: usize, y: usize, x: usize, zero: f32) -> f32 {
     let (ya, yb) = (y.saturating_sub(1), (y + 1).min(h - 1));
     let (xa, xb) = (x.saturating_sub(1), (x + 1).min(w - 1));

@@ -125,6 +125,7 @@ pub fn requant_cols<T: QuantInt>(
 }
 
 /// `out[i] = acc[i]·mult + offset`.
+#[inline]
 pub fn dequant_row(acc: &[i32], out: &mut [f32], mult: f32, offset: f32) {
     for (o, &a) in out.iter_mut().zip(acc) {
         *o = a as f32 * mult + offset;
@@ -140,6 +141,7 @@ pub fn dequant_cols(acc: &[i32], out: &mut [f32], mult: &[f32], offset: &[f32]) 
 
 /// Requantizes onto `grid` and dequantizes with `(q − dq_zero_point)·dq_scale`
 /// in one pass: `out[i] = (clamp(round(acc[i]·mult + offset) + zp) − dzp)·dscale`.
+#[inline]
 pub fn requant_to_grid_row(
     acc: &[i32],
     out: &mut [f32],
@@ -196,6 +198,7 @@ pub fn fake_quant(
 }
 
 /// [`fake_quant`] in place.
+#[inline]
 pub fn fake_quant_in_place(
     xs: &mut [f32],
     inv_scale: f32,
@@ -212,6 +215,7 @@ pub fn fake_quant_in_place(
 }
 
 /// QuantizeLinear on f32: `out[i] = clamp(round(x[i]·inv_scale) + zp)`.
+#[inline(always)]
 pub fn quantize<T: QuantInt>(x: &[f32], out: &mut [T], inv_scale: f32, grid: Grid) {
     let (lo, hi) = grid.bounds();
     let zp = grid.zero_point;

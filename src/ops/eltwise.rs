@@ -17,8 +17,8 @@ use std::sync::Arc;
 use rayon::prelude::*;
 use tract_core::internal::*;
 
-use crate::kernels::pool;
-use crate::kernels::quant as k;
+use crate::kernels::quant::{self as k, Grid};
+use crate::kernels::{pool, Isa};
 
 use super::requant::{FakeQuant, Quantize, Requant, RequantOut};
 use super::{executor_threads, in_pool};
@@ -45,6 +45,7 @@ impl Arith {
         }
     }
 
+    #[inline(always)]
     fn slice_by_scalar(self, xs: &mut [f32], o: f32) {
         match self {
             Arith::Add => xs.iter_mut().for_each(|v| *v += o),
@@ -133,7 +134,7 @@ impl ElementwiseChain {
 }
 
 /// Inputs resolved to slices for one evaluation.
-struct Bound<'a> {
+pub struct Bound<'a> {
     x_f32: &'a [f32],
     x_i32: &'a [i32],
     /// Per step: the per-channel / per-tensor operand, or the tensor operand.
@@ -245,13 +246,14 @@ impl EvalOp for ElementwiseChain {
             width: *shape.last().unwrap_or(&1),
             erf,
         };
+        let isa = Isa::best();
         let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt(), shape)? };
         {
             let mut plain = out.try_as_plain_ram_mut()?;
             match &self.tail {
                 Tail::F32 => {
                     self.run(&bound, plain.as_slice_mut::<f32>()?, c, |ch, at, o, _| {
-                        self.apply(&bound, ch, at, o)
+                        apply_slice(isa, self, &bound, ch, at, o)
                     })?
                 }
                 Tail::Quantize(q) => {
@@ -260,16 +262,16 @@ impl EvalOp for ElementwiseChain {
                         DatumType::U8 => {
                             self.run(&bound, plain.as_slice_mut::<u8>()?, c, |ch, at, o, buf| {
                                 let v = &mut buf[..o.len()];
-                                self.apply(&bound, ch, at, v)?;
-                                k::quantize(v, o, inv, grid);
+                                apply_slice(isa, self, &bound, ch, at, v)?;
+                                quantize_u8(isa, v, o, inv, grid);
                                 Ok(())
                             })?
                         }
                         DatumType::I8 => {
                             self.run(&bound, plain.as_slice_mut::<i8>()?, c, |ch, at, o, buf| {
                                 let v = &mut buf[..o.len()];
-                                self.apply(&bound, ch, at, v)?;
-                                k::quantize(v, o, inv, grid);
+                                apply_slice(isa, self, &bound, ch, at, v)?;
+                                quantize_i8(isa, v, o, inv, grid);
                                 Ok(())
                             })?
                         }
@@ -326,11 +328,20 @@ impl ElementwiseChain {
             Ok(())
         }
     }
+}
 
-    /// The chain on the elements `at..at + v.len()` of channel `ch`, into `v`.
-    fn apply(&self, b: &Bound, ch: usize, at: usize, v: &mut [f32]) -> TractResult<()> {
+crate::kernels::multiversion! {
+    /// The chain on the elements `at..at + v.len()` of channel `ch`, into `v`; built for
+    /// each instruction set (the loops are the same f32 operations, only wider).
+    pub fn apply_slice(
+        chain: &ElementwiseChain,
+        b: &Bound<'_>,
+        ch: usize,
+        at: usize,
+        v: &mut [f32],
+    ) -> TractResult<()> {
         let len = v.len();
-        match &self.head {
+        match &chain.head {
             Head::F32 => v.copy_from_slice(&b.x_f32[at..at + len]),
             Head::AvgPool3x3 => {
                 let plane = &b.x_f32[ch * b.inner..(ch + 1) * b.inner];
@@ -351,7 +362,7 @@ impl ElementwiseChain {
                 }
             }
         }
-        for (step, operand) in self.steps.iter().zip(&b.operands) {
+        for (step, operand) in chain.steps.iter().zip(&b.operands) {
             match step {
                 Step::Scalar(op, _) => {
                     let o = if operand.len() == 1 {
@@ -378,6 +389,20 @@ impl ElementwiseChain {
             }
         }
         Ok(())
+    }
+}
+
+crate::kernels::multiversion! {
+    /// [`k::quantize`] to u8, built for each instruction set.
+    pub fn quantize_u8(x: &[f32], out: &mut [u8], inv_scale: f32, grid: Grid) {
+        k::quantize(x, out, inv_scale, grid)
+    }
+}
+
+crate::kernels::multiversion! {
+    /// [`k::quantize`] to i8, built for each instruction set.
+    pub fn quantize_i8(x: &[f32], out: &mut [i8], inv_scale: f32, grid: Grid) {
+        k::quantize(x, out, inv_scale, grid)
     }
 }
 
