@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
 use tract_core::internal::*;
 
 use crate::kernels::quant::{self as k, Grid};
@@ -110,13 +111,14 @@ impl Requant {
     }
 
     /// Calls `row` once per (outer, channel) run of `inner` elements, or `cols` once
-    /// per outer index when the channel axis is innermost.
-    fn each<T>(
+    /// per outer index when the channel axis is innermost. Large tensors with runs of
+    /// several elements are split by runs over the executor's threads.
+    fn each<T: Send>(
         &self,
         acc: &[i32],
         out: &mut [T],
         inner: usize,
-        row: impl Fn(&[i32], &mut [T], f32, f32),
+        row: impl Fn(&[i32], &mut [T], f32, f32) + Sync,
         cols: impl Fn(&[i32], &mut [T], &[f32], &[f32]),
     ) {
         let c = self.mult.len();
@@ -127,12 +129,29 @@ impl Requant {
             for (a, o) in acc.chunks(c).zip(out.chunks_mut(c)) {
                 cols(a, o, &self.mult, &self.offset);
             }
-        } else if inner > 1 {
-            let mut ch = 0;
-            for (a, o) in acc.chunks(inner).zip(out.chunks_mut(inner)) {
+            return;
+        }
+        if inner == 0 {
+            return;
+        }
+        let runs = |first: usize, a: &[i32], o: &mut [T]| {
+            for (i, (a, o)) in a.chunks(inner).zip(o.chunks_mut(inner)).enumerate() {
+                let ch = (first + i) % c;
                 row(a, o, self.mult[ch], self.offset[ch]);
-                ch = if ch + 1 == c { 0 } else { ch + 1 };
             }
+        };
+        let (executor, threads) = super::executor_threads();
+        let n_runs = out.len() / inner;
+        if threads > 1 && n_runs > 1 && out.len() >= 32_768 {
+            let per = n_runs.div_ceil(threads * 4).max(1);
+            super::in_pool(&executor, || {
+                out.par_chunks_mut(per * inner)
+                    .zip(acc.par_chunks(per * inner))
+                    .enumerate()
+                    .for_each(|(g, (o, a))| runs(g * per, a, o));
+            });
+        } else {
+            runs(0, acc, out);
         }
     }
 }
