@@ -12,14 +12,16 @@
 //! within two quantization steps of the output (its quantization rounds differently
 //! only at exact ties).
 
+mod common;
+
+use common::onnx::{attr_int, attr_ints, value_info};
 use poolformer_edge::ops::eltwise::{Arith, ElementwiseChain, Head, Operand, Step, Tail};
 use poolformer_edge::passes;
 use prost::Message;
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::pb::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    TensorProto,
 };
 use tract_onnx::prelude::*;
 
@@ -89,53 +91,13 @@ impl Graph {
                 name: "qdq block".into(),
                 node: self.nodes,
                 initializer: self.inits,
-                input: vec![value_info("x", Some(shape))],
-                output: vec![value_info(output, None)],
+                input: vec![value_info("x", DataType::Float, Some(shape))],
+                output: vec![value_info(output, DataType::Float, None)],
                 ..Default::default()
             }),
             ..Default::default()
         }
         .encode_to_vec()
-    }
-}
-
-fn value_info(name: &str, dims: Option<&[usize]>) -> ValueInfoProto {
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: dims.map(|dims| TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d as i64)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Ints as i32,
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i: v,
-        ..Default::default()
     }
 }
 
@@ -162,7 +124,7 @@ fn block(c: usize, h: usize, w: usize) -> Vec<u8> {
     let mean = g.op(
         "ReduceMean",
         &[&x],
-        vec![ints("axes", &[1, 2, 3]), int("keepdims", 1)],
+        vec![attr_ints("axes", &[1, 2, 3]), attr_int("keepdims", 1)],
     );
     let centered = g.op("Sub", &[&x, &mean], vec![]);
     let centered = g.qdq(&centered, 0.02, 128);
@@ -171,7 +133,7 @@ fn block(c: usize, h: usize, w: usize) -> Vec<u8> {
     let var = g.op(
         "ReduceMean",
         &[&squared],
-        vec![ints("axes", &[1, 2, 3]), int("keepdims", 1)],
+        vec![attr_ints("axes", &[1, 2, 3]), attr_int("keepdims", 1)],
     );
     let eps = g.floats(&[], &[1e-5]);
     let var = g.op("Add", &[&var, &eps], vec![]);
@@ -191,10 +153,10 @@ fn block(c: usize, h: usize, w: usize) -> Vec<u8> {
         "AveragePool",
         &[&n1],
         vec![
-            ints("kernel_shape", &[3, 3]),
-            ints("pads", &[1, 1, 1, 1]),
-            ints("strides", &[1, 1]),
-            int("count_include_pad", 0),
+            attr_ints("kernel_shape", &[3, 3]),
+            attr_ints("pads", &[1, 1, 1, 1]),
+            attr_ints("strides", &[1, 1]),
+            attr_int("count_include_pad", 0),
         ],
     );
     let pool = g.qdq(&pool, 0.02, 128);
@@ -229,7 +191,11 @@ fn block(c: usize, h: usize, w: usize) -> Vec<u8> {
     let ws = g.floats(&[], &[0.004]);
     let wz = g.init(&[], DataType::Int8, vec![0]);
     let wdq = g.op("DequantizeLinear", &[&wq, &ws, &wz], vec![]);
-    let conv = g.op("Conv", &[&gelu, &wdq], vec![ints("kernel_shape", &[1, 1])]);
+    let conv = g.op(
+        "Conv",
+        &[&gelu, &wdq],
+        vec![attr_ints("kernel_shape", &[1, 1])],
+    );
     let conv = g.qdq(&conv, 0.03, 128);
     let out = g.op("Add", &[&r1, &conv], vec![]);
     let out = g.qdq(&out, 0.04, 128);
@@ -238,8 +204,16 @@ fn block(c: usize, h: usize, w: usize) -> Vec<u8> {
     let ws2: Vec<f32> = values(c, 5).iter().map(|v| 0.004 * (1.5 + v)).collect();
     let ws2 = g.floats(&[c], &ws2);
     let wz2 = g.init(&[c], DataType::Int8, vec![0; c]);
-    let wdq2 = g.op("DequantizeLinear", &[&wq, &ws2, &wz2], vec![int("axis", 0)]);
-    let conv2 = g.op("Conv", &[&out, &wdq2], vec![ints("kernel_shape", &[1, 1])]);
+    let wdq2 = g.op(
+        "DequantizeLinear",
+        &[&wq, &ws2, &wz2],
+        vec![attr_int("axis", 0)],
+    );
+    let conv2 = g.op(
+        "Conv",
+        &[&out, &wdq2],
+        vec![attr_ints("kernel_shape", &[1, 1])],
+    );
     let conv2 = g.qdq(&conv2, 0.03, 128);
     let side = g.op("Mul", &[&conv2, &half], vec![]);
     let out = g.op("Add", &[&out, &conv2], vec![]);
@@ -398,9 +372,9 @@ fn pooling_bits_match_tract() {
         "AveragePool",
         &["x"],
         vec![
-            ints("kernel_shape", &[3, 3]),
-            ints("pads", &[1, 1, 1, 1]),
-            int("count_include_pad", 0),
+            attr_ints("kernel_shape", &[3, 3]),
+            attr_ints("pads", &[1, 1, 1, 1]),
+            attr_int("count_include_pad", 0),
         ],
     );
     let k: Vec<f32> = values(c, 9).iter().map(|v| 1.5 + v).collect();

@@ -10,13 +10,15 @@
 //! Also checked: the rewrite happened (report, `Requant` nodes, `PfeQuantConv` or
 //! integer `OptMatMul` kernels), and the requant loops against a scalar reference.
 
+mod common;
+
+use common::onnx::{attr_int, attr_ints};
 use poolformer_edge::kernels::quant::{self as kq, Grid};
 use poolformer_edge::{Engine, Options};
 use prost::Message;
 use tract_onnx::pb::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    TensorProto, ValueInfoProto,
 };
 use tract_onnx::prelude::*;
 
@@ -152,24 +154,6 @@ fn zp_tensor(name: &str, dims: &[usize], act: Act, zps: &[i32]) -> TensorProto {
     }
 }
 
-fn attr_ints(name: &str, v: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Ints as i32,
-        ints: v.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, v: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i: v,
-        ..Default::default()
-    }
-}
-
 fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>) -> NodeProto {
     NodeProto {
         name: output.into(),
@@ -182,25 +166,7 @@ fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<AttributeProto>)
 }
 
 fn value_info(name: &str, dims: &[usize]) -> ValueInfoProto {
-    ValueInfoProto {
-        name: name.into(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: DataType::Float as i32,
-                shape: Some(TensorShapeProto {
-                    dim: dims
-                        .iter()
-                        .map(|&d| tensor_shape_proto::Dimension {
-                            value: Some(tensor_shape_proto::dimension::Value::DimValue(d as i64)),
-                            ..Default::default()
-                        })
-                        .collect(),
-                }),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
+    common::onnx::value_info(name, DataType::Float, Some(dims))
 }
 
 /// Q → DQ of `x` with `q` (scale and zero point initializers named after `x`).

@@ -14,12 +14,14 @@
 //! (or within f32 rounding of) a .5 tie can round to either neighbour. onnxruntime's
 //! integer kernels (one fused requantization multiplier) have the same freedom.
 
+mod common;
+
+use common::onnx::{attr_float, attr_int, attr_ints, value_info};
 use poolformer_edge::onnx::loader;
 use prost::Message;
 use tract_onnx::pb::{
-    attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
-    TensorShapeProto, TypeProto, ValueInfoProto,
+    tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
+    TensorProto, ValueInfoProto,
 };
 use tract_onnx::prelude::*;
 
@@ -121,56 +123,6 @@ struct Graph {
     initializers: Vec<TensorProto>,
     inputs: Vec<ValueInfoProto>,
     outputs: Vec<ValueInfoProto>,
-}
-
-fn value_info(name: &str, elem: DataType, shape: Option<&[usize]>) -> ValueInfoProto {
-    let shape = shape.map(|dims| TensorShapeProto {
-        dim: dims
-            .iter()
-            .map(|&d| tensor_shape_proto::Dimension {
-                value: Some(tensor_shape_proto::dimension::Value::DimValue(d as i64)),
-                ..Default::default()
-            })
-            .collect(),
-    });
-    ValueInfoProto {
-        name: name.to_string(),
-        r#type: Some(TypeProto {
-            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                elem_type: elem as i32,
-                shape,
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn attr_int(name: &str, value: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.to_string(),
-        r#type: AttributeType::Int as i32,
-        i: value,
-        ..Default::default()
-    }
-}
-
-fn attr_ints(name: &str, values: &[i64]) -> AttributeProto {
-    AttributeProto {
-        name: name.to_string(),
-        r#type: AttributeType::Ints as i32,
-        ints: values.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn attr_float(name: &str, value: f32) -> AttributeProto {
-    AttributeProto {
-        name: name.to_string(),
-        r#type: AttributeType::Float as i32,
-        f: value,
-        ..Default::default()
-    }
 }
 
 impl Graph {

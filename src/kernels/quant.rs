@@ -189,11 +189,9 @@ pub fn fake_quant(
     dq_zero_point: i32,
     dq_scale: f32,
 ) {
-    let (lo, hi) = grid.bounds();
-    let shift = (grid.zero_point - dq_zero_point) as f32;
+    let q = FakeQuantOne::new(inv_scale, grid, dq_zero_point, dq_scale);
     for (o, &v) in out.iter_mut().zip(x) {
-        let v = (v * inv_scale).clamp_to(lo, hi);
-        *o = (round_small(v) + shift) * dq_scale;
+        *o = q.apply(v);
     }
 }
 
@@ -206,11 +204,40 @@ pub fn fake_quant_in_place(
     dq_zero_point: i32,
     dq_scale: f32,
 ) {
-    let (lo, hi) = grid.bounds();
-    let shift = (grid.zero_point - dq_zero_point) as f32;
+    let q = FakeQuantOne::new(inv_scale, grid, dq_zero_point, dq_scale);
     for x in xs.iter_mut() {
-        let v = (*x * inv_scale).clamp_to(lo, hi);
-        *x = (round_small(v) + shift) * dq_scale;
+        *x = q.apply(*x);
+    }
+}
+
+/// One quantize → dequantize round trip, its constants computed once.
+#[derive(Clone, Copy)]
+struct FakeQuantOne {
+    inv_scale: f32,
+    lo: f32,
+    hi: f32,
+    shift: f32,
+    dq_scale: f32,
+}
+
+impl FakeQuantOne {
+    #[inline(always)]
+    fn new(inv_scale: f32, grid: Grid, dq_zero_point: i32, dq_scale: f32) -> FakeQuantOne {
+        let (lo, hi) = grid.bounds();
+        let shift = (grid.zero_point - dq_zero_point) as f32;
+        FakeQuantOne {
+            inv_scale,
+            lo,
+            hi,
+            shift,
+            dq_scale,
+        }
+    }
+
+    #[inline(always)]
+    fn apply(self, v: f32) -> f32 {
+        let v = (v * self.inv_scale).clamp_to(self.lo, self.hi);
+        (round_small(v) + self.shift) * self.dq_scale
     }
 }
 

@@ -1,9 +1,10 @@
 //! Helpers shared by the integration tests: the f64 reference forward pass,
-//! deterministic test images and a minimal `.npy` writer.
+//! deterministic test images, a minimal `.npy` writer and ONNX protobuf pieces.
 
 // Each tests/*.rs crate compiles this module and uses only part of it.
 #![allow(dead_code)]
 
+pub mod onnx;
 pub mod reference;
 
 use std::path::Path;
