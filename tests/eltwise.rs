@@ -1,16 +1,16 @@
 //! The element-wise chain pass (`src/passes/eltwise.rs`) on a PoolFormer block in the
 //! form onnxruntime's QDQ quantizer gives it when every op is quantized: a decomposed
 //! GroupNorm, the pooling mixer, a layer scale, residual additions, an erf GELU and a
-//! 1×1 conv, with QuantizeLinear → DequantizeLinear after each op.
+//! 1×1 convs, with QuantizeLinear → DequantizeLinear after each op.
 //!
 //! Oracle: the same optimized graph without the pass. Every fused step is the same
 //! f32 operation or the same kernel as the node it replaces, so outputs must be equal
 //! bit for bit, on one thread and on several (the fused op splits channels over the
 //! threads). Also checked: which nodes were fused (a `Requant` head, the 3×3 average
-//! pooling as a head, a `Quantize` tail, computed per-tensor operands, tensor operands on either side of a `Sub`),
-//! that a tensor used twice ends a chain, and that tract alone (`fuse: false`) agrees
-//! within two quantization steps of the output (its quantization rounds differently
-//! only at exact ties).
+//! pooling as a head, a `Quantize` tail, computed per-tensor operands, tensor operands
+//! on either side of a `Sub`, a requantized value kept for a GELU's product), that a
+//! tensor used twice ends a chain, and that tract alone (`fuse: false`) agrees
+//! within a few quantization steps of the output on all but a few outputs.
 
 mod common;
 
@@ -219,6 +219,21 @@ fn block(c: usize, h: usize, w: usize) -> Vec<u8> {
     let out = g.op("Add", &[&out, &conv2], vec![]);
     let out = g.op("Add", &[&out, &side], vec![]);
     let out = g.qdq(&out, 0.05, 128);
+    // A third conv feeding an erf GELU that reads it twice: its requantization heads
+    // the GELU's chain, which keeps the head value for the product.
+    let conv3 = g.op(
+        "Conv",
+        &[&out, &wdq2],
+        vec![attr_ints("kernel_shape", &[1, 1])],
+    );
+    let conv3 = g.qdq(&conv3, 0.03, 128);
+    let a = g.op("Div", &[&conv3, &sqrt2], vec![]);
+    let e = g.op("Erf", &[&a], vec![]);
+    let e = g.qdq(&e, 1.0 / 127.0, 128);
+    let e1 = g.op("Add", &[&e, &one], vec![]);
+    let e1 = g.qdq(&e1, 2.0 / 255.0, 0);
+    let xm = g.op("Mul", &[&conv3, &e1], vec![]);
+    let out = g.qdq(&xm, 0.05, 128);
     g.bytes(&[1, c, h, w], &out)
 }
 
@@ -307,6 +322,14 @@ fn check_block(c: usize, h: usize, w: usize, seed: u64) {
     );
     assert!(fused.nodes().len() < unfused.nodes().len());
     assert!(
+        found.iter().any(|ch| matches!(ch.head, Head::Requant(_))
+            && ch
+                .steps
+                .iter()
+                .any(|s| matches!(s, Step::TensorHead(Arith::Mul)))),
+        "the GELU's chain keeps its requantized input for the product"
+    );
+    assert!(
         fused.nodes().iter().any(|n| n.op.name() == "Requant"),
         "the second conv's requantization stays a node"
     );
@@ -326,17 +349,24 @@ fn check_block(c: usize, h: usize, w: usize, seed: u64) {
         );
     }
 
-    // tract alone (fake quantization in its own ops): within two output steps.
+    // tract alone (fake quantization in its own f32 ops): where its rounding lands a
+    // tensor one step away from the integer path's, the stacked quantized convs and the
+    // GELU after them can carry that to a few output steps. Bound: at most 0.5 % of the
+    // outputs more than one step (0.05) away, none more than 8 (measured: 39 of 38 400
+    // and 6 steps at 16×48×50).
     let (alone, _) = passes::optimize(typed(&onnx, &shape), false).unwrap();
     let tract = run(&alone, &x, 1);
-    let worst = want
+    let steps: Vec<f32> = want
         .iter()
         .zip(&tract)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+        .map(|(a, b)| (a - b).abs() / 0.05)
+        .collect();
+    let worst = steps.iter().copied().fold(0f32, f32::max);
+    let over = steps.iter().filter(|&&d| d > 1.01).count();
     assert!(
-        worst <= 2.0 * 0.05 + 1e-6,
-        "{c}×{h}×{w}: fused vs tract alone differ by {worst} (output step 0.05)"
+        worst <= 8.01 && over * 200 <= steps.len(),
+        "{c}×{h}×{w}: fused vs tract alone: worst {worst} output steps, {over} of {} over one",
+        steps.len()
     );
 }
 

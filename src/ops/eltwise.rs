@@ -73,6 +73,10 @@ pub enum Step {
     /// `v ∘ t[i]` with `t` the op's input of this index, shaped like the chain
     /// (tract's `OptBinUnicast`).
     Tensor(Arith, usize),
+    /// `v ∘ h[i]` with `h` the value the head produced (a requantized tensor the graph
+    /// reads twice, as GELU's `x·(1 + erf(x/√2))/2` does), kept for the slice instead of
+    /// being written out and read back.
+    TensorHead(Arith),
     FakeQuant(FakeQuant),
     Square,
     Erf,
@@ -118,6 +122,11 @@ const SLICE: usize = 2048;
 const PARALLEL_MIN: usize = 32_768;
 
 impl ElementwiseChain {
+    /// Whether a step reads the head's value again.
+    pub fn saves_head(&self) -> bool {
+        self.steps.iter().any(|s| matches!(s, Step::TensorHead(_)))
+    }
+
     fn out_dt(&self) -> DatumType {
         match &self.tail {
             Tail::F32 => f32::datum_type(),
@@ -252,8 +261,8 @@ impl EvalOp for ElementwiseChain {
             let mut plain = out.try_as_plain_ram_mut()?;
             match &self.tail {
                 Tail::F32 => {
-                    self.run(&bound, plain.as_slice_mut::<f32>()?, c, |ch, at, o, _| {
-                        apply_slice(isa, self, &bound, ch, at, o)
+                    self.run(&bound, plain.as_slice_mut::<f32>()?, c, |ch, at, o, buf| {
+                        apply_slice(isa, self, &bound, ch, at, o, buf)
                     })?
                 }
                 Tail::Quantize(q) => {
@@ -261,16 +270,18 @@ impl EvalOp for ElementwiseChain {
                     match q.dt {
                         DatumType::U8 => {
                             self.run(&bound, plain.as_slice_mut::<u8>()?, c, |ch, at, o, buf| {
-                                let v = &mut buf[..o.len()];
-                                apply_slice(isa, self, &bound, ch, at, v)?;
+                                let (v, head) = buf.split_at_mut(buf.len() / 2);
+                                let v = &mut v[..o.len()];
+                                apply_slice(isa, self, &bound, ch, at, v, head)?;
                                 quantize_u8(isa, v, o, inv, grid);
                                 Ok(())
                             })?
                         }
                         DatumType::I8 => {
                             self.run(&bound, plain.as_slice_mut::<i8>()?, c, |ch, at, o, buf| {
-                                let v = &mut buf[..o.len()];
-                                apply_slice(isa, self, &bound, ch, at, v)?;
+                                let (v, head) = buf.split_at_mut(buf.len() / 2);
+                                let v = &mut v[..o.len()];
+                                apply_slice(isa, self, &bound, ch, at, v, head)?;
                                 quantize_i8(isa, v, o, inv, grid);
                                 Ok(())
                             })?
@@ -287,7 +298,7 @@ impl EvalOp for ElementwiseChain {
 impl ElementwiseChain {
     /// Calls `slice(channel, offset, out_slice, scratch)` on every slice of at most
     /// [`SLICE`] elements of every channel plane of `out`, split over the threads by
-    /// groups of planes. `scratch` holds [`SLICE`] f32.
+    /// groups of planes. `scratch` holds twice [`SLICE`] f32 (or twice the plane).
     fn run<T: Send>(
         &self,
         b: &Bound,
@@ -301,7 +312,7 @@ impl ElementwiseChain {
         }
         let (executor, threads) = executor_threads();
         let plane = |ch: usize, o: &mut [T], buf: &mut Vec<f32>| -> TractResult<()> {
-            buf.resize(SLICE.min(inner), 0.0);
+            buf.resize(2 * SLICE.min(inner), 0.0);
             for (i, part) in o.chunks_mut(SLICE).enumerate() {
                 slice(ch, ch * inner + i * SLICE, part, buf)?;
             }
@@ -339,6 +350,7 @@ crate::kernels::multiversion! {
         ch: usize,
         at: usize,
         v: &mut [f32],
+        head: &mut [f32],
     ) -> TractResult<()> {
         let len = v.len();
         match &chain.head {
@@ -362,6 +374,12 @@ crate::kernels::multiversion! {
                 }
             }
         }
+        let saved = if chain.saves_head() {
+            head[..len].copy_from_slice(v);
+            &head[..len]
+        } else {
+            &head[..0]
+        };
         for (step, operand) in chain.steps.iter().zip(&b.operands) {
             match step {
                 Step::Scalar(op, _) => {
@@ -376,6 +394,12 @@ crate::kernels::multiversion! {
                     let t = &operand[at..at + len];
                     let op = *op;
                     v.iter_mut().zip(t).for_each(|(x, &y)| *x = op.apply(*x, y));
+                }
+                Step::TensorHead(op) => {
+                    let op = *op;
+                    v.iter_mut()
+                        .zip(saved)
+                        .for_each(|(x, &y)| *x = op.apply(*x, y));
                 }
                 Step::FakeQuant(fq) => {
                     k::fake_quant_in_place(v, fq.inv_scale, fq.grid, fq.dq_zero_point, fq.dq_scale)

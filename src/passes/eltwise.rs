@@ -38,11 +38,13 @@ const MIN_ELEMENTS: usize = 1024;
 pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
     let mut taken: HashSet<usize> = HashSet::new();
     let mut chains = Vec::new();
-    for id in model.eval_order()? {
+    let order = model.eval_order()?;
+    let position: HashMap<usize, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
+    for id in order {
         if taken.contains(&id) {
             continue;
         }
-        if let Some(chain) = grow(model, id, &taken)? {
+        if let Some(chain) = grow(model, id, &taken, &position)? {
             taken.extend(chain.nodes.iter().copied());
             chains.push(chain);
         }
@@ -86,7 +88,16 @@ enum Link {
 }
 
 /// The chain starting at `id`, if it has two nodes or more.
-fn grow(model: &TypedModel, id: usize, taken: &HashSet<usize>) -> TractResult<Option<Found>> {
+///
+/// A `Requant` head whose value is read by several nodes is taken when all of them end
+/// up in the chain: the stream goes on through the reader that runs first, and the
+/// others read the kept head value (`Step::TensorHead`).
+fn grow(
+    model: &TypedModel,
+    id: usize,
+    taken: &HashSet<usize>,
+    position: &HashMap<usize, usize>,
+) -> TractResult<Option<Found>> {
     let node = model.node(id);
     if node.inputs.is_empty() || node.outputs.len() != 1 {
         return Ok(None);
@@ -120,10 +131,15 @@ fn grow(model: &TypedModel, id: usize, taken: &HashSet<usize>) -> TractResult<Op
             break;
         }
         let succ = model.outlet_successors(out);
-        if succ.len() != 1 {
+        let shared_head = last == id && matches!(found.head, Head::Requant(_));
+        if succ.len() != 1 && !(shared_head && succ.len() > 1) {
             break;
         }
-        let next = succ[0].node;
+        let next = succ
+            .iter()
+            .map(|s| s.node)
+            .min_by_key(|n| position.get(n).copied().unwrap_or(usize::MAX))
+            .unwrap();
         if taken.contains(&next) || model.node(next).outputs.len() != 1 {
             break;
         }
@@ -139,6 +155,28 @@ fn grow(model: &TypedModel, id: usize, taken: &HashSet<usize>) -> TractResult<Op
                 break;
             }
             _ => break,
+        }
+    }
+    let head_out = OutletId::new(id, 0);
+    if model.outlet_successors(head_out).len() > 1 {
+        // Every reader of the head's value must be in the chain, and all but the
+        // stream's next node read it as a tensor operand.
+        let nodes: HashSet<usize> = found.nodes.iter().copied().collect();
+        if !model
+            .outlet_successors(head_out)
+            .iter()
+            .all(|s| nodes.contains(&s.node))
+        {
+            return Ok(None);
+        }
+        for (step, input) in found.steps.iter_mut().zip(found.step_inputs.iter_mut()) {
+            if *input == Some(head_out) {
+                match step {
+                    Step::Tensor(op, _) => *step = Step::TensorHead(*op),
+                    _ => return Ok(None),
+                }
+                *input = None;
+            }
         }
     }
     Ok((found.nodes.len() >= 2).then_some(found))
