@@ -13,6 +13,10 @@
 //!   GroupNorm's mean) or by a tensor of the chain's shape (`OptBinUnicast`);
 //! - tail (optional): this crate's `Quantize` to u8 / i8.
 //!
+//! One exception to "only consumer": a `Requant` head whose readers are all in the chain
+//! (an erf GELU reads its input twice) is kept, and the later readers take the head's
+//! value from the chain's scratch (`Step::TensorHead`).
+//!
 //! Two or more such nodes become one op. This is where graphs quantized op by op
 //! spend their time outside the convolutions (see `crate::ops::eltwise`); graphs the
 //! MetaFormer pass fused have few such chains left.
