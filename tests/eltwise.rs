@@ -17,12 +17,8 @@ mod common;
 use common::onnx::{attr_int, attr_ints, value_info};
 use poolformer_edge::ops::eltwise::{Arith, ElementwiseChain, Head, Operand, Step, Tail};
 use poolformer_edge::passes;
-use prost::Message;
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
-use tract_onnx::pb::{
-    tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    TensorProto,
-};
+use tract_onnx::pb::{tensor_proto::DataType, AttributeProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 
 /// An ONNX graph under construction: nodes, initializers, a counter for names.
@@ -81,23 +77,13 @@ impl Graph {
     }
 
     fn bytes(self, shape: &[usize], output: &str) -> Vec<u8> {
-        ModelProto {
-            ir_version: 8,
-            opset_import: vec![OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
-            graph: Some(GraphProto {
-                name: "qdq block".into(),
-                node: self.nodes,
-                initializer: self.inits,
-                input: vec![value_info("x", DataType::Float, Some(shape))],
-                output: vec![value_info(output, DataType::Float, None)],
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-        .encode_to_vec()
+        common::onnx::model(
+            "qdq block",
+            self.nodes,
+            self.inits,
+            vec![value_info("x", DataType::Float, Some(shape))],
+            vec![value_info(output, DataType::Float, None)],
+        )
     }
 }
 
@@ -264,6 +250,15 @@ fn run(model: &TypedModel, input: &Tensor, threads: usize) -> Vec<f32> {
         .collect()
 }
 
+/// How many of `a`'s values differ from `b`'s in any bit.
+fn differing_bits(a: &[f32], b: &[f32]) -> usize {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count()
+}
+
 fn chains(model: &TypedModel) -> Vec<&ElementwiseChain> {
     model
         .nodes()
@@ -338,11 +333,7 @@ fn check_block(c: usize, h: usize, w: usize, seed: u64) {
     for threads in [1, 3] {
         let got = run(&fused, &x, threads);
         assert_eq!(got.len(), want.len());
-        let differ = got
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
+        let differ = differing_bits(&got, &want);
         assert_eq!(
             differ, 0,
             "{c}×{h}×{w}, {threads} threads: {differ} outputs differ from the unfused graph"
@@ -426,11 +417,7 @@ fn pooling_bits_match_tract() {
         .any(|ch| matches!(ch.head, Head::AvgPool3x3)));
     let want = run(&unfused, &x, 1);
     let got = run(&fused, &x, 1);
-    let differ = got
-        .iter()
-        .zip(&want)
-        .filter(|(a, b)| a.to_bits() != b.to_bits())
-        .count();
+    let differ = differing_bits(&got, &want);
     assert_eq!(differ, 0, "{differ} of {} pooled values differ", got.len());
 }
 

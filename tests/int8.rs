@@ -17,8 +17,7 @@ use poolformer_edge::kernels::quant::{self as kq, Grid};
 use poolformer_edge::{Engine, Options};
 use prost::Message;
 use tract_onnx::pb::{
-    tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto,
-    TensorProto, ValueInfoProto,
+    tensor_proto::DataType, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
 };
 use tract_onnx::prelude::*;
 
@@ -422,23 +421,7 @@ fn model_bytes(
     input: ValueInfoProto,
     output: ValueInfoProto,
 ) -> Vec<u8> {
-    ModelProto {
-        ir_version: 8,
-        opset_import: vec![OperatorSetIdProto {
-            domain: String::new(),
-            version: 17,
-        }],
-        graph: Some(GraphProto {
-            name: "qdq".into(),
-            node: nodes,
-            initializer: inits,
-            input: vec![input],
-            output: vec![output],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-    .encode_to_vec()
+    common::onnx::model("qdq", nodes, inits, vec![input], vec![output])
 }
 
 // ---------- running ----------

@@ -14,14 +14,13 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use tract_core::internal::*;
 
 use crate::kernels::quant::{self as k, Grid};
 use crate::kernels::{pool, Isa};
 
+use super::for_runs;
 use super::requant::{FakeQuant, Quantize, Requant, RequantOut};
-use super::{executor_threads, in_pool};
 
 /// `+`, `−` or `×` between the chain's value and an operand.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +42,13 @@ impl Arith {
             Arith::SubFrom => o - v,
             Arith::Mul => v * o,
         }
+    }
+
+    #[inline(always)]
+    fn slice_by_tensor(self, xs: &mut [f32], t: &[f32]) {
+        xs.iter_mut()
+            .zip(t)
+            .for_each(|(x, &y)| *x = self.apply(*x, y));
     }
 
     #[inline(always)]
@@ -151,6 +157,8 @@ pub struct Bound<'a> {
     inner: usize,
     /// The last axis (pooling's row length).
     width: usize,
+    /// A step reads the head's value again ([`ElementwiseChain::saves_head`]).
+    saves_head: bool,
     erf: Option<Box<dyn tract_linalg::element_wise::ElementWise<f32>>>,
 }
 
@@ -253,6 +261,7 @@ impl EvalOp for ElementwiseChain {
             operands,
             inner,
             width: *shape.last().unwrap_or(&1),
+            saves_head: self.saves_head(),
             erf,
         };
         let isa = Isa::best();
@@ -260,35 +269,26 @@ impl EvalOp for ElementwiseChain {
         {
             let mut plain = out.try_as_plain_ram_mut()?;
             match &self.tail {
-                Tail::F32 => {
-                    self.run(&bound, plain.as_slice_mut::<f32>()?, c, |ch, at, o, buf| {
-                        apply_slice(isa, self, &bound, ch, at, o, buf)
-                    })?
-                }
-                Tail::Quantize(q) => {
-                    let (inv, grid) = (q.inv_scale, q.grid);
-                    match q.dt {
-                        DatumType::U8 => {
-                            self.run(&bound, plain.as_slice_mut::<u8>()?, c, |ch, at, o, buf| {
-                                let (v, head) = buf.split_at_mut(buf.len() / 2);
-                                let v = &mut v[..o.len()];
-                                apply_slice(isa, self, &bound, ch, at, v, head)?;
-                                quantize_u8(isa, v, o, inv, grid);
-                                Ok(())
-                            })?
-                        }
-                        DatumType::I8 => {
-                            self.run(&bound, plain.as_slice_mut::<i8>()?, c, |ch, at, o, buf| {
-                                let (v, head) = buf.split_at_mut(buf.len() / 2);
-                                let v = &mut v[..o.len()];
-                                apply_slice(isa, self, &bound, ch, at, v, head)?;
-                                quantize_i8(isa, v, o, inv, grid);
-                                Ok(())
-                            })?
-                        }
-                        dt => bail!("element-wise chain: cannot quantize to {dt:?}"),
-                    }
-                }
+                Tail::F32 => Self::run(&bound, plain.as_slice_mut::<f32>()?, |ch, at, o, buf| {
+                    apply_slice(isa, self, &bound, ch, at, o, buf)
+                })?,
+                Tail::Quantize(q) => match q.dt {
+                    DatumType::U8 => self.run_quantized(
+                        isa,
+                        &bound,
+                        plain.as_slice_mut::<u8>()?,
+                        q,
+                        quantize_u8,
+                    )?,
+                    DatumType::I8 => self.run_quantized(
+                        isa,
+                        &bound,
+                        plain.as_slice_mut::<i8>()?,
+                        q,
+                        quantize_i8,
+                    )?,
+                    dt => bail!("element-wise chain: cannot quantize to {dt:?}"),
+                },
             }
         }
         Ok(tvec!(out.into_tvalue()))
@@ -300,44 +300,45 @@ impl ElementwiseChain {
     /// [`SLICE`] elements of every channel plane of `out`, split over the threads by
     /// groups of planes. `scratch` holds twice [`SLICE`] f32 (or twice the plane).
     fn run<T: Send>(
-        &self,
         b: &Bound,
         out: &mut [T],
-        c: usize,
         slice: impl Fn(usize, usize, &mut [T], &mut [f32]) -> TractResult<()> + Sync,
     ) -> TractResult<()> {
         let inner = b.inner;
-        if c == 0 || inner == 0 {
-            return Ok(());
-        }
-        let (executor, threads) = executor_threads();
-        let plane = |ch: usize, o: &mut [T], buf: &mut Vec<f32>| -> TractResult<()> {
-            buf.resize(2 * SLICE.min(inner), 0.0);
-            for (i, part) in o.chunks_mut(SLICE).enumerate() {
-                slice(ch, ch * inner + i * SLICE, part, buf)?;
-            }
+        for_runs(
+            out,
+            inner,
+            PARALLEL_MIN,
+            |first, planes, buf: &mut Vec<f32>| {
+                buf.resize(2 * SLICE.min(inner), 0.0);
+                for (i, o) in planes.chunks_mut(inner).enumerate() {
+                    let ch = first + i;
+                    for (j, part) in o.chunks_mut(SLICE).enumerate() {
+                        slice(ch, ch * inner + j * SLICE, part, buf)?;
+                    }
+                }
+                Ok(())
+            },
+        )
+    }
+
+    /// [`Self::run`] with a quantizing tail: the chain into the first half of the
+    /// scratch, then `quantize` into `out`.
+    fn run_quantized<T: Send>(
+        &self,
+        isa: Isa,
+        b: &Bound,
+        out: &mut [T],
+        q: &Quantize,
+        quantize: fn(Isa, &[f32], &mut [T], f32, Grid),
+    ) -> TractResult<()> {
+        Self::run(b, out, |ch, at, o, buf| {
+            let (v, head) = buf.split_at_mut(buf.len() / 2);
+            let v = &mut v[..o.len()];
+            apply_slice(isa, self, b, ch, at, v, head)?;
+            quantize(isa, v, o, q.inv_scale, q.grid);
             Ok(())
-        };
-        if threads > 1 && c > 1 && c * inner >= PARALLEL_MIN {
-            // Groups of whole planes, a few per thread.
-            let per = c.div_ceil(threads * 4).max(1);
-            in_pool(&executor, || {
-                out.par_chunks_mut(per * inner)
-                    .enumerate()
-                    .try_for_each_init(Vec::new, |buf, (g, planes)| {
-                        for (i, o) in planes.chunks_mut(inner).enumerate() {
-                            plane(g * per + i, o, buf)?;
-                        }
-                        Ok(())
-                    })
-            })
-        } else {
-            let mut buf = Vec::new();
-            for (ch, o) in out.chunks_mut(inner).enumerate() {
-                plane(ch, o, &mut buf)?;
-            }
-            Ok(())
-        }
+        })
     }
 }
 
@@ -374,7 +375,7 @@ crate::kernels::multiversion! {
                 }
             }
         }
-        let saved = if chain.saves_head() {
+        let saved = if b.saves_head {
             head[..len].copy_from_slice(v);
             &head[..len]
         } else {
@@ -390,17 +391,8 @@ crate::kernels::multiversion! {
                     };
                     op.slice_by_scalar(v, o);
                 }
-                Step::Tensor(op, _) => {
-                    let t = &operand[at..at + len];
-                    let op = *op;
-                    v.iter_mut().zip(t).for_each(|(x, &y)| *x = op.apply(*x, y));
-                }
-                Step::TensorHead(op) => {
-                    let op = *op;
-                    v.iter_mut()
-                        .zip(saved)
-                        .for_each(|(x, &y)| *x = op.apply(*x, y));
-                }
+                Step::Tensor(op, _) => op.slice_by_tensor(v, &operand[at..at + len]),
+                Step::TensorHead(op) => op.slice_by_tensor(v, saved),
                 Step::FakeQuant(fq) => {
                     k::fake_quant_in_place(v, fq.inv_scale, fq.grid, fq.dq_zero_point, fq.dq_scale)
                 }

@@ -9,6 +9,8 @@ pub mod qconv;
 pub mod qmlp;
 pub mod requant;
 
+use rayon::prelude::*;
+use tract_core::internal::TractResult;
 use tract_linalg::multithread::{current_tract_executor, Executor};
 
 /// Threads of the executor the current run was started with (1 when single-threaded).
@@ -47,6 +49,34 @@ pub(crate) fn on_executor<R>(executor: &Executor, f: impl FnOnce() -> R) -> R {
             r
         }
         _ => tract_linalg::multithread::multithread_tract_scope(executor.clone(), f),
+    }
+}
+
+/// Calls `f(first, runs, scratch)` over `out` cut into runs of `inner` elements (one
+/// channel plane each): `runs` holds whole runs starting with run `first`. With a
+/// thread pool and at least `parallel_min` elements, groups of a few runs per thread
+/// go to the pool's threads, each thread with its own `scratch`; otherwise one call
+/// takes everything on the calling thread.
+pub(crate) fn for_runs<T: Send, S: Default + Send>(
+    out: &mut [T],
+    inner: usize,
+    parallel_min: usize,
+    f: impl Fn(usize, &mut [T], &mut S) -> TractResult<()> + Sync,
+) -> TractResult<()> {
+    if inner == 0 || out.is_empty() {
+        return Ok(());
+    }
+    let (executor, threads) = executor_threads();
+    let n_runs = out.len() / inner;
+    if threads > 1 && n_runs > 1 && out.len() >= parallel_min {
+        let per = n_runs.div_ceil(threads * 4).max(1);
+        in_pool(&executor, || {
+            out.par_chunks_mut(per * inner)
+                .enumerate()
+                .try_for_each_init(S::default, |scratch, (g, runs)| f(g * per, runs, scratch))
+        })
+    } else {
+        f(0, out, &mut S::default())
     }
 }
 

@@ -10,7 +10,6 @@
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
 use tract_core::internal::*;
 
 use crate::kernels::quant::{self as k, Grid};
@@ -107,7 +106,6 @@ impl Requant {
                 |a, o, m, c| k::requant_to_grid_cols(a, o, m, c, grid, dq_zero_point, dq_scale),
             ),
         }
-        Ok(())
     }
 
     /// Calls `row` once per (outer, channel) run of `inner` elements, or `cols` once
@@ -120,39 +118,25 @@ impl Requant {
         inner: usize,
         row: impl Fn(&[i32], &mut [T], f32, f32) + Sync,
         cols: impl Fn(&[i32], &mut [T], &[f32], &[f32]),
-    ) {
+    ) -> TractResult<()> {
         let c = self.mult.len();
         if c == 0 {
-            return;
+            return Ok(());
         }
         if inner == 1 {
             for (a, o) in acc.chunks(c).zip(out.chunks_mut(c)) {
                 cols(a, o, &self.mult, &self.offset);
             }
-            return;
+            return Ok(());
         }
-        if inner == 0 {
-            return;
-        }
-        let runs = |first: usize, a: &[i32], o: &mut [T]| {
+        super::for_runs(out, inner, 32_768, |first, o: &mut [T], _: &mut ()| {
+            let a = &acc[first * inner..first * inner + o.len()];
             for (i, (a, o)) in a.chunks(inner).zip(o.chunks_mut(inner)).enumerate() {
                 let ch = (first + i) % c;
                 row(a, o, self.mult[ch], self.offset[ch]);
             }
-        };
-        let (executor, threads) = super::executor_threads();
-        let n_runs = out.len() / inner;
-        if threads > 1 && n_runs > 1 && out.len() >= 32_768 {
-            let per = n_runs.div_ceil(threads * 4).max(1);
-            super::in_pool(&executor, || {
-                out.par_chunks_mut(per * inner)
-                    .zip(acc.par_chunks(per * inner))
-                    .enumerate()
-                    .for_each(|(g, (o, a))| runs(g * per, a, o));
-            });
-        } else {
-            runs(0, acc, out);
-        }
+            Ok(())
+        })
     }
 }
 

@@ -127,11 +127,10 @@ fn grow(
         _ => return Ok(None),
     }
     found.nodes.push(id);
-    let outputs: HashSet<OutletId> = model.output_outlets()?.iter().copied().collect();
     loop {
         let last = *found.nodes.last().unwrap();
         let out = OutletId::new(last, 0);
-        if outputs.contains(&out) {
+        if model.output_outlets()?.contains(&out) {
             break;
         }
         let succ = model.outlet_successors(out);
@@ -162,15 +161,11 @@ fn grow(
         }
     }
     let head_out = OutletId::new(id, 0);
-    if model.outlet_successors(head_out).len() > 1 {
+    let readers = model.outlet_successors(head_out);
+    if readers.len() > 1 {
         // Every reader of the head's value must be in the chain, and all but the
         // stream's next node read it as a tensor operand.
-        let nodes: HashSet<usize> = found.nodes.iter().copied().collect();
-        if !model
-            .outlet_successors(head_out)
-            .iter()
-            .all(|s| nodes.contains(&s.node))
-        {
+        if !readers.iter().all(|r| found.nodes.contains(&r.node)) {
             return Ok(None);
         }
         for (step, input) in found.steps.iter_mut().zip(found.step_inputs.iter_mut()) {

@@ -1,9 +1,38 @@
 //! ONNX protobuf pieces the tests that write graphs share (tract_onnx::pb messages).
 
+use prost::Message;
 use tract_onnx::pb::{
     attribute_proto::AttributeType, tensor_proto::DataType, tensor_shape_proto, type_proto,
-    AttributeProto, TensorShapeProto, TypeProto, ValueInfoProto,
+    AttributeProto, GraphProto, ModelProto, NodeProto, OperatorSetIdProto, TensorProto,
+    TensorShapeProto, TypeProto, ValueInfoProto,
 };
+
+/// An opset-17 model of one graph, encoded.
+pub fn model(
+    name: &str,
+    nodes: Vec<NodeProto>,
+    initializers: Vec<TensorProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+) -> Vec<u8> {
+    ModelProto {
+        ir_version: 8,
+        opset_import: vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: 17,
+        }],
+        graph: Some(GraphProto {
+            name: name.into(),
+            node: nodes,
+            initializer: initializers,
+            input: inputs,
+            output: outputs,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+    .encode_to_vec()
+}
 
 /// A graph input or output of element type `elem`, with a fixed shape or none.
 pub fn value_info(name: &str, elem: DataType, shape: Option<&[usize]>) -> ValueInfoProto {
