@@ -106,7 +106,6 @@ fn stages(c: &mut Criterion<ThreadCpu>) {
             w2: values(ch * hidden, 3, 0.1),
             b2: values(ch, 4, 0.1),
         });
-        let packed = PackedMlp::new(w.clone());
         let x = values(ch * hw, 5, 2.0);
         let mut out = vec![0f32; ch * hw];
         let blocks = w.blocks(hw, 1);
@@ -139,12 +138,12 @@ fn stages(c: &mut Criterion<ThreadCpu>) {
                 })
             });
             if isa != Isa::Portable {
+                let packed = PackedMlp::new(isa, w.clone());
                 group.bench_function(BenchmarkId::new("packed", isa.name()), |b| {
                     b.iter(|| {
                         for &cols in &blocks {
                             unsafe {
                                 run_block_packed(
-                                    isa,
                                     &packed,
                                     x.as_ptr(),
                                     out.as_mut_ptr(),

@@ -53,7 +53,7 @@ fn min_time(rounds: usize, reps: usize, mut f: impl FnMut()) -> f64 {
 fn peak() {
     for isa in Isa::available().into_iter().filter(|&i| i != Isa::Portable) {
         let (m, k, n) = (64, 64, 48);
-        let pw = PackedWeights::pack(&values(m * k, 1, 0.2), m, k);
+        let pw = PackedWeights::pack(isa, &values(m * k, 1, 0.2), m, k);
         let mut px = PackedCols::default();
         px.pack(isa, &values(k * n, 2, 0.2), n, k, n, 0.0);
         let bias = vec![0f32; m];
@@ -95,7 +95,9 @@ fn main() {
             w2: values(ch * hidden, 3, 0.1),
             b2: values(ch, 4, 0.1),
         });
-        let packed = PackedMlp::new(w.clone());
+        let packed: Vec<_> = [Isa::Avx512, Isa::Avx2]
+            .map(|isa| PackedMlp::new(isa, w.clone()))
+            .into();
         let x = values(ch * hw, 5, 2.0);
         let mut out = vec![0f32; ch * hw];
         let blocks = w.blocks(hw, 1);
@@ -117,9 +119,9 @@ fn main() {
                         unsafe {
                             if kind == "packed" {
                                 let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
+                                let p = packed.iter().find(|p| p.isa() == isa).unwrap();
                                 run_block_packed(
-                                    isa,
-                                    &packed,
+                                    p,
                                     xp,
                                     op,
                                     hw,

@@ -179,8 +179,9 @@ fn channel_mlp_block_matches_definition_on_every_isa() {
         }
     }
     // The packed kernels, every build, whole blocks and blocks split by rows.
-    let packed = PackedMlp::new(std::sync::Arc::new(w.clone()));
+    let w = std::sync::Arc::new(w.clone());
     for isa in Isa::available() {
+        let packed = PackedMlp::new(isa, w.clone());
         for (block, parts) in [(7, 1), (23, 1), (7, 2), (23, 3), (5, 9)] {
             let mut out = vec![f32::NAN; c * hw];
             let mut scratch = Scratch::default();
@@ -188,7 +189,6 @@ fn channel_mlp_block_matches_definition_on_every_isa() {
                 let cols = (j0, (j0 + block).min(hw));
                 unsafe {
                     run_block_packed(
-                        isa,
                         &packed,
                         x.as_ptr(),
                         out.as_mut_ptr(),
@@ -211,7 +211,7 @@ fn channel_mlp_block_matches_definition_on_every_isa() {
     }
 }
 
-/// (rows M, depth K, tokens N): tails of the 8-row panels and of 8/16-token vectors,
+/// (rows M, depth K, tokens N): tails of the 6- and 8-row panels and of 8/16-token vectors,
 /// N below one vector, K = 1, panels of one, two and three vectors, reductions longer
 /// than one stretch (256) with uneven stretches, PoolFormer-like.
 const SGEMM_SHAPES: &[(usize, usize, usize)] = &[
@@ -260,8 +260,8 @@ fn sgemm_gelu_matches_definition_on_every_isa() {
         let x = noise(k * ldx, (k * n) as u64 + 1);
         let bias: Vec<f32> = noise(m, 7).iter().map(|v| v * 0.2).collect();
         let (shift, scale) = (0.6f32, 2.0 / (k as f32).sqrt());
-        let packed_w = PackedWeights::pack(&w, m, k);
         for isa in Isa::available() {
+            let packed_w = PackedWeights::pack(isa, &w, m, k);
             let mut px = PackedCols::default();
             px.pack(isa, &x, ldx, k, n, shift);
             assert_eq!(px.unpack().len(), k * n);
@@ -302,8 +302,8 @@ fn sgemm_residual_matches_definition_on_every_isa() {
         let b = noise(k * ldx, (k * n) as u64 + 3);
         let res = noise(m * ldx, (m * n) as u64 + 4);
         let bias = noise(m, 8);
-        let packed_w = PackedWeights::pack(&w, m, k);
         for isa in Isa::available() {
+            let packed_w = PackedWeights::pack(isa, &w, m, k);
             let mut pb = PackedCols::default();
             pb.pack(isa, &b, ldx, k, n, 0.0);
             // Outside the n columns of each row the output must stay untouched.

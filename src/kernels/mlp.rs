@@ -10,7 +10,7 @@
 //!
 //! The tokens (columns of the `C×HW` activation) are processed in blocks, so the
 //! hidden activations of a block (`4C × cols`) stay in cache between the two
-//! products. On x86-64 with AVX-512 the products are this crate's packed
+//! products. On x86-64 with AVX-512 or AVX2 the products are this crate's packed
 //! kernels ([`super::sgemm`], [`run_block_packed`]): weights packed once
 //! ([`PackedMlp`]), centering done while packing the block, the bias + GELU and the
 //! residual done in registers before the stores. Elsewhere ([`run_block`]) they come
@@ -82,7 +82,7 @@ pub struct Scratch {
     packed_hidden: PackedCols,
 }
 
-/// [`MlpWeights`] with both matrices packed for [`sgemm`].
+/// [`MlpWeights`] with both matrices packed for [`sgemm`] on one instruction set.
 #[derive(Debug, Clone)]
 pub struct PackedMlp {
     pub weights: Arc<MlpWeights>,
@@ -91,13 +91,18 @@ pub struct PackedMlp {
 }
 
 impl PackedMlp {
-    pub fn new(weights: Arc<MlpWeights>) -> PackedMlp {
+    pub fn new(isa: Isa, weights: Arc<MlpWeights>) -> PackedMlp {
         let (c, h) = (weights.channels, weights.hidden);
         PackedMlp {
-            w1: PackedWeights::pack(&weights.w1, h, c),
-            w2: PackedWeights::pack(&weights.w2, c, h),
+            w1: PackedWeights::pack(isa, &weights.w1, h, c),
+            w2: PackedWeights::pack(isa, &weights.w2, c, h),
             weights,
         }
+    }
+
+    /// The instruction set the weights are packed for, which [`run_block_packed`] runs.
+    pub fn isa(&self) -> Isa {
+        self.w1.isa()
     }
 
     /// Whether [`run_block_packed`] is the faster path on `isa` ([`sgemm::preferred`]).
@@ -123,7 +128,6 @@ pub fn sequential(n: usize, f: &(dyn Fn(usize) + Sync)) {
 /// As [`run_block`].
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn run_block_packed(
-    isa: Isa,
     p: &PackedMlp,
     x: *const f32,
     out: *mut f32,
@@ -134,7 +138,7 @@ pub unsafe fn run_block_packed(
     parts: usize,
     for_each: ForEach,
 ) {
-    let w = &*p.weights;
+    let (isa, w) = (p.isa(), &*p.weights);
     let c = w.channels;
     let cols = j1 - j0;
     debug_assert!(j0 < j1 && j1 <= hw);

@@ -19,17 +19,26 @@
 //! - `Residual`: `acc + x[row, col] + bias[row]` into row-major output.
 //!
 //! Builds: AVX-512 (8 rows × 16/32/48 tokens, 24 zmm accumulators at most), AVX2+FMA
-//! (4 rows × 8/16/24 tokens, 12 ymm accumulators at most; a panel of 8 rows is two
-//! passes) and a portable scalar build, which is the definition the others are tested
-//! against; the engine uses the `gemm` crate where only the portable build exists.
+//! (6 rows × 8/16 tokens, 12 ymm accumulators at most) and a portable scalar build,
+//! which is the definition the others are tested against; the engine uses the `gemm`
+//! crate where only the portable build exists. Weights are packed for one build
+//! ([`panel_rows`] differs between them).
 
 use std::ops::Range;
 
 use super::mlp::gelu;
 use super::Isa;
 
-/// Rows of a packed weight panel.
-pub const MR: usize = 8;
+/// Rows of a packed weight panel on `isa`: 8 for AVX-512 (8 × 48-token tiles in 24 of
+/// its 32 registers) and the portable build, 6 for AVX2 (6 × 16-token tiles: 12
+/// accumulators, two token vectors and a broadcast weight in its 16 registers, two
+/// 256-bit loads per 12 FMAs, so the FMA units rather than the loads set the pace).
+pub fn panel_rows(isa: Isa) -> usize {
+    match isa {
+        Isa::Avx2 => 6,
+        Isa::Avx512 | Isa::Portable => 8,
+    }
+}
 
 /// Weight panels per stretch of the outer loop: the weights of a stretch (up to
 /// `MC_FLOATS` f32, 384 KiB) stay in L2 while every column panel goes through them.
@@ -41,20 +50,19 @@ const MC_FLOATS: usize = 96 * 1024;
 const KC: usize = 256;
 
 /// Whether the engine runs these kernels on `isa` rather than the `gemm` crate's: on
-/// AVX-512, where they are measured faster (docs/fusion.md). On an AVX2-only CPU (Zen 3)
-/// the crate's AVX2 kernels are faster than the AVX2 build here (whole MLP blocks of
-/// the four S12 stages: 21.7–25.9 against 17.4–21.4 GMAC/s, thread CPU time,
-/// `cargo run --release --example mlp_ab`), so AVX2 keeps the crate; where only the
-/// portable build exists, the crate's kernels (NEON on aarch64) are faster.
+/// AVX-512 and AVX2, where they are measured faster (docs/fusion.md; on Zen 3 the
+/// AVX2 build takes whole MLP blocks of the four S12 stages from 29.7–37.5 to
+/// 33.8–37.6 GMAC/s, `cargo run --release --example mlp_ab`). Where only the portable
+/// build exists, the crate's kernels (NEON on aarch64) are faster.
 pub fn preferred(isa: Isa) -> bool {
-    isa == Isa::Avx512 && isa.is_supported()
+    matches!(isa, Isa::Avx512 | Isa::Avx2) && isa.is_supported()
 }
 
 /// Tokens per vector and the most vectors in a column panel, per instruction set.
 pub fn geometry(isa: Isa) -> (usize, usize) {
     match isa {
         Isa::Avx512 => (16, 3),
-        Isa::Avx2 => (8, 3),
+        Isa::Avx2 => (8, 2),
         Isa::Portable => (8, 2),
     }
 }
@@ -92,31 +100,45 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
-/// A constant `rows × depth` matrix packed in panels of [`MR`] rows.
+/// A constant `rows × depth` matrix packed for one instruction set, in panels of
+/// [`panel_rows`] rows.
 #[derive(Clone, Debug)]
 pub struct PackedWeights {
+    isa: Isa,
+    mr: usize,
     rows: usize,
     depth: usize,
     data: AlignedBuf,
 }
 
 impl PackedWeights {
-    /// Packs row-major `w` (`rows × depth`).
-    pub fn pack(w: &[f32], rows: usize, depth: usize) -> PackedWeights {
+    /// Packs row-major `w` (`rows × depth`) for [`gemm`] on `isa`.
+    pub fn pack(isa: Isa, w: &[f32], rows: usize, depth: usize) -> PackedWeights {
         assert_eq!(w.len(), rows * depth, "weight size");
-        let panels = rows.div_ceil(MR);
+        let mr = panel_rows(isa);
+        let panels = rows.div_ceil(mr);
         let mut data = AlignedBuf::default();
-        data.resize(panels * MR * depth);
+        data.resize(panels * mr * depth);
         let d = data.as_mut_slice();
         for p in 0..panels {
-            for r in 0..MR.min(rows - p * MR) {
-                let src = &w[(p * MR + r) * depth..][..depth];
+            for r in 0..mr.min(rows - p * mr) {
+                let src = &w[(p * mr + r) * depth..][..depth];
                 for (k, &v) in src.iter().enumerate() {
-                    d[(p * depth + k) * MR + r] = v;
+                    d[(p * depth + k) * mr + r] = v;
                 }
             }
         }
-        PackedWeights { rows, depth, data }
+        PackedWeights {
+            isa,
+            mr,
+            rows,
+            depth,
+            data,
+        }
+    }
+    /// The instruction set the panels are laid out for.
+    pub fn isa(&self) -> Isa {
+        self.isa
     }
     pub fn rows(&self) -> usize {
         self.rows
@@ -125,7 +147,7 @@ impl PackedWeights {
         self.depth
     }
     pub fn panels(&self) -> usize {
-        self.rows.div_ceil(MR)
+        self.rows.div_ceil(self.mr)
     }
 }
 
@@ -287,6 +309,7 @@ pub unsafe fn gemm(
     epilogue: &Epilogue,
 ) {
     assert_eq!(w.depth, x.depth, "inner dimensions");
+    assert_eq!(w.isa, isa, "weights packed for another instruction set");
     assert!(panels.end <= w.panels());
     let (Epilogue::Gelu { bias, .. } | Epilogue::Residual { bias, .. }) = epilogue;
     assert!(bias.len() >= w.rows, "bias size");
@@ -295,7 +318,7 @@ pub unsafe fn gemm(
     }
     if w.depth == 0 {
         // An empty sum: the epilogue of zero, as a product of depth 1 with zeros.
-        let zero_w = PackedWeights::pack(&vec![0.0; w.rows], w.rows, 1);
+        let zero_w = PackedWeights::pack(isa, &vec![0.0; w.rows], w.rows, 1);
         let mut zero_x = PackedCols::default();
         zero_x.set_layout_like(x, 1);
         return gemm(isa, &zero_w, panels, &zero_x, epilogue);
@@ -303,7 +326,7 @@ pub unsafe fn gemm(
     let k_blocks = w.depth.div_ceil(KC);
     for kb in 0..k_blocks {
         let depth = kb * w.depth / k_blocks..(kb + 1) * w.depth / k_blocks;
-        let chunk = (MC_FLOATS / (depth.len() * MR)).max(1);
+        let chunk = (MC_FLOATS / (depth.len() * w.mr)).max(1);
         let mut p0 = panels.start;
         while p0 < panels.end {
             let p1 = (p0 + chunk).min(panels.end);
@@ -319,7 +342,7 @@ pub unsafe fn gemm(
                     col0: s,
                     valid: e.min(x.cols) - s,
                 };
-                strip.run(isa, (e - s) / geometry(isa).0, epilogue);
+                strip.run(isa, e - s, epilogue);
             }
             p0 = p1;
         }
@@ -342,7 +365,8 @@ struct Strip<'a> {
 }
 
 impl Strip<'_> {
-    unsafe fn run(&self, isa: Isa, vectors: usize, epi: &Epilogue) {
+    unsafe fn run(&self, isa: Isa, width: usize, epi: &Epilogue) {
+        let vectors = width / geometry(isa).0;
         match isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 if isa.is_supported() => match vectors {
@@ -353,10 +377,9 @@ impl Strip<'_> {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if isa.is_supported() => match vectors {
                 1 => x86::strip_avx2::<1>(self, epi),
-                2 => x86::strip_avx2::<2>(self, epi),
-                _ => x86::strip_avx2::<3>(self, epi),
+                _ => x86::strip_avx2::<2>(self, epi),
             },
-            _ => self.portable(vectors * geometry(Isa::Portable).0, epi),
+            _ => self.portable(width, epi),
         }
     }
 
@@ -366,19 +389,20 @@ impl Strip<'_> {
         let (k0, k1) = (self.depth.start, self.depth.end);
         let wd = self.w.data.as_slice();
         let xs = std::slice::from_raw_parts(self.x.add(k0 * width), (k1 - k0) * width);
-        let mut acc = vec![0f32; MR * width];
+        let mr = self.w.mr;
+        let mut acc = vec![0f32; mr * width];
         for p in self.panels.clone() {
             acc.fill(0.0);
-            let a = &wd[(p * k + k0) * MR..(p * k + k1) * MR];
-            for (av, xv) in a.chunks_exact(MR).zip(xs.chunks_exact(width)) {
+            let a = &wd[(p * k + k0) * mr..(p * k + k1) * mr];
+            for (av, xv) in a.chunks_exact(mr).zip(xs.chunks_exact(width)) {
                 for (r, &a) in av.iter().enumerate() {
                     for (o, &b) in acc[r * width..(r + 1) * width].iter_mut().zip(xv) {
                         *o += a * b;
                     }
                 }
             }
-            let row0 = p * MR;
-            for r in 0..MR.min(self.w.rows - row0) {
+            let row0 = p * mr;
+            for r in 0..mr.min(self.w.rows - row0) {
                 let row = row0 + r;
                 let acc = &acc[r * width..(r + 1) * width];
                 match *epi {
@@ -418,7 +442,7 @@ impl Strip<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{Epilogue, Strip, MR};
+    use super::{Epilogue, Strip};
     use core::arch::x86_64::*;
 
     use crate::kernels::mlp::ERF_A as A;
@@ -469,7 +493,9 @@ mod x86 {
     /// AVX-512: tiles of 8 rows × `NV`·16 tokens.
     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
     pub(super) unsafe fn strip_avx512<const NV: usize>(s: &Strip, epi: &Epilogue) {
+        const MR: usize = 8;
         let w = s.w;
+        debug_assert_eq!(w.mr, MR);
         let (k, k0) = (w.depth, s.depth.start);
         let width = NV * 16;
         let base = w.data.as_slice().as_ptr();
@@ -551,89 +577,85 @@ mod x86 {
         }
     }
 
-    /// AVX2: tiles of 4 rows (half a weight panel) × `NV`·8 tokens.
+    /// AVX2: tiles of 6 rows × `NV`·8 tokens.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn strip_avx2<const NV: usize>(s: &Strip, epi: &Epilogue) {
-        const HR: usize = MR / 2;
+        const MR: usize = 6;
         let w = s.w;
+        debug_assert_eq!(w.mr, MR);
         let (k, k0) = (w.depth, s.depth.start);
         let width = NV * 8;
         let base = w.data.as_slice().as_ptr();
         let x0 = s.x.add(k0 * width);
         for p in s.panels.clone() {
-            for half in 0..2 {
-                let row0 = p * MR + half * HR;
-                if row0 >= w.rows {
-                    break;
+            let row0 = p * MR;
+            let a = base.add((p * k + k0) * MR);
+            let mut acc = [[_mm256_setzero_ps(); NV]; MR];
+            for kk in 0..s.depth.len() {
+                let xp = x0.add(kk * width);
+                let mut xv = [_mm256_setzero_ps(); NV];
+                for (v, xv) in xv.iter_mut().enumerate() {
+                    *xv = _mm256_load_ps(xp.add(v * 8));
                 }
-                let a = base.add((p * k + k0) * MR + half * HR);
-                let mut acc = [[_mm256_setzero_ps(); NV]; HR];
-                for kk in 0..s.depth.len() {
-                    let xp = x0.add(kk * width) as *const __m256;
-                    let ap = a.add(kk * MR);
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let av = _mm256_broadcast_ss(&*ap.add(r));
-                        for (v, acc) in acc.iter_mut().enumerate() {
-                            // Loaded again for every row (from L1): with 12 accumulators
-                            // of 16 registers, holding the tokens makes the compiler
-                            // spill accumulators instead.
-                            let xv = std::ptr::read_volatile(xp.add(v));
-                            *acc = _mm256_fmadd_ps(av, xv, *acc);
-                        }
+                let ap = a.add(kk * MR);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm256_broadcast_ss(&*ap.add(r));
+                    for v in 0..NV {
+                        acc[v] = _mm256_fmadd_ps(av, xv[v], acc[v]);
                     }
                 }
-                let rows = HR.min(w.rows - row0);
-                match *epi {
-                    Epilogue::Gelu { scale, bias, dst } => {
-                        let sc = _mm256_set1_ps(scale);
-                        let d = dst.add(w.rows * s.col0 + row0 * width);
-                        for (r, acc) in acc.iter().enumerate().take(rows) {
-                            let b = _mm256_set1_ps(*bias.get_unchecked(row0 + r));
-                            for (v, &a) in acc.iter().enumerate() {
-                                let dv = d.add(r * width + v * 8);
-                                let a = if s.first {
-                                    a
-                                } else {
-                                    _mm256_add_ps(a, _mm256_load_ps(dv))
-                                };
-                                let y = if s.last {
-                                    gelu256(_mm256_fmadd_ps(a, sc, b))
-                                } else {
-                                    a
-                                };
-                                _mm256_store_ps(dv, y);
-                            }
-                        }
-                    }
-                    Epilogue::Residual {
-                        bias,
-                        x,
-                        ldx,
-                        out,
-                        ldo,
-                    } => {
-                        for (r, acc) in acc.iter().enumerate().take(rows) {
-                            let row = row0 + r;
-                            let b = _mm256_set1_ps(*bias.get_unchecked(row));
-                            let xr = x.add(row * ldx + s.col0);
-                            let or = out.add(row * ldo + s.col0);
-                            let (src, b) = if s.first {
-                                (xr, b)
+            }
+            let rows = MR.min(w.rows - row0);
+            match *epi {
+                Epilogue::Gelu { scale, bias, dst } => {
+                    let sc = _mm256_set1_ps(scale);
+                    let d = dst.add(w.rows * s.col0 + row0 * width);
+                    for (r, acc) in acc.iter().enumerate().take(rows) {
+                        let b = _mm256_set1_ps(*bias.get_unchecked(row0 + r));
+                        for (v, &a) in acc.iter().enumerate() {
+                            let dv = d.add(r * width + v * 8);
+                            let a = if s.first {
+                                a
                             } else {
-                                (or as *const f32, _mm256_setzero_ps())
+                                _mm256_add_ps(a, _mm256_load_ps(dv))
                             };
-                            for (v, &a) in acc.iter().enumerate() {
-                                let n = s.valid.saturating_sub(v * 8).min(8);
-                                let y = _mm256_add_ps(a, b);
-                                if n == 8 {
-                                    let y = _mm256_add_ps(y, _mm256_loadu_ps(src.add(v * 8)));
-                                    _mm256_storeu_ps(or.add(v * 8), y);
-                                } else if n > 0 {
-                                    let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-                                    let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
-                                    let xv = _mm256_maskload_ps(src.add(v * 8), m);
-                                    _mm256_maskstore_ps(or.add(v * 8), m, _mm256_add_ps(y, xv));
-                                }
+                            let y = if s.last {
+                                gelu256(_mm256_fmadd_ps(a, sc, b))
+                            } else {
+                                a
+                            };
+                            _mm256_store_ps(dv, y);
+                        }
+                    }
+                }
+                Epilogue::Residual {
+                    bias,
+                    x,
+                    ldx,
+                    out,
+                    ldo,
+                } => {
+                    for (r, acc) in acc.iter().enumerate().take(rows) {
+                        let row = row0 + r;
+                        let b = _mm256_set1_ps(*bias.get_unchecked(row));
+                        let xr = x.add(row * ldx + s.col0);
+                        let or = out.add(row * ldo + s.col0);
+                        let (src, b) = if s.first {
+                            (xr, b)
+                        } else {
+                            (or as *const f32, _mm256_setzero_ps())
+                        };
+                        for (v, &a) in acc.iter().enumerate() {
+                            let n = s.valid.saturating_sub(v * 8).min(8);
+                            let y = _mm256_add_ps(a, b);
+                            if n == 8 {
+                                let y = _mm256_add_ps(y, _mm256_loadu_ps(src.add(v * 8)));
+                                _mm256_storeu_ps(or.add(v * 8), y);
+                            } else if n > 0 {
+                                let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+                                let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
+                                let xv = _mm256_maskload_ps(src.add(v * 8), m);
+                                _mm256_maskstore_ps(or.add(v * 8), m, _mm256_add_ps(y, xv));
                             }
                         }
                     }

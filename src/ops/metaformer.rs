@@ -189,7 +189,7 @@ fn eval_mlp(
     );
     let hw = h * w;
     let isa = Isa::best();
-    let packed = packed.filter(|_| PackedMlp::preferred(isa));
+    let packed = packed.filter(|p| p.isa() == isa);
     let xs: &[f32] = x.try_as_plain_ram()?.as_slice::<f32>()?;
     let (executor, threads) = executor_threads();
     let stats = stats(isa, xs, eps, &executor, threads);
@@ -211,7 +211,7 @@ fn eval_mlp(
                         Some(p) => {
                             let x = xp_addr as *const f32;
                             let seq = &crate::kernels::mlp::sequential;
-                            run_block_packed(isa, p, x, op.get(), hw, cols, stats, scratch, 1, seq);
+                            run_block_packed(p, x, op.get(), hw, cols, stats, scratch, 1, seq);
                             Ok(())
                         }
                         None => run_block(
@@ -250,7 +250,6 @@ fn eval_mlp(
                 unsafe {
                     match packed {
                         Some(p) => run_block_packed(
-                            isa,
                             p,
                             x,
                             op.get(),
@@ -303,7 +302,7 @@ impl TypedOp for ChannelMlp {
         }
         let op = PackedChannelMlp {
             mlp: self.clone(),
-            packed: Arc::new(PackedMlp::new(self.weights.clone())),
+            packed: Arc::new(PackedMlp::new(Isa::best(), self.weights.clone())),
         };
         Ok(Some(TypedModelPatch::replace_single_op(
             model,
@@ -317,7 +316,7 @@ impl TypedOp for ChannelMlp {
 }
 
 /// [`ChannelMlp`] with its weights packed for the `sgemm` kernels (where
-/// `sgemm::preferred`: AVX-512).
+/// `sgemm::preferred`: AVX-512 and AVX2).
 #[derive(Debug, Clone)]
 pub struct PackedChannelMlp {
     pub mlp: ChannelMlp,
