@@ -466,14 +466,19 @@ fn patch_conv_matches_reference_conv() {
     use poolformer_edge::kernels::im2col::ConvGeometry;
     use poolformer_edge::ops::conv::PatchConv;
     use std::sync::Arc;
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
     use tract_onnx::prelude::*;
     // (in channels, side, out channels, kernel, stride, pad): PoolFormer's stem and
-    // downsampling shapes, shrunk, plus odd sides where the last window is partial.
+    // downsampling shapes, shrunk, plus odd sides where the last window is partial, one
+    // where a 7×7 window overhangs both sides of a 4-pixel row, and a wider one.
     for &(ci, n, co, k, s, p) in &[
         (3usize, 29usize, 5usize, 7usize, 4usize, 2usize),
         (4, 9, 6, 3, 2, 1),
         (5, 8, 3, 3, 2, 1),
         (2, 5, 2, 3, 1, 0),
+        (3, 61, 13, 7, 4, 2),
+        (40, 9, 7, 3, 2, 1),
+        (2, 4, 3, 7, 1, 3),
     ] {
         let out = (n + 2 * p - k) / s + 1;
         let x = common::test_image(ci, n, n, (ci * n) as u64);
@@ -492,17 +497,18 @@ fn patch_conv_matches_reference_conv() {
             s,
             p,
         );
+        let geometry = ConvGeometry {
+            in_channels: ci,
+            in_h: n,
+            in_w: n,
+            kernel: (k, k),
+            stride: (s, s),
+            pad: (p, p),
+            out_h: out,
+            out_w: out,
+        };
         let op = PatchConv {
-            geometry: ConvGeometry {
-                in_channels: ci,
-                in_h: n,
-                in_w: n,
-                kernel: (k, k),
-                stride: (s, s),
-                pad: (p, p),
-                out_h: out,
-                out_w: out,
-            },
+            geometry,
             out_channels: co,
             weights: Arc::new(w.clone()),
             bias: Arc::new(b.clone()),
@@ -512,18 +518,23 @@ fn patch_conv_matches_reference_conv() {
         let y = model.wire_node("conv", op, &[src]).unwrap();
         model.select_output_outlets(&y).unwrap();
         let plan = model.into_runnable().unwrap();
-        let got = plan
-            .run(tvec!(Tensor::from_shape(&[1, ci, n, n], &x)
-                .unwrap()
-                .into_tvalue()))
-            .unwrap();
-        let got = got[0].to_plain_array_view::<f32>().unwrap();
-        assert_eq!(got.shape(), &[1, co, out, out]);
-        for (g, e) in got.iter().zip(&want.data) {
-            assert!(
-                (*g as f64 - e).abs() <= 1e-5 * e.abs().max(1.0),
-                "k{k} s{s} p{p}: {g} vs {e}"
-            );
+        for threads in [1, 3] {
+            let executor = if threads > 1 {
+                Executor::multithread(threads)
+            } else {
+                Executor::SingleThread
+            };
+            let input = Tensor::from_shape(&[1, ci, n, n], &x).unwrap();
+            let got =
+                multithread_tract_scope(executor, || plan.run(tvec!(input.into_tvalue()))).unwrap();
+            let got = got[0].to_plain_array_view::<f32>().unwrap();
+            assert_eq!(got.shape(), &[1, co, out, out]);
+            for (g, e) in got.iter().zip(&want.data) {
+                assert!(
+                    (*g as f64 - e).abs() <= 1e-5 * e.abs().max(1.0),
+                    "{threads} threads, k{k} s{s} p{p}: {g} vs {e}"
+                );
+            }
         }
     }
 }

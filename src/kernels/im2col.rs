@@ -28,34 +28,81 @@ impl ConvGeometry {
     /// `[k, out_h·out_w]`: row `(c, i, j)` holds input channel `c` shifted by kernel
     /// tap `(i, j)` at every output position, zero where the tap falls in the padding.
     pub fn fill_rows(&self, x: &[f32], first_row: usize, rows: &mut [f32]) {
+        let p = self.out_pixels();
+        for (r, row) in rows.chunks_exact_mut(p).enumerate() {
+            self.fill_row_range(x, first_row + r, 0..p, row);
+        }
+    }
+
+    /// Row `row` of the patch matrix (see [`Self::fill_rows`]) at the output positions
+    /// `pixels` (row-major `oy·out_w + ox`), into `out[..pixels.len()]`.
+    pub fn fill_row_range(
+        &self,
+        x: &[f32],
+        row: usize,
+        pixels: std::ops::Range<usize>,
+        out: &mut [f32],
+    ) {
         let (kh, kw) = self.kernel;
         let (sh, sw) = self.stride;
         let (ph, pw) = self.pad;
-        let p = self.out_pixels();
-        for (r, row) in rows.chunks_exact_mut(p).enumerate() {
-            let idx = first_row + r;
-            let c = idx / (kh * kw);
-            let i = (idx / kw) % kh;
-            let j = idx % kw;
-            let plane = &x[c * self.in_h * self.in_w..(c + 1) * self.in_h * self.in_w];
-            for oy in 0..self.out_h {
-                let out = &mut row[oy * self.out_w..(oy + 1) * self.out_w];
-                let y = (oy * sh + i) as isize - ph as isize;
-                if y < 0 || y >= self.in_h as isize {
-                    out.fill(0.0);
-                    continue;
-                }
+        let c = row / (kh * kw);
+        let i = (row / kw) % kh;
+        let j = row % kw;
+        let plane = &x[c * self.in_h * self.in_w..(c + 1) * self.in_h * self.in_w];
+        // The output columns whose tap falls inside the row: ox·sw + j − pw in 0..in_w.
+        let lo = pw.saturating_sub(j).div_ceil(sw).min(self.out_w);
+        let hi = (self.in_w + pw)
+            .saturating_sub(j)
+            .div_ceil(sw)
+            .clamp(lo, self.out_w);
+        let out = &mut out[..pixels.len()];
+        let (mut oy, mut ox0) = (pixels.start / self.out_w, pixels.start % self.out_w);
+        let mut done = 0;
+        while done < out.len() {
+            let ox1 = self.out_w.min(ox0 + (out.len() - done));
+            let seg = &mut out[done..done + ox1 - ox0];
+            let y = (oy * sh + i) as isize - ph as isize;
+            if y < 0 || y >= self.in_h as isize {
+                seg.fill(0.0);
+            } else {
                 let src = &plane[y as usize * self.in_w..(y as usize + 1) * self.in_w];
-                for (ox, o) in out.iter_mut().enumerate() {
-                    let xx = (ox * sw + j) as isize - pw as isize;
-                    *o = if xx >= 0 && (xx as usize) < self.in_w {
-                        src[xx as usize]
-                    } else {
-                        0.0
-                    };
+                let (a, b) = (lo.clamp(ox0, ox1), hi.clamp(ox0, ox1));
+                let (left, rest) = seg.split_at_mut(a - ox0);
+                let (inside, right) = rest.split_at_mut(b - a);
+                left.fill(0.0);
+                right.fill(0.0);
+                if b > a {
+                    // Taps a..b read src[first], src[first + sw], …, all inside the row.
+                    let first = a * sw + j - pw;
+                    let taps = &src[first..=first + (b - a - 1) * sw];
+                    match sw {
+                        1 => inside.copy_from_slice(taps),
+                        2 => strided::<2>(taps, inside),
+                        4 => strided::<4>(taps, inside),
+                        _ => strided_any(taps, sw, inside),
+                    }
                 }
             }
+            done += ox1 - ox0;
+            (oy, ox0) = (oy + 1, 0);
         }
+    }
+}
+
+/// `dst[t] = src[t·S]` (`src` holds at least `(dst.len() − 1)·S + 1` values).
+#[inline(always)]
+fn strided<const S: usize>(src: &[f32], dst: &mut [f32]) {
+    let (whole, last) = dst.split_at_mut(dst.len() - 1);
+    for (d, s) in whole.iter_mut().zip(src.chunks_exact(S)) {
+        *d = s[0];
+    }
+    last[0] = src[whole.len() * S];
+}
+
+fn strided_any(src: &[f32], step: usize, dst: &mut [f32]) {
+    for (d, &s) in dst.iter_mut().zip(src.iter().step_by(step)) {
+        *d = s;
     }
 }
 
