@@ -213,7 +213,7 @@ fn channel_mlp_block_matches_definition_on_every_isa() {
 
 /// (rows M, depth K, tokens N): tails of the 6- and 8-row panels and of 8/16-token vectors,
 /// N below one vector, K = 1, panels of one, two and three vectors, reductions longer
-/// than one stretch (256) with uneven stretches, PoolFormer-like.
+/// than one stretch (256 on AVX-512, 512 on AVX2) with uneven stretches, PoolFormer-like.
 const SGEMM_SHAPES: &[(usize, usize, usize)] = &[
     (1, 1, 1),
     (3, 1, 5),
