@@ -433,6 +433,58 @@ fn fused_engine_matches_unfused_and_fuses_every_block() {
     }
 }
 
+/// A normalization that is not GroupNorm stays unfused: the token-mixer norm of stage
+/// 1's second block gets its variance doubled before the ε (so it normalizes to 1/√2 of
+/// GroupNorm), next to a first block whose norms are the exporter's.
+#[test]
+fn a_norm_that_is_not_group_norm_stays_unfused() {
+    use prost::Message;
+    use tract_onnx::pb::{tensor_proto::DataType, ModelProto, NodeProto, TensorProto};
+    let arch = ArchConfig::custom("tiny", &[1, 2, 1, 1], &[8, 16, 24, 40], 10).unwrap();
+    let weights = synthesize(&arch, 11).unwrap();
+    let mut model = ModelProto::decode(&export_onnx(&arch, &weights).unwrap()[..]).unwrap();
+    let graph = model.graph.as_mut().unwrap();
+    let name = "stages.1.blocks.1.norm1.variance_eps";
+    let at = graph.node.iter().position(|n| n.name == name).unwrap();
+    let (konst, scaled) = (format!("{name}.k"), format!("{name}.scaled"));
+    graph.initializer.push(TensorProto {
+        name: konst.clone(),
+        data_type: DataType::Float as i32,
+        float_data: vec![2.0],
+        ..Default::default()
+    });
+    let variance = std::mem::replace(&mut graph.node[at].input[0], scaled.clone());
+    let mul = NodeProto {
+        name: format!("{name}.scale"),
+        op_type: "Mul".into(),
+        input: vec![variance, konst],
+        output: vec![scaled],
+        ..Default::default()
+    };
+    graph.node.insert(at, mul);
+    let onnx = model.encode_to_vec();
+    let input = common::test_image(3, 64, 64, 5);
+    let (plain, _) = logits(&onnx, 64, 1, false, &input);
+    let (fused, rewrites) = logits(&onnx, 64, 1, true, &input);
+    let d = max_diff(&plain, &fused);
+    assert!(d <= 1e-4, "fused vs unfused max diff {d}");
+    // Five blocks, four mixers fused; every MLP norm is untouched, so all five MLPs.
+    assert!(
+        rewrites
+            .iter()
+            .any(|r| r.starts_with("token mixer") && r.ends_with("×4")),
+        "{rewrites:?}"
+    );
+    if poolformer_edge::passes::metaformer::FUSES_MLP {
+        assert!(
+            rewrites
+                .iter()
+                .any(|r| r.starts_with("channel MLP") && r.ends_with("×5")),
+            "{rewrites:?}"
+        );
+    }
+}
+
 #[test]
 fn mlp_blocks_cover_every_column_once() {
     for &(hidden, hw) in &[

@@ -45,15 +45,16 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
     let mut mixers = 0;
     let mut mlps = 0;
     let mut quant_mlps = 0;
+    let mut verified = VerifiedNorms::default();
     let ids: Vec<usize> = model.eval_order()?;
     for id in ids {
         let name = model.node(id).op().name();
         let patch = if model.node(id).op_as::<SumPool>().is_some() {
-            match_mixer(model, id)?
+            match_mixer(model, id, &mut verified)?
         } else if FUSES_MLP && name == "EinSum" {
-            match_mlp(model, id)?
+            match_mlp(model, id, &mut verified)?
         } else if FUSES_MLP && model.node(id).op_as::<Quantize>().is_some() {
-            match_quant_mlp(model, id)?
+            match_quant_mlp(model, id, &mut verified)?
         } else {
             None
         };
@@ -171,7 +172,12 @@ struct Norm {
 }
 
 /// Matches `n = GroupNorm₁(x)·γ + β`, `n` the output of the affine `Add`.
-fn match_norm(model: &TypedModel, n: OutletId, x: OutletId) -> TractResult<Option<Norm>> {
+fn match_norm(
+    model: &TypedModel,
+    n: OutletId,
+    x: OutletId,
+    verified: &mut VerifiedNorms,
+) -> TractResult<Option<Norm>> {
     let shape = want_some!(nchw(model, x));
     let c = shape[1];
     want!(n.slot == 0 && bin_name(model, n.node).as_deref() == Some("Add"));
@@ -184,7 +190,7 @@ fn match_norm(model: &TypedModel, n: OutletId, x: OutletId) -> TractResult<Optio
     want!(only_succ(model, z.node) == Some(m.node) && z != x);
     let region = want_some!(region_between(model, x, z)?);
     let eps = want_some!(find_eps(model, &region));
-    want!(verifies_group_norm(model, &region, x, z, shape, eps)?);
+    want!(verified.check(model, &region, x, z, shape, eps)?);
     Ok(Some(Norm { gamma, beta, eps }))
 }
 
@@ -249,6 +255,119 @@ fn find_eps(model: &TypedModel, region: &[usize]) -> Option<f32> {
         }
     }
     None
+}
+
+/// The normalization regions [`verifies_group_norm`] has judged, by structure. A
+/// region whose nodes have the same ops (constants included, compared by value) wired
+/// the same way, on the same shape and ε, computes the same function, so its verdict
+/// is reused: PoolFormer repeats one region per block half, and each evaluation runs
+/// the region on full-size probes.
+#[derive(Default)]
+struct VerifiedNorms(Vec<(RegionKey, bool)>);
+
+/// A node's input: the region's input `x`, or output `slot` of the region's node `index`.
+type RegionInput = Option<(usize, usize)>;
+
+struct RegionKey {
+    shape: [usize; 4],
+    eps: u32,
+    nodes: Vec<(Box<dyn TypedOp>, TVec<RegionInput>)>,
+}
+
+impl RegionKey {
+    fn new(
+        model: &TypedModel,
+        region: &[usize],
+        x: OutletId,
+        z: OutletId,
+        shape: [usize; 4],
+        eps: f32,
+    ) -> Option<RegionKey> {
+        // The nodes in the order a depth-first walk from z over inputs meets them, so
+        // that the key depends on the wiring only, not on node ids or on where shared
+        // constants sit in the model's evaluation order.
+        fn walk(
+            model: &TypedModel,
+            region: &[usize],
+            x: OutletId,
+            id: usize,
+            order: &mut Vec<usize>,
+        ) {
+            if order.contains(&id) || !region.contains(&id) {
+                return;
+            }
+            for &i in &model.node(id).inputs {
+                if i != x {
+                    walk(model, region, x, i.node, order);
+                }
+            }
+            order.push(id);
+        }
+        let mut order = Vec::with_capacity(region.len());
+        walk(model, region, x, z.node, &mut order);
+        if order.len() != region.len() {
+            return None;
+        }
+        let index = |id: usize| order.iter().position(|&r| r == id);
+        let mut nodes = Vec::with_capacity(order.len() + 1);
+        for &id in &order {
+            let node = model.node(id);
+            let inputs = node
+                .inputs
+                .iter()
+                .map(|&i| match i == x {
+                    true => Some(None),
+                    false => index(i.node).map(|n| Some((n, i.slot))),
+                })
+                .collect::<Option<TVec<RegionInput>>>()?;
+            nodes.push((node.op.clone(), inputs));
+        }
+        // The output read: a node with no inputs standing for z.
+        let out = tvec![Some((index(z.node)?, z.slot))];
+        nodes.push((
+            Box::new(tract_core::ops::identity::Identity) as Box<dyn TypedOp>,
+            out,
+        ));
+        Some(RegionKey {
+            shape,
+            eps: eps.to_bits(),
+            nodes,
+        })
+    }
+
+    fn same(&self, other: &RegionKey) -> bool {
+        self.shape == other.shape
+            && self.eps == other.eps
+            && self.nodes.len() == other.nodes.len()
+            && self
+                .nodes
+                .iter()
+                .zip(&other.nodes)
+                .all(|((a, ai), (b, bi))| ai == bi && **a == **b)
+    }
+}
+
+impl VerifiedNorms {
+    /// [`verifies_group_norm`], or the verdict on an identical region.
+    fn check(
+        &mut self,
+        model: &TypedModel,
+        region: &[usize],
+        x: OutletId,
+        z: OutletId,
+        shape: [usize; 4],
+        eps: f32,
+    ) -> TractResult<bool> {
+        let Some(key) = RegionKey::new(model, region, x, z, shape, eps) else {
+            return verifies_group_norm(model, region, x, z, shape, eps);
+        };
+        if let Some((_, verdict)) = self.0.iter().find(|(k, _)| k.same(&key)) {
+            return Ok(*verdict);
+        }
+        let verdict = verifies_group_norm(model, region, x, z, shape, eps)?;
+        self.0.push((key, verdict));
+        Ok(verdict)
+    }
 }
 
 /// Evaluates the region on probe tensors and compares with `(x − μ)/√(σ² + ε)`.
@@ -350,6 +469,7 @@ fn is_poolformer_pool(pool: &SumPool) -> bool {
 fn match_mixer(
     model: &TypedModel,
     pool_id: usize,
+    verified: &mut VerifiedNorms,
 ) -> TractResult<Option<(TypedModelPatch, Fused)>> {
     let pool = model.node(pool_id);
     want!(is_poolformer_pool(want_some!(pool.op_as::<SumPool>())));
@@ -374,7 +494,7 @@ fn match_mixer(
     let shape = want_some!(nchw(model, x));
     want!(nchw(model, OutletId::new(add, 0)) == Some(shape));
     let ls = want_some!(channel_const(&ls, shape[1]));
-    let norm = want_some!(match_norm(model, n, x)?);
+    let norm = want_some!(match_norm(model, n, x, verified)?);
     let scale: Vec<f32> = ls.iter().zip(&norm.gamma).map(|(l, g)| l * g).collect();
     let op = TokenMixer {
         scale,
@@ -490,7 +610,11 @@ fn gelu_input(model: &TypedModel, g: usize) -> Option<OutletId> {
     None
 }
 
-fn match_mlp(model: &TypedModel, e2: usize) -> TractResult<Option<(TypedModelPatch, Fused)>> {
+fn match_mlp(
+    model: &TypedModel,
+    e2: usize,
+    verified: &mut VerifiedNorms,
+) -> TractResult<Option<(TypedModelPatch, Fused)>> {
     let gelu_id = model.node(e2).inputs[0].node;
     let gelu_out = OutletId::new(gelu_id, 0);
     want!(model.node(e2).inputs[0] == gelu_out && only_succ(model, gelu_id) == Some(e2));
@@ -522,7 +646,7 @@ fn match_mlp(model: &TypedModel, e2: usize) -> TractResult<Option<(TypedModelPat
     let shape = want_some!(nchw(model, x));
     want!(shape[1] == channels && nchw(model, OutletId::new(add3, 0)) == Some(shape));
     want!(model.outlet_successors(n2).len() == 1);
-    let norm = want_some!(match_norm(model, n2, x)?);
+    let norm = want_some!(match_norm(model, n2, x, verified)?);
 
     let mut fw1 = vec![0f32; hidden * channels];
     let mut c1 = vec![0f32; hidden];
@@ -716,7 +840,11 @@ fn gelu_after(model: &TypedModel, a: OutletId) -> Option<usize> {
 
 /// The int8 channel-MLP half as the int8 pass leaves it, from the quantization of the
 /// norm's output (node `q1`) to the residual add.
-fn match_quant_mlp(model: &TypedModel, q1: usize) -> TractResult<Option<(TypedModelPatch, Fused)>> {
+fn match_quant_mlp(
+    model: &TypedModel,
+    q1: usize,
+    verified: &mut VerifiedNorms,
+) -> TractResult<Option<(TypedModelPatch, Fused)>> {
     let quant1 = want_some!(model.node(q1).op_as::<Quantize>());
     let (inv_scale1, grid1, shift1) = want_some!(u8_grid(quant1));
     let n2 = model.node(q1).inputs[0];
@@ -763,7 +891,7 @@ fn match_quant_mlp(model: &TypedModel, q1: usize) -> TractResult<Option<(TypedMo
     let x = want_some!(ins.iter().find(|&&i| i != branch_out).copied());
     let shape = want_some!(nchw(model, x));
     want!(shape[1] == channels && nchw(model, OutletId::new(add, 0)) == Some(shape));
-    let norm = want_some!(match_norm(model, n2, x)?);
+    let norm = want_some!(match_norm(model, n2, x, verified)?);
 
     let fc1 = QLayer::new(
         hidden,
@@ -809,4 +937,61 @@ fn match_quant_mlp(model: &TypedModel, q1: usize) -> TractResult<Option<(TypedMo
     let y = patch.wire_node(name, op, &[tx])?[0];
     patch.shunt_outside(model, OutletId::new(add, 0), y)?;
     Ok(Some((patch, Fused::QuantMlp)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_core::ops::math;
+    use tract_core::ops::nn::{Reduce, Reducer};
+
+    const SHAPE: [usize; 4] = [1, 4, 3, 5];
+    const EPS: f32 = 1e-5;
+
+    /// `(x − mean(x))·rsqrt(mean((x − mean(x))²)·k + ε)` over C, H, W: GroupNorm₁ for
+    /// k = 1, the same graph with another constant otherwise.
+    fn norm(model: &mut TypedModel, x: OutletId, k: f32, tag: &str) -> TractResult<OutletId> {
+        let n = SHAPE.iter().product::<usize>() as f32;
+        let scalar = |v: f32| tensor4(&[[[[v]]]]);
+        let all = || Reduce {
+            axes: tvec![1, 2, 3],
+            reducer: Reducer::Sum,
+        };
+        let sum = model.wire_node(format!("{tag}.sum"), all(), &[x])?[0];
+        let inv_n = model.add_const(format!("{tag}.inv_n"), scalar(1.0 / n))?;
+        let mean = model.wire_node(format!("{tag}.mean"), math::mul(), &[sum, inv_n])?[0];
+        let d = model.wire_node(format!("{tag}.d"), math::sub(), &[x, mean])?[0];
+        let sq = model.wire_node(format!("{tag}.sq"), math::mul(), &[d, d])?[0];
+        let ssum = model.wire_node(format!("{tag}.ssum"), all(), &[sq])?[0];
+        let var = model.wire_node(format!("{tag}.var"), math::mul(), &[ssum, inv_n])?[0];
+        let k = model.add_const(format!("{tag}.k"), scalar(k))?;
+        let var = model.wire_node(format!("{tag}.kvar"), math::mul(), &[var, k])?[0];
+        let eps = model.add_const(format!("{tag}.eps"), scalar(EPS))?;
+        let ve = model.wire_node(format!("{tag}.ve"), math::add(), &[var, eps])?[0];
+        let r = model.wire_node(format!("{tag}.r"), math::rsqrt(), &[ve])?[0];
+        Ok(model.wire_node(format!("{tag}.z"), math::mul(), &[d, r])?[0])
+    }
+
+    #[test]
+    fn a_verdict_is_reused_only_for_an_identical_region() -> TractResult<()> {
+        let mut model = TypedModel::default();
+        let x = model.add_source("x", f32::fact(SHAPE))?;
+        let good = norm(&mut model, x, 1.0, "good")?;
+        let bad = norm(&mut model, x, 2.0, "bad")?;
+        let again = norm(&mut model, x, 1.0, "again")?;
+        model.select_output_outlets(&[good, bad, again])?;
+        let mut verified = VerifiedNorms::default();
+        let mut check = |z: OutletId| -> TractResult<bool> {
+            let region = region_between(&model, x, z)?.expect("a region");
+            assert_eq!(find_eps(&model, &region), Some(EPS));
+            verified.check(&model, &region, x, z, SHAPE, EPS)
+        };
+        // `bad` differs from `good` only in the value of one constant.
+        assert!(check(good)?);
+        assert!(!check(bad)?);
+        assert!(check(again)?);
+        // `again` took `good`'s verdict without an evaluation of its own.
+        assert_eq!(verified.0.len(), 2);
+        Ok(())
+    }
 }
