@@ -227,11 +227,28 @@ fn region_between(model: &TypedModel, x: OutletId, z: OutletId) -> TractResult<O
             want!(out.successors.iter().all(|s| seen.contains(&s.node)));
         }
     }
-    let order: Vec<usize> = model
-        .eval_order()?
-        .into_iter()
-        .filter(|id| seen.contains(id))
-        .collect();
+    // Depth-first from z over inputs, each node after its inputs: an evaluation order
+    // that depends on the wiring only, not on node ids (see `RegionKey`).
+    fn walk(
+        model: &TypedModel,
+        seen: &HashSet<usize>,
+        x: OutletId,
+        id: usize,
+        order: &mut Vec<usize>,
+    ) {
+        if order.contains(&id) || !seen.contains(&id) {
+            return;
+        }
+        for &i in &model.node(id).inputs {
+            if i != x {
+                walk(model, seen, x, i.node, order);
+            }
+        }
+        order.push(id);
+    }
+    let mut order = Vec::with_capacity(seen.len());
+    walk(model, &seen, x, z.node, &mut order);
+    want!(order.len() == seen.len());
     Ok(Some(order))
 }
 
@@ -283,34 +300,12 @@ impl RegionKey {
         shape: [usize; 4],
         eps: f32,
     ) -> Option<RegionKey> {
-        // The nodes in the order a depth-first walk from z over inputs meets them, so
-        // that the key depends on the wiring only, not on node ids or on where shared
-        // constants sit in the model's evaluation order.
-        fn walk(
-            model: &TypedModel,
-            region: &[usize],
-            x: OutletId,
-            id: usize,
-            order: &mut Vec<usize>,
-        ) {
-            if order.contains(&id) || !region.contains(&id) {
-                return;
-            }
-            for &i in &model.node(id).inputs {
-                if i != x {
-                    walk(model, region, x, i.node, order);
-                }
-            }
-            order.push(id);
-        }
-        let mut order = Vec::with_capacity(region.len());
-        walk(model, region, x, z.node, &mut order);
-        if order.len() != region.len() {
-            return None;
-        }
+        // `region` is in the order a depth-first walk from z meets the nodes
+        // (`region_between`), so equal wiring gives equal keys whatever the node ids.
+        let order = region;
         let index = |id: usize| order.iter().position(|&r| r == id);
         let mut nodes = Vec::with_capacity(order.len() + 1);
-        for &id in &order {
+        for &id in order {
             let node = model.node(id);
             let inputs = node
                 .inputs
