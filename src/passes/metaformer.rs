@@ -188,9 +188,16 @@ fn match_norm(
     let (z, gamma) = want_some!(split_const(model, m.node));
     let gamma = want_some!(channel_const(&gamma, c));
     want!(only_succ(model, z.node) == Some(m.node) && z != x);
-    let region = want_some!(region_between(model, x, z)?);
-    let eps = want_some!(find_eps(model, &region));
-    want!(verified.check(model, &region, x, z, shape, eps)?);
+    let nodes = want_some!(region_between(model, x, z)?);
+    let eps = want_some!(find_eps(model, &nodes));
+    let region = NormRegion {
+        nodes,
+        x,
+        z,
+        shape,
+        eps,
+    };
+    want!(verified.check(model, &region)?);
     Ok(Some(Norm { gamma, beta, eps }))
 }
 
@@ -282,6 +289,16 @@ fn find_eps(model: &TypedModel, region: &[usize]) -> Option<f32> {
 #[derive(Default)]
 struct VerifiedNorms(Vec<(RegionKey, bool)>);
 
+/// A candidate normalization: `nodes` (from [`region_between`]) compute `z` from `x` of
+/// `shape`, with ε `eps`.
+struct NormRegion {
+    nodes: Vec<usize>,
+    x: OutletId,
+    z: OutletId,
+    shape: [usize; 4],
+    eps: f32,
+}
+
 /// A node's input: the region's input `x`, or output `slot` of the region's node `index`.
 type RegionInput = Option<(usize, usize)>;
 
@@ -292,40 +309,33 @@ struct RegionKey {
 }
 
 impl RegionKey {
-    fn new(
-        model: &TypedModel,
-        region: &[usize],
-        x: OutletId,
-        z: OutletId,
-        shape: [usize; 4],
-        eps: f32,
-    ) -> Option<RegionKey> {
-        // `region` is in the order a depth-first walk from z meets the nodes
+    fn new(model: &TypedModel, region: &NormRegion) -> Option<RegionKey> {
+        // The nodes are in the order a depth-first walk from z meets them
         // (`region_between`), so equal wiring gives equal keys whatever the node ids.
-        let order = region;
-        let index = |id: usize| order.iter().position(|&r| r == id);
-        let mut nodes = Vec::with_capacity(order.len() + 1);
-        for &id in order {
+        let index = |id: usize| region.nodes.iter().position(|&r| r == id);
+        let mut nodes = Vec::with_capacity(region.nodes.len() + 1);
+        for &id in &region.nodes {
             let node = model.node(id);
             let inputs = node
                 .inputs
                 .iter()
-                .map(|&i| match i == x {
+                .map(|&i| match i == region.x {
                     true => Some(None),
                     false => index(i.node).map(|n| Some((n, i.slot))),
                 })
                 .collect::<Option<TVec<RegionInput>>>()?;
             nodes.push((node.op.clone(), inputs));
         }
-        // The output read: a node with no inputs standing for z.
+        // Which outlet is the output: an identity reading it.
+        let z = region.z;
         let out = tvec![Some((index(z.node)?, z.slot))];
         nodes.push((
             Box::new(tract_core::ops::identity::Identity) as Box<dyn TypedOp>,
             out,
         ));
         Some(RegionKey {
-            shape,
-            eps: eps.to_bits(),
+            shape: region.shape,
+            eps: region.eps.to_bits(),
             nodes,
         })
     }
@@ -344,40 +354,28 @@ impl RegionKey {
 
 impl VerifiedNorms {
     /// [`verifies_group_norm`], or the verdict on an identical region.
-    fn check(
-        &mut self,
-        model: &TypedModel,
-        region: &[usize],
-        x: OutletId,
-        z: OutletId,
-        shape: [usize; 4],
-        eps: f32,
-    ) -> TractResult<bool> {
-        let Some(key) = RegionKey::new(model, region, x, z, shape, eps) else {
-            return verifies_group_norm(model, region, x, z, shape, eps);
+    fn check(&mut self, model: &TypedModel, region: &NormRegion) -> TractResult<bool> {
+        let Some(key) = RegionKey::new(model, region) else {
+            return verifies_group_norm(model, region);
         };
         if let Some((_, verdict)) = self.0.iter().find(|(k, _)| k.same(&key)) {
             return Ok(*verdict);
         }
-        let verdict = verifies_group_norm(model, region, x, z, shape, eps)?;
+        let verdict = verifies_group_norm(model, region)?;
         self.0.push((key, verdict));
         Ok(verdict)
     }
 }
 
 /// Evaluates the region on probe tensors and compares with `(x − μ)/√(σ² + ε)`.
-fn verifies_group_norm(
-    model: &TypedModel,
-    region: &[usize],
-    x: OutletId,
-    z: OutletId,
-    shape: [usize; 4],
-    eps: f32,
-) -> TractResult<bool> {
+fn verifies_group_norm(model: &TypedModel, region: &NormRegion) -> TractResult<bool> {
+    let &NormRegion {
+        x, z, shape, eps, ..
+    } = region;
     let mut sub = TypedModel::default();
     let mut map: HashMap<OutletId, OutletId> = HashMap::new();
     map.insert(x, sub.add_source("x", f32::fact(shape))?);
-    for &id in region {
+    for &id in &region.nodes {
         let node = model.node(id);
         let inputs: TVec<OutletId> = match node.inputs.iter().map(|i| map.get(i).copied()).collect()
         {
@@ -977,9 +975,16 @@ mod tests {
         model.select_output_outlets(&[good, bad, again])?;
         let mut verified = VerifiedNorms::default();
         let mut check = |z: OutletId| -> TractResult<bool> {
-            let region = region_between(&model, x, z)?.expect("a region");
-            assert_eq!(find_eps(&model, &region), Some(EPS));
-            verified.check(&model, &region, x, z, SHAPE, EPS)
+            let nodes = region_between(&model, x, z)?.expect("a region");
+            assert_eq!(find_eps(&model, &nodes), Some(EPS));
+            let region = NormRegion {
+                nodes,
+                x,
+                z,
+                shape: SHAPE,
+                eps: EPS,
+            };
+            verified.check(&model, &region)
         };
         // `bad` differs from `good` only in the value of one constant.
         assert!(check(good)?);
