@@ -48,7 +48,7 @@ const MC_FLOATS: usize = 96 * 1024;
 /// the weight panels go through it; the partial sums of longer reductions are stored and
 /// reloaded once per stretch. AVX-512: ≤ 48 tokens × 256 (48 KiB, the L1 of the CPU it
 /// was tuned on). AVX2: 16 tokens × 512 (32 KiB); on Zen 3 this runs S12's stage 3 and 4
-/// MLPs 5–9 % faster than 256, and longer stretches gain nothing more (thread CPU time,
+/// MLPs 4–9 % faster than 256, and longer stretches gain nothing more (thread CPU time,
 /// alternating in one process).
 fn stretch(isa: Isa) -> usize {
     match isa {
@@ -373,17 +373,17 @@ struct Strip<'a> {
 }
 
 impl Strip<'_> {
+    /// The panel, `width` tokens wide, on `isa`'s kernel.
     unsafe fn run(&self, isa: Isa, width: usize, epi: &Epilogue) {
-        let vectors = width / geometry(isa).0;
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if isa.is_supported() => match vectors {
+            Isa::Avx512 if isa.is_supported() => match width / 16 {
                 1 => x86::strip_avx512::<1>(self, epi),
                 2 => x86::strip_avx512::<2>(self, epi),
                 _ => x86::strip_avx512::<3>(self, epi),
             },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if isa.is_supported() => match vectors {
+            Isa::Avx2 if isa.is_supported() => match width / 8 {
                 1 => x86::strip_avx2::<1>(self, epi),
                 _ => x86::strip_avx2::<2>(self, epi),
             },
