@@ -14,11 +14,12 @@
 //!    DequantizeLinear nodes whose input is an integer initializer load as
 //!    [`DequantizeConst`]: the integer tensor stays a `Const` input and the scales and
 //!    zero points are attributes, so nothing has to be recovered from float weights.
-//!    The wrapper only stops the early constant folding; tract's declutter folds
-//!    every `DequantizeConst` this pass leaves alone, so unmatched graphs (and
-//!    `fuse: false`) compute exactly what tract computes without it (one above
-//!    tract's 4 MiB folding budget is evaluated on every run, as tract's own
-//!    DequantizeLinear of such a weight was).
+//!    The wrapper only stops the early constant folding: every `DequantizeConst` of
+//!    a constant this pass leaves alone (the weights of convs that stay in float) is
+//!    evaluated into an f32 `Const` once at the end of the pass, so unmatched graphs
+//!    compute exactly what tract computes without it. With `fuse: false` tract's
+//!    declutter folds them (one above its 4 MiB folding budget is evaluated on every
+//!    run, as tract's own DequantizeLinear of such a weight was).
 //! 2. **Integer conv** ([`rewrite`], on the typed graph before declutter). For
 //!    `DequantizeLinearF32(x_q) → Conv(·, DequantizeConst(W_q), bias)` with
 //!    per-tensor activations (u8 or i8) and per-tensor or per-output-channel weights
@@ -297,6 +298,7 @@ pub fn rewrite_with(
         }
     }
     model.compact()?;
+    let folded = fold_dequantized_weights(model)?;
     if requantized + dequantized > 0 {
         report.rewrites.push(format!(
             "int8 conv/matmul ×{} ({requantized} to int8, {dequantized} to f32)",
@@ -327,6 +329,11 @@ pub fn rewrite_with(
         report
             .rewrites
             .push(format!("vectorized quantize ×{quantized}"));
+    }
+    if folded > 0 {
+        report
+            .rewrites
+            .push(format!("float weights dequantized at load ×{folded}"));
     }
     Ok(())
 }
@@ -371,6 +378,33 @@ fn as_quantize(node: &TypedNode) -> Option<(f32, Grid, DatumType)> {
         ));
     }
     None
+}
+
+/// Evaluates every [`DequantizeConst`] of a constant that the rewrites above left (the
+/// weights of convs that stay in float) into an f32 `Const`, once. tract's declutter
+/// would otherwise evaluate each on every constant-propagation round, and one whose
+/// f32 value exceeds tract's folding budget (4 MiB: the last downsampling conv of
+/// PoolFormer-S12, 5.9 MB) again on every inference run.
+fn fold_dequantized_weights(model: &mut TypedModel) -> Result<usize> {
+    let mut folded = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(dq) = node.op_as::<DequantizeConst>() else {
+            continue;
+        };
+        let Some(k) = model.outlet_fact(node.inputs[0])?.konst.clone() else {
+            continue;
+        };
+        let value = dq.dequantize(&k)?;
+        let name = node.name.clone();
+        let mut patch = TypedModelPatch::default();
+        let w = patch.add_const(name, value)?;
+        patch.shunt_outside(model, OutletId::new(id, 0), w)?;
+        patch.apply(model)?;
+        folded += 1;
+    }
+    model.compact()?;
+    Ok(folded)
 }
 
 /// The value of `outlet` when it only depends on constants through casts, axis
