@@ -14,12 +14,12 @@
 //!    DequantizeLinear nodes whose input is an integer initializer load as
 //!    [`DequantizeConst`]: the integer tensor stays a `Const` input and the scales and
 //!    zero points are attributes, so nothing has to be recovered from float weights.
-//!    The wrapper only stops the early constant folding: every `DequantizeConst` of
-//!    a constant this pass leaves alone (the weights of convs that stay in float) is
-//!    evaluated into an f32 `Const` once at the end of the pass, so unmatched graphs
-//!    compute exactly what tract computes without it. With `fuse: false` tract's
-//!    declutter folds them (one above its 4 MiB folding budget is evaluated on every
-//!    run, as tract's own DequantizeLinear of such a weight was).
+//!    The wrapper only stops the early constant folding: tract's declutter folds
+//!    every `DequantizeConst` this pass leaves alone (the weights of convs that stay
+//!    in float), so unmatched graphs compute exactly what tract computes without it.
+//!    One whose f32 value exceeds tract's 4 MiB folding budget is evaluated once at
+//!    the end of this pass instead (with `fuse: false`, on every run, as tract's own
+//!    DequantizeLinear of such a weight was).
 //! 2. **Integer conv** ([`rewrite`], on the typed graph before declutter). For
 //!    `DequantizeLinearF32(x_q) → Conv(·, DequantizeConst(W_q), bias)` with
 //!    per-tensor activations (u8 or i8) and per-tensor or per-output-channel weights
@@ -83,6 +83,7 @@ use tract_core::ops::einsum::EinSum;
 use tract_core::ops::element_wise::ElementWiseOp;
 use tract_core::ops::nn::DataFormat;
 use tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, QuantizeLinearU8};
+use tract_core::optim::CONST_FOLD_MEM_BUDGET;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{tensor_proto::DataType, NodeProto};
 use tract_onnx::prelude::*;
@@ -380,11 +381,13 @@ fn as_quantize(node: &TypedNode) -> Option<(f32, Grid, DatumType)> {
     None
 }
 
-/// Evaluates every [`DequantizeConst`] of a constant that the rewrites above left (the
-/// weights of convs that stay in float) into an f32 `Const`, once. tract's declutter
-/// would otherwise evaluate each on every constant-propagation round, and one whose
-/// f32 value exceeds tract's folding budget (4 MiB: the last downsampling conv of
-/// PoolFormer-S12, 5.9 MB) again on every inference run.
+/// Evaluates each [`DequantizeConst`] of a constant that the rewrites above left (the
+/// weights of convs that stay in float) and whose f32 value exceeds tract's folding
+/// budget ([`CONST_FOLD_MEM_BUDGET`], 4 MiB: the last downsampling conv of
+/// PoolFormer-S12, 5.9 MB) into an f32 `Const`, once. tract's declutter would
+/// evaluate such a node on every constant-propagation round and drop the result, and
+/// the plan would evaluate it again on every inference run. Smaller ones are left to
+/// the declutter, which folds them once.
 fn fold_dequantized_weights(model: &mut TypedModel) -> Result<usize> {
     let mut folded = 0;
     for id in model.eval_order()? {
@@ -395,6 +398,9 @@ fn fold_dequantized_weights(model: &mut TypedModel) -> Result<usize> {
         let Some(k) = model.outlet_fact(node.inputs[0])?.konst.clone() else {
             continue;
         };
+        if (k.len() * 4) as u64 <= CONST_FOLD_MEM_BUDGET {
+            continue;
+        }
         let value = dq.dequantize(&k)?;
         let name = node.name.clone();
         let mut patch = TypedModelPatch::default();
@@ -403,7 +409,6 @@ fn fold_dequantized_weights(model: &mut TypedModel) -> Result<usize> {
         patch.apply(model)?;
         folded += 1;
     }
-    model.compact()?;
     Ok(folded)
 }
 
