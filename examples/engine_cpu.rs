@@ -5,16 +5,11 @@
 //!
 //! `cargo run --release --example engine_cpu -- MODEL.onnx [N]`
 
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
+use cpu_time::cpu_now;
 use poolformer_edge::{Engine, Options};
 use tract_onnx::prelude::Tensor;
-fn cpu_now() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
 fn main() {
     let path = std::env::args().nth(1).unwrap();
     let iters: usize = std::env::args()

@@ -10,6 +10,9 @@
 //! The `gemm` crate picks its own kernels at run time (AVX-512 where the CPU has it,
 //! whatever `isa` says); the `isa` of its rows is that of the element-wise passes.
 
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
+use cpu_time::cpu_now;
 use std::sync::Arc;
 
 use poolformer_edge::kernels::mlp::{
@@ -17,16 +20,6 @@ use poolformer_edge::kernels::mlp::{
 };
 use poolformer_edge::kernels::sgemm::{gemm, Epilogue, PackedCols, PackedWeights};
 use poolformer_edge::kernels::Isa;
-
-fn cpu_now() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
 
 fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);

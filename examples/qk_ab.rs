@@ -9,17 +9,10 @@
 //!
 //! `cargo run --release --example qk_ab`
 
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
+use cpu_time::cpu_now;
 use poolformer_edge::kernels::qgemm::{gemm_u8i8_with, k4_len, PackedI8, QKernel};
-
-fn cpu_now() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
-}
 
 fn main() {
     let shapes = [
