@@ -398,7 +398,7 @@ fn fold_dequantized_weights(model: &mut TypedModel) -> Result<usize> {
         let Some(k) = model.outlet_fact(node.inputs[0])?.konst.clone() else {
             continue;
         };
-        if (k.len() * 4) as u64 <= CONST_FOLD_MEM_BUDGET {
+        if (k.len() * size_of::<f32>()) as u64 <= CONST_FOLD_MEM_BUDGET {
             continue;
         }
         let value = dq.dequantize(&k)?;
