@@ -516,7 +516,7 @@ fn mlp_blocks_cover_every_column_once() {
 #[test]
 fn patch_conv_matches_reference_conv() {
     use poolformer_edge::kernels::im2col::ConvGeometry;
-    use poolformer_edge::ops::conv::PatchConv;
+    use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
     use std::sync::Arc;
     use tract_linalg::multithread::{multithread_tract_scope, Executor};
     use tract_onnx::prelude::*;
@@ -531,10 +531,24 @@ fn patch_conv_matches_reference_conv() {
         (3, 61, 13, 7, 4, 2),
         (40, 9, 7, 3, 2, 1),
         (2, 4, 3, 7, 1, 3),
+        (6, 9, 70, 3, 2, 1),
     ] {
         let out = (n + 2 * p - k) / s + 1;
         let x = common::test_image(ci, n, n, (ci * n) as u64);
-        let w = noise(co * ci * k * k, 7);
+        // int8 weights with a scale and zero point per output channel; the f32 weights
+        // are their dequantized values, so both forms of the op have one reference.
+        let kk = ci * k * k;
+        let q: Vec<i8> = noise(co * kk, 7)
+            .iter()
+            .map(|v| (v * 250.0) as i8)
+            .collect();
+        let scale: Vec<f32> = (0..co).map(|o| 0.002 + 0.001 * (o % 5) as f32).collect();
+        let zero: Vec<i32> = (0..co).map(|o| (o % 3) as i32 - 1).collect();
+        let w: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (v as i32 - zero[i / kk]) as f32 * scale[i / kk])
+            .collect();
         let b = noise(co, 8);
         let kernel = common::reference::ConvKernel {
             out_channels: co,
@@ -559,33 +573,45 @@ fn patch_conv_matches_reference_conv() {
             out_h: out,
             out_w: out,
         };
-        let op = PatchConv {
-            geometry,
-            out_channels: co,
-            weights: Arc::new(w.clone()),
-            bias: Arc::new(b.clone()),
-        };
-        let mut model = TypedModel::default();
-        let src = model.add_source("x", f32::fact([1, ci, n, n])).unwrap();
-        let y = model.wire_node("conv", op, &[src]).unwrap();
-        model.select_output_outlets(&y).unwrap();
-        let plan = model.into_runnable().unwrap();
-        for threads in [1, 3] {
-            let executor = if threads > 1 {
-                Executor::multithread(threads)
-            } else {
-                Executor::SingleThread
+        let variants = [
+            ConvWeights::F32(Arc::new(w.clone())),
+            ConvWeights::I8 {
+                q: Arc::new(q),
+                scale: Arc::new(scale),
+                zero: Arc::new(zero),
+            },
+        ];
+        for weights in variants {
+            let int8 = matches!(weights, ConvWeights::I8 { .. });
+            let op = PatchConv {
+                geometry,
+                out_channels: co,
+                weights,
+                bias: Arc::new(b.clone()),
             };
-            let input = Tensor::from_shape(&[1, ci, n, n], &x).unwrap();
-            let got =
-                multithread_tract_scope(executor, || plan.run(tvec!(input.into_tvalue()))).unwrap();
-            let got = got[0].to_plain_array_view::<f32>().unwrap();
-            assert_eq!(got.shape(), &[1, co, out, out]);
-            for (g, e) in got.iter().zip(&want.data) {
-                assert!(
-                    (*g as f64 - e).abs() <= 1e-5 * e.abs().max(1.0),
-                    "{threads} threads, k{k} s{s} p{p}: {g} vs {e}"
-                );
+            let mut model = TypedModel::default();
+            let src = model.add_source("x", f32::fact([1, ci, n, n])).unwrap();
+            let y = model.wire_node("conv", op, &[src]).unwrap();
+            model.select_output_outlets(&y).unwrap();
+            let plan = model.into_runnable().unwrap();
+            for threads in [1, 3] {
+                let executor = if threads > 1 {
+                    Executor::multithread(threads)
+                } else {
+                    Executor::SingleThread
+                };
+                let input = Tensor::from_shape(&[1, ci, n, n], &x).unwrap();
+                let got =
+                    multithread_tract_scope(executor, || plan.run(tvec!(input.into_tvalue())))
+                        .unwrap();
+                let got = got[0].to_plain_array_view::<f32>().unwrap();
+                assert_eq!(got.shape(), &[1, co, out, out]);
+                for (g, e) in got.iter().zip(&want.data) {
+                    assert!(
+                        (*g as f64 - e).abs() <= 1e-5 * e.abs().max(1.0),
+                        "int8 {int8}, {threads} threads, k{k} s{s} p{p}: {g} vs {e}"
+                    );
+                }
             }
         }
     }

@@ -775,70 +775,102 @@ fn float_weights_are_left_alone() {
     assert_eq!(fused.output, unfused.output);
 }
 
-/// A float activation into a 1×1 conv whose weights are DequantizeLinear of int8
-/// (as the downsampling convs of the project's own quantized models): the conv stays
-/// in float. Weights whose f32 value exceeds tract's 4 MiB folding budget are
-/// dequantized once by the int8 pass (1030×1024 here: 4.2 MB); smaller ones are left
-/// to tract's declutter (24×16). Either way the optimized graph keeps no
-/// DequantizeConst, and the output is the f64 reference conv of the dequantized
-/// weights: f32 sums of up to 1024 terms, checked to 1e-5 of the largest output
-/// (their rounding is about √1024·6e-8 ≈ 2e-6 of it).
+/// A float activation into a 3×3 stride-2 conv whose weights are DequantizeLinear of
+/// int8 with a scale and zero point per output channel (as the downsampling convs of
+/// the project's own quantized models): the conv stays in float, as a patch conv.
+/// Weights whose f32 value exceeds tract's 4 MiB folding budget (320×384×3×3 here:
+/// 4.4 MB) keep their int8 values in the op, dequantized while it runs; smaller ones
+/// (24×16×3×3) are folded to f32 by tract's declutter. Either way no DequantizeConst
+/// is left, and the output is the f64 reference conv of the dequantized weights: f32
+/// sums of up to 3456 terms, checked to 1e-5 of the largest output (their rounding is
+/// about √3456·6e-8 ≈ 4e-6 of it).
 #[test]
-fn quantized_weights_of_a_float_conv_are_dequantized_once() {
-    for (c, o, folded) in [(1024, 1030, true), (16, 24, false)] {
-        let (h, w) = (2, 3);
+fn int8_weights_of_a_float_strided_conv_stay_int8() {
+    use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
+    for (c, o, kept_int8) in [(384, 320, true), (16, 24, false)] {
+        let (n, k) = (9, 3);
         let mut rng = Rng(7);
-        let wq: Vec<i8> = (0..o * c).map(|_| rng.int(-127, 127) as i8).collect();
+        let wq: Vec<i8> = (0..o * c * k * k)
+            .map(|_| rng.int(-127, 127) as i8)
+            .collect();
         let scales: Vec<f32> = (0..o).map(|i| 0.001 * (1 + i % 7) as f32).collect();
+        let zeros: Vec<i32> = (0..o).map(|i| (i % 5) as i32 - 2).collect();
         let inits = vec![
             tensor(
                 "w_q",
-                &[o, c, 1, 1],
+                &[o, c, k, k],
                 DataType::Int8,
                 wq.iter().map(|&v| v as u8).collect(),
             ),
             tensor("w_s", &[o], DataType::Float, f32s(&scales)),
-            zp_tensor("w_z", &[o], Act::I8, &vec![0; o]),
+            zp_tensor("w_z", &[o], Act::I8, &zeros),
         ];
         let nodes = vec![
             node(
                 "DequantizeLinear",
                 &["w_q", "w_s", "w_z"],
                 "w",
-                vec![common::onnx::attr_int("axis", 0)],
+                vec![attr_int("axis", 0)],
             ),
-            node("Conv", &["x", "w"], "y", vec![]),
+            node(
+                "Conv",
+                &["x", "w"],
+                "y",
+                vec![
+                    attr_ints("kernel_shape", &[3, 3]),
+                    attr_ints("strides", &[2, 2]),
+                    attr_ints("pads", &[1, 1, 1, 1]),
+                ],
+            ),
         ];
+        let out = (n + 2 - k) / 2 + 1;
         let onnx = model_bytes(
             nodes,
             inits,
-            value_info("x", &[1, c, h, w]),
-            value_info("y", &[1, o, h, w]),
+            value_info("x", &[1, c, n, n]),
+            value_info("y", &[1, o, out, out]),
         );
-        let shape = [1, c, h, w];
-        let hw = h * w;
-        let input: Vec<f32> = (0..c * hw).map(|_| rng.uniform(-3.0, 3.0) as f32).collect();
-        let reference: Vec<f64> = (0..o * hw)
-            .map(|i| {
-                let (r, p) = (i / hw, i % hw);
-                (0..c)
-                    .map(|k| wq[r * c + k] as f64 * scales[r] as f64 * input[k * hw + p] as f64)
-                    .sum()
-            })
+        let shape = [1, c, n, n];
+        let input: Vec<f32> = (0..c * n * n)
+            .map(|_| rng.uniform(-3.0, 3.0) as f32)
             .collect();
+        let kernel = common::reference::ConvKernel {
+            out_channels: o,
+            in_channels: c,
+            size: k,
+            weight: wq
+                .iter()
+                .enumerate()
+                .map(|(i, &q)| {
+                    let r = i / (c * k * k);
+                    (q as i32 - zeros[r]) as f32 as f64 * scales[r] as f64
+                })
+                .collect(),
+            bias: vec![0.0; o],
+        };
+        let reference = common::reference::conv2d(
+            &common::reference::Tensor::from_f32(c, n, n, &input),
+            &kernel,
+            2,
+            1,
+        )
+        .data;
         let tolerance = 1e-5 * reference.iter().fold(0.0f64, |m, v| m.max(v.abs()));
         let fused = run(&onnx, &shape, &input, true).unwrap();
-        assert_eq!(
-            fused
-                .report
-                .iter()
-                .any(|r| r == "float weights dequantized at load ×1"),
-            folded,
-            "{c}×{o}: {:?}",
-            fused.report
-        );
         let ops = op_names(&fused.model);
         assert!(!ops.iter().any(|n| n == "DequantizeConst"), "{ops:?}");
+        let convs: Vec<&PatchConv> = fused
+            .model
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<PatchConv>())
+            .collect();
+        assert_eq!(convs.len(), 1, "{ops:?}");
+        assert_eq!(
+            matches!(convs[0].weights, ConvWeights::I8 { .. }),
+            kept_int8,
+            "{c}×{o}"
+        );
         assert!(max_diff(&fused.output, &reference) <= tolerance);
         let unfused = run(&onnx, &shape, &input, false).unwrap();
         assert!(max_diff(&unfused.output, &reference) <= tolerance);

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use tract_core::internal::*;
+use tract_core::optim::CONST_FOLD_MEM_BUDGET;
 
 use crate::kernels::quant::{self as k, Grid};
 
@@ -387,7 +388,16 @@ impl Op for DequantizeConst {
 }
 
 impl EvalOp for DequantizeConst {
-    op_out_of_plan!();
+    /// Declines (`None`) where the f32 value would exceed tract's constant-folding
+    /// budget: tract's constant propagation would evaluate it on every round only to
+    /// drop it. Passes that want the value call [`DequantizeConst::dequantize`].
+    fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
+        let bytes = inputs.first().map_or(0, |x| x.len() * size_of::<f32>());
+        if bytes as u64 > CONST_FOLD_MEM_BUDGET {
+            return Ok(None);
+        }
+        Ok(Some(self.eval(&EvalContext::out_of_plan(), inputs)?))
+    }
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);

@@ -10,7 +10,7 @@ use tract_core::ops::nn::DataFormat;
 
 use super::PassReport;
 use crate::kernels::im2col::ConvGeometry;
-use crate::ops::conv::PatchConv;
+use crate::ops::conv::{ConvWeights, PatchConv};
 use crate::ops::requant::DequantizeConst;
 
 /// Same targets as the channel MLP: the matrix product comes from the `gemm` crate.
@@ -41,19 +41,44 @@ fn concrete(model: &TypedModel, o: OutletId) -> Option<(DatumType, Vec<usize>)> 
     Some((f.datum_type, f.shape.as_concrete()?.to_vec()))
 }
 
-/// A constant, or the dequantized value of a constant integer weight (the int8
-/// loader keeps those as `DequantizeConst` when they are too large for tract to fold).
-fn weights(model: &TypedModel, o: OutletId) -> TractResult<Option<Arc<Tensor>>> {
+/// The weights at `o` and their shape: a constant f32 tensor, or a [`DequantizeConst`]
+/// of a constant integer tensor. int8 with a scale and zero point per output channel
+/// (or per tensor) stays int8 ([`ConvWeights::I8`]); other integer weights are
+/// dequantized here.
+fn weights(model: &TypedModel, o: OutletId) -> TractResult<Option<(ConvWeights, Vec<usize>)>> {
     if let Some(k) = &model.outlet_fact(o)?.konst {
-        return Ok(Some(k.clone()));
+        if k.datum_type() != f32::datum_type() {
+            return Ok(None);
+        }
+        let w = k.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        return Ok(Some((ConvWeights::F32(Arc::new(w)), k.shape().to_vec())));
     }
     let node = model.node(o.node);
-    if let (Some(dq), [input]) = (node.op_as::<DequantizeConst>(), node.inputs.as_slice()) {
-        if let Some(q) = &model.outlet_fact(*input)?.konst {
-            return Ok(Some(Arc::new(dq.dequantize(q)?)));
+    let (Some(dq), [input]) = (node.op_as::<DequantizeConst>(), node.inputs.as_slice()) else {
+        return Ok(None);
+    };
+    let Some(q) = &model.outlet_fact(*input)?.konst else {
+        return Ok(None);
+    };
+    let shape = q.shape().to_vec();
+    let rows = shape.first().copied().unwrap_or(1);
+    if q.datum_type() == i8::datum_type() && (dq.axis == 0 || dq.scale.len() == 1) {
+        if let (Some(scale), Some(zero)) = (dq.scales(rows), dq.zero_points(rows)) {
+            let q = q.try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
+            let w = ConvWeights::I8 {
+                q: Arc::new(q),
+                scale: Arc::new(scale),
+                zero: Arc::new(zero),
+            };
+            return Ok(Some((w, shape)));
         }
     }
-    Ok(None)
+    let w = dq
+        .dequantize(q)?
+        .into_plain_array::<f32>()?
+        .into_raw_vec_and_offset()
+        .0;
+    Ok(Some((ConvWeights::F32(Arc::new(w)), shape)))
 }
 
 /// The geometry of a dense 2-D NCHW convolution (group 1, no dilation, explicit or
@@ -136,14 +161,14 @@ fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPat
     if dt != f32::datum_type() || odt != dt || xs[0] != 1 {
         return Ok(None);
     }
-    let Some(w) = weights(model, node.inputs[1])? else {
+    let Some((weights, wshape)) = weights(model, node.inputs[1])? else {
         return Ok(None);
     };
     let Some(b) = model.outlet_fact(node.inputs[2])?.konst.clone() else {
         return Ok(None);
     };
     let o = ys[1];
-    if w.datum_type() != dt || w.shape() != [o, xs[1], kh, kw] || b.datum_type() != dt {
+    if wshape != [o, xs[1], kh, kw] || b.datum_type() != dt {
         return Ok(None);
     }
     let bias: Vec<f32> = match b.len() {
@@ -151,15 +176,10 @@ fn match_conv(model: &TypedModel, id: usize) -> TractResult<Option<TypedModelPat
         n if n == o => b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
         _ => return Ok(None),
     };
-    // Dequantized weights are this pass's own: take them without a copy.
-    let weights = match Arc::try_unwrap(w) {
-        Ok(t) => t.into_plain_array::<f32>()?.into_raw_vec_and_offset().0,
-        Err(w) => w.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
-    };
     let op = PatchConv {
         geometry,
         out_channels: o,
-        weights: Arc::new(weights),
+        weights,
         bias: Arc::new(bias),
     };
     let mut patch = TypedModelPatch::new("patch convolution");

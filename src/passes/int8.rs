@@ -14,12 +14,14 @@
 //!    DequantizeLinear nodes whose input is an integer initializer load as
 //!    [`DequantizeConst`]: the integer tensor stays a `Const` input and the scales and
 //!    zero points are attributes, so nothing has to be recovered from float weights.
-//!    The wrapper only stops the early constant folding: tract's declutter folds
-//!    every `DequantizeConst` this pass leaves alone (the weights of convs that stay
-//!    in float), so unmatched graphs compute exactly what tract computes without it.
-//!    One whose f32 value exceeds tract's 4 MiB folding budget is evaluated once at
-//!    the end of this pass instead (with `fuse: false`, on every run, as tract's own
-//!    DequantizeLinear of such a weight was).
+//!    The wrapper only stops the early constant folding; tract's declutter folds
+//!    every `DequantizeConst` this pass leaves alone, so unmatched graphs (and
+//!    `fuse: false`) compute exactly what tract computes without it. One whose f32
+//!    value exceeds tract's 4 MiB folding budget is not folded (it declines
+//!    out-of-plan evaluation, so that the declutter does not compute and drop it on
+//!    every round): a strided conv reading it keeps the int8 values
+//!    ([`crate::ops::conv::ConvWeights::I8`]), anything else evaluates it on every
+//!    run, as tract's own DequantizeLinear of such a weight was.
 //! 2. **Integer conv** ([`rewrite`], on the typed graph before declutter). For
 //!    `DequantizeLinearF32(x_q) → Conv(·, DequantizeConst(W_q), bias)` with
 //!    per-tensor activations (u8 or i8) and per-tensor or per-output-channel weights
@@ -83,7 +85,6 @@ use tract_core::ops::einsum::EinSum;
 use tract_core::ops::element_wise::ElementWiseOp;
 use tract_core::ops::nn::DataFormat;
 use tract_core::ops::quant::{DequantizeLinearF32, QuantizeLinearI8, QuantizeLinearU8};
-use tract_core::optim::CONST_FOLD_MEM_BUDGET;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{tensor_proto::DataType, NodeProto};
 use tract_onnx::prelude::*;
@@ -299,7 +300,6 @@ pub fn rewrite_with(
         }
     }
     model.compact()?;
-    let folded = fold_dequantized_weights(model)?;
     if requantized + dequantized > 0 {
         report.rewrites.push(format!(
             "int8 conv/matmul ×{} ({requantized} to int8, {dequantized} to f32)",
@@ -330,11 +330,6 @@ pub fn rewrite_with(
         report
             .rewrites
             .push(format!("vectorized quantize ×{quantized}"));
-    }
-    if folded > 0 {
-        report
-            .rewrites
-            .push(format!("float weights dequantized at load ×{folded}"));
     }
     Ok(())
 }
@@ -381,37 +376,6 @@ fn as_quantize(node: &TypedNode) -> Option<(f32, Grid, DatumType)> {
     None
 }
 
-/// Evaluates each [`DequantizeConst`] of a constant that the rewrites above left (the
-/// weights of convs that stay in float) and whose f32 value exceeds tract's folding
-/// budget ([`CONST_FOLD_MEM_BUDGET`], 4 MiB: the last downsampling conv of
-/// PoolFormer-S12, 5.9 MB) into an f32 `Const`, once. tract's declutter would
-/// evaluate such a node on every constant-propagation round and drop the result, and
-/// the plan would evaluate it again on every inference run. Smaller ones are left to
-/// the declutter, which folds them once.
-fn fold_dequantized_weights(model: &mut TypedModel) -> Result<usize> {
-    let mut folded = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some(dq) = node.op_as::<DequantizeConst>() else {
-            continue;
-        };
-        let Some(k) = model.outlet_fact(node.inputs[0])?.konst.clone() else {
-            continue;
-        };
-        if (k.len() * size_of::<f32>()) as u64 <= CONST_FOLD_MEM_BUDGET {
-            continue;
-        }
-        let value = dq.dequantize(&k)?;
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::default();
-        let w = patch.add_const(name, value)?;
-        patch.shunt_outside(model, OutletId::new(id, 0), w)?;
-        patch.apply(model)?;
-        folded += 1;
-    }
-    Ok(folded)
-}
-
 /// The value of `outlet` when it only depends on constants through casts, axis
 /// ops, [`DequantizeConst`] and element-wise arithmetic (evaluated here).
 fn const_value(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Tensor>>> {
@@ -441,6 +405,9 @@ fn const_value_depth(
             return Ok(None);
         };
         inputs.push(v.into_tvalue());
+    }
+    if let Some(dq) = node.op_as::<DequantizeConst>() {
+        return Ok(Some(dq.dequantize(&inputs[0])?.into_arc_tensor()));
     }
     let Some(out) = node.op.eval_out_of_plan(inputs)? else {
         return Ok(None);
