@@ -62,7 +62,8 @@ fn weights(model: &TypedModel, o: OutletId) -> TractResult<Option<(ConvWeights, 
     };
     let shape = q.shape().to_vec();
     let rows = shape.first().copied().unwrap_or(1);
-    if q.datum_type() == i8::datum_type() && (dq.axis == 0 || dq.scale.len() == 1) {
+    let per_axis = dq.scale.len() > 1 || dq.zero_point.len() > 1;
+    if q.datum_type() == i8::datum_type() && (dq.axis == 0 || !per_axis) {
         if let (Some(scale), Some(zero)) = (dq.scales(rows), dq.zero_points(rows)) {
             let q = q.try_as_plain_ram()?.as_slice::<i8>()?.to_vec();
             let w = ConvWeights::I8 {
