@@ -7,6 +7,11 @@
 //! `ldc > cols`, and extreme values over long depths (no saturation, no overflow).
 //! Depth 320 over 196 tokens and depths ≥ 2048 over 33 span several of the AVX2
 //! kernel's depth blocks, the last one partial.
+//!
+//! `avx2-maddubs` runs its own kernel only on weights whose channel pairs fit an i16
+//! (`PackedI8::pairs_fit_i16`), so every case also runs with weights in −64..=63, and
+//! the extreme cases put pairs exactly on the bound (`|w₀| + |w₁| = 128` times 255) and
+//! one step past it (where it must fall back to the plain AVX2 kernel).
 
 use poolformer_edge::kernels::qgemm::{
     gemm_u8i8, gemm_u8i8_with, k4_index, k4_len, PackedI8, QKernel,
@@ -53,6 +58,18 @@ impl Case {
             }
         }
         c
+    }
+
+    /// The same case with every weight halved (−64..=63): every pair fits an i16.
+    fn halved(&self) -> Case {
+        let w: Vec<i8> = self.w.iter().map(|&v| v >> 1).collect();
+        let packed = PackedI8::new(self.m, self.k, &w).unwrap();
+        assert!(packed.pairs_fit_i16());
+        Case {
+            w,
+            b: self.b.clone(),
+            ..*self
+        }
     }
 
     fn reference(&self, r: usize, n: usize) -> i32 {
@@ -123,8 +140,10 @@ fn odd_sizes_every_kernel() {
         for (j, &k) in [1, 3, 4, 5, 64, 67, 320].iter().enumerate() {
             for (l, &cols) in [1, 5, 15, 16, 17, 31, 33, 49, 196, 257].iter().enumerate() {
                 let case = Case::random(m, k, cols, (i * 100 + j * 10 + l) as u64);
-                for &kernel in &kernels {
-                    case.check(kernel, 0..m, cols);
+                for case in [&case, &case.halved()] {
+                    for &kernel in &kernels {
+                        case.check(kernel, 0..m, cols);
+                    }
                 }
             }
         }
@@ -136,10 +155,12 @@ fn row_ranges_and_ldc() {
     let kernels = kernels();
     for &(m, k, cols) in &[(33, 67, 17), (33, 67, 49), (20, 8, 5), (17, 320, 196)] {
         let case = Case::random(m, k, cols, 7);
-        for rows in [0..m, 5..6, 3..20.min(m), 9..m, m - 1..m, 7..7, 1..m - 1] {
-            for ldc in [cols, cols + 3, cols + 16] {
-                for &kernel in &kernels {
-                    case.check(kernel, rows.clone(), ldc);
+        for case in [&case, &case.halved()] {
+            for rows in [0..m, 5..6, 3..20.min(m), 9..m, m - 1..m, 7..7, 1..m - 1] {
+                for ldc in [cols, cols + 3, cols + 16] {
+                    for &kernel in &kernels {
+                        case.check(kernel, rows.clone(), ldc);
+                    }
                 }
             }
         }
@@ -171,7 +192,33 @@ fn extreme_values_long_depth() {
                 ),
                 Case::with(m, k, cols, |_, _| -128, |_, _| 0),
             ];
-            for case in &cases {
+            // Pairs on the i16 bound (255·128 = 32 640) in both signs, for
+            // `avx2-maddubs`: (−128, 0), (0, −128), (64, 64), (−64, −64), (127, 1),
+            // (−1, −127), cycling over rows and pairs.
+            let on_bound = |r: usize, kk: usize| {
+                const PAIRS: [(i8, i8); 6] = [
+                    (-128, 0),
+                    (0, -128),
+                    (64, 64),
+                    (-64, -64),
+                    (127, 1),
+                    (-1, -127),
+                ];
+                let (a, b) = PAIRS[(r + kk / 2) % PAIRS.len()];
+                if kk.is_multiple_of(2) {
+                    a
+                } else {
+                    b
+                }
+            };
+            let bound = Case::with(m, k, cols, on_bound, |_, _| 255);
+            let packed = PackedI8::new(m, k, &bound.w).unwrap();
+            assert!(packed.pairs_fit_i16());
+            // One step past the bound: (127, 2) pairs; the kernel must not take them.
+            let past = Case::with(m, k, cols, |_, kk| [127, 2][kk % 2], |_, _| 255);
+            let packed = PackedI8::new(m, k, &past.w).unwrap();
+            assert!(!packed.pairs_fit_i16());
+            for case in cases.iter().chain([&bound, &past]) {
                 for &kernel in &kernels {
                     case.check(kernel, 0..m, cols);
                 }
@@ -197,6 +244,17 @@ fn isa_dispatch() {
                 QKernel::Avx2,
                 "Isa::Avx2 runs the plain AVX2 kernel"
             );
+        }
+        // Weights whose pairs fit an i16 get `vpmaddubsw` at the AVX2 levels; others
+        // (random bytes: some pairs exceed the bound) keep the level's kernel.
+        assert!(!packed.pairs_fit_i16());
+        assert_eq!(QKernel::for_weights(isa, &packed), kernel);
+        let fitting = PackedI8::new(case.m, case.k, &case.halved().w).unwrap();
+        let with_fitting = QKernel::for_weights(isa, &fitting);
+        if kernel == QKernel::Avx2 {
+            assert_eq!(with_fitting, QKernel::Avx2Maddubs);
+        } else {
+            assert_eq!(with_fitting, kernel);
         }
         let mut acc = vec![0; case.m * case.cols];
         gemm_u8i8(

@@ -77,13 +77,20 @@ struct Case {
     h: usize,
     cols: usize,
     grid_dequant: bool,
+    /// Largest weight magnitude: 127, or 64, where every pair fits an i16 and the
+    /// AVX2 build takes `vpmaddubsw`.
+    wmax: i32,
     seed: u64,
 }
 
 fn build(case: &Case) -> (QuantMlp, Vec<i8>, Vec<i8>, Vec<i32>, Vec<i32>) {
     let (c, h, s) = (case.c, case.h, case.seed);
-    let w1: Vec<i8> = ints(h * c, s, -127, 127).iter().map(|&v| v as i8).collect();
-    let w2: Vec<i8> = ints(c * h, s + 1, -127, 127)
+    let wmax = case.wmax;
+    let w1: Vec<i8> = ints(h * c, s, -wmax, wmax)
+        .iter()
+        .map(|&v| v as i8)
+        .collect();
+    let w2: Vec<i8> = ints(c * h, s + 1, -wmax, wmax)
         .iter()
         .map(|&v| v as i8)
         .collect();
@@ -134,6 +141,8 @@ fn build(case: &Case) -> (QuantMlp, Vec<i8>, Vec<i8>, Vec<i32>, Vec<i32>) {
 fn check(case: Case) {
     let (c, h, cols) = (case.c, case.h, case.cols);
     let (mlp, w1, w2, b1, b2) = build(&case);
+    assert_eq!(mlp.fc1.weights.pairs_fit_i16(), case.wmax <= 64);
+    assert_eq!(mlp.fc2.weights.pairs_fit_i16(), case.wmax <= 64);
     let stride = cols + 3; // rows of x further apart than the block, like a column block of HW
     let x: Vec<f32> = noise(c * stride, case.seed + 11)
         .iter()
@@ -141,7 +150,10 @@ fn check(case: Case) {
         .collect();
     let (mean, rstd) = (0.25f32, 0.8f32);
     for isa in Isa::available() {
-        let what = format!("{isa:?} c={c} h={h} cols={cols} grid={}", case.grid_dequant);
+        let what = format!(
+            "{isa:?} c={c} h={h} cols={cols} grid={} wmax={}",
+            case.grid_dequant, case.wmax
+        );
         // Q₁.
         let mut q1 = vec![0xA5u8; k4_len(c, cols)]; // padding bytes hold garbage
         quantize_input(isa, &mlp, &x, stride, cols, (mean, rstd), &mut q1);
@@ -238,12 +250,13 @@ fn int8_mlp_steps_match_definition() {
         (12, 48, 67),
         (64, 256, 49),
     ] {
-        for grid_dequant in [false, true] {
+        for (grid_dequant, wmax) in [(false, 127), (true, 127), (false, 64)] {
             check(Case {
                 c,
                 h,
                 cols,
                 grid_dequant,
+                wmax,
                 seed: (c * 1000 + h + cols) as u64,
             });
         }

@@ -12,13 +12,17 @@
 //! Raw u8 values are multiplied: the activation zero point `z` is the caller's, via
 //! `Σ_k w·(b − z) = acc − z·row_sum`.
 //!
-//! Every kernel is exact: the result is the i32 sum, with no intermediate saturation
-//! (x86's `vpmaddubsw` is not used: its i16 pair sums saturate for u8·i8 products).
-//! [`QKernel`] lists them; [`gemm_u8i8`] picks one from the [`Isa`] level:
+//! Every kernel is exact: the result is the i32 sum, with no intermediate saturation.
+//! x86's `vpmaddubsw` adds pairs of u8·i8 products into a saturating i16, so it runs
+//! only weights whose pairs of adjacent channels have `|w₀| + |w₁| ≤ 128`
+//! ([`PackedI8::pairs_fit_i16`]; `pfe quantize` writes such weights), where no sum
+//! can saturate. [`QKernel`] lists the kernels; [`gemm_u8i8`] picks one from the
+//! [`Isa`] level and the weights:
 //!
 //! | kernel        | runs for                                   | instructions                |
 //! |---------------|--------------------------------------------|-----------------------------|
 //! | `Avx512Vnni`  | `Isa::Avx512` on a CPU with AVX512-VNNI    | `vpdpbusd` zmm              |
+//! | `Avx2Maddubs` | as `Avx2`, weights whose pairs fit an i16  | `vpmaddubsw` + `vpmaddwd`   |
 //! | `Avx2`        | `Isa::Avx2`, and `Isa::Avx512` without VNNI | `vpmaddwd` on widened bytes |
 //! | `NeonDot`     | aarch64 with the dot product (A76, Pi 5)    | `sdot` on `b ^ 0x80`        |
 //! | `Neon`        | aarch64 without it (A72, A53)               | `smull` + `sadalp`          |
@@ -39,6 +43,9 @@ pub struct PackedI8 {
     kp: usize,
     data: Vec<i8>,
     row_sums: Vec<i32>,
+    /// Every pair of weights `w[r, 2j], w[r, 2j + 1]` has `|w₀| + |w₁| ≤ 128`, so
+    /// `255·(|w₀| + |w₁|)` fits an i16: `vpmaddubsw` is exact on any u8 activations.
+    pairs_fit_i16: bool,
 }
 
 impl PackedI8 {
@@ -55,13 +62,24 @@ impl PackedI8 {
             .chunks_exact(k)
             .map(|r| r.iter().map(|&v| v as i32).sum())
             .collect();
+        let pairs_fit_i16 = data
+            .chunks_exact(2)
+            .all(|p| (p[0] as i32).abs() + (p[1] as i32).abs() <= PAIR_BOUND);
         Ok(PackedI8 {
             m,
             k,
             kp,
             data,
             row_sums,
+            pairs_fit_i16,
         })
+    }
+
+    /// Whether each pair of adjacent weights of a row (channels `2j`, `2j + 1`) has
+    /// `|w₀| + |w₁| ≤ 128`: then `255·|w₀| + 255·|w₁| ≤ 32 640` and a u8·i8 pair sum
+    /// fits an i16, so [`QKernel::Avx2Maddubs`] runs these weights exactly.
+    pub fn pairs_fit_i16(&self) -> bool {
+        self.pairs_fit_i16
     }
 
     pub fn rows(&self) -> usize {
@@ -88,6 +106,10 @@ impl PackedI8 {
     }
 }
 
+/// Largest `|w₀| + |w₁|` of a weight pair that `vpmaddubsw` multiplies exactly by any two
+/// u8: `255 · 128 = 32 640 ≤ i16::MAX`.
+pub const PAIR_BOUND: i32 = 128;
+
 /// Position of activation `(k, n)` in a k4 buffer of `cols` tokens.
 #[inline(always)]
 pub fn k4_index(k: usize, n: usize, cols: usize) -> usize {
@@ -107,6 +129,9 @@ pub enum QKernel {
     Portable,
     /// x86-64 AVX2: bytes widened to i16, `vpmaddwd`, i32 accumulators.
     Avx2,
+    /// x86-64 AVX2: `vpmaddubsw` on the bytes, for weights whose pairs fit an i16
+    /// ([`PackedI8::pairs_fit_i16`]); other weights run [`QKernel::Avx2`].
+    Avx2Maddubs,
     /// x86-64 AVX-512 VNNI: `vpdpbusd` on 16 tokens per register.
     Avx512Vnni,
     /// aarch64 NEON without the dot product: `smull`/`sadalp`.
@@ -121,6 +146,7 @@ impl QKernel {
         [
             QKernel::Portable,
             QKernel::Avx2,
+            QKernel::Avx2Maddubs,
             QKernel::Avx512Vnni,
             QKernel::Neon,
             QKernel::NeonDot,
@@ -135,7 +161,7 @@ impl QKernel {
         match self {
             QKernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            QKernel::Avx2 => Isa::Avx2.is_supported(),
+            QKernel::Avx2 | QKernel::Avx2Maddubs => Isa::Avx2.is_supported(),
             #[cfg(target_arch = "x86_64")]
             QKernel::Avx512Vnni => has_avx512_vnni(),
             #[cfg(target_arch = "aarch64")]
@@ -166,10 +192,20 @@ impl QKernel {
         }
     }
 
+    /// The kernel [`gemm_u8i8`] runs for `isa` on the weights `w`: [`QKernel::for_isa`],
+    /// except that AVX2 takes `vpmaddubsw` where `w`'s pairs allow it.
+    pub fn for_weights(isa: Isa, w: &PackedI8) -> QKernel {
+        match QKernel::for_isa(isa) {
+            QKernel::Avx2 if w.pairs_fit_i16 => QKernel::Avx2Maddubs,
+            k => k,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             QKernel::Portable => "portable",
             QKernel::Avx2 => "avx2",
+            QKernel::Avx2Maddubs => "avx2-maddubs",
             QKernel::Avx512Vnni => "avx512vnni",
             QKernel::Neon => "neon",
             QKernel::NeonDot => "neon-dot",
@@ -198,7 +234,7 @@ pub fn gemm_u8i8(
     acc: &mut [i32],
     ldc: usize,
 ) {
-    gemm_u8i8_with(QKernel::for_isa(isa), w, rows, b, cols, acc, ldc)
+    gemm_u8i8_with(QKernel::for_weights(isa, w), w, rows, b, cols, acc, ldc)
 }
 
 /// [`gemm_u8i8`] with a given kernel (the portable one where `kernel` is not supported).
@@ -235,6 +271,17 @@ pub fn gemm_u8i8_with(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX2 (checked); buffer lengths checked above.
         QKernel::Avx2 if kernel.is_supported() => unsafe {
+            x86::gemm_avx2(w, rows, b, cols, acc, ldc)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 (checked), the weights' pairs fit an i16 (checked);
+        // buffer lengths checked above.
+        QKernel::Avx2Maddubs if kernel.is_supported() && w.pairs_fit_i16 => unsafe {
+            x86::gemm_maddubs(w, rows, b, cols, acc, ldc)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as for `QKernel::Avx2`.
+        QKernel::Avx2Maddubs if kernel.is_supported() => unsafe {
             x86::gemm_avx2(w, rows, b, cols, acc, ldc)
         },
         #[cfg(target_arch = "aarch64")]
@@ -753,6 +800,140 @@ mod x86 {
                         v = _mm256_add_epi32(v, _mm256_maskload_epi32(p, t.mask));
                     }
                     _mm256_maskstore_epi32(p, t.mask, v)
+                }
+            }
+        }
+    }
+
+    /// Rows of weights per `vpmaddubsw` tile.
+    const MR_MADDUBS: usize = 4;
+    /// Registers of 8 tokens per `vpmaddubsw` tile: 4 × 2 accumulators.
+    const NV_MADDUBS: usize = 2;
+
+    /// AVX2 with `vpmaddubsw`, exact for weights whose pairs fit an i16
+    /// ([`PackedI8::pairs_fit_i16`]): per row and 4-channel group, the row's 4 weights
+    /// broadcast to every token; `vpmaddubsw` multiplies them by the tokens' 4 u8 and
+    /// adds the pairs into i16 (no saturation, by the weights' bound); `vpmaddwd` by 1
+    /// adds the two pairs of each token into its i32 lane, in token order. Two
+    /// multiplies per 32 products, against the plain AVX2 kernel's two plus the
+    /// widening. Tiles of 4 rows × 16 tokens; the rows' weights stay in L1 while the
+    /// tile sweeps the tokens.
+    ///
+    /// # Safety
+    /// AVX2; `w.pairs_fit_i16()`; buffers as for [`gemm_avx512vnni`].
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn gemm_maddubs(
+        w: &PackedI8,
+        rows: Range<usize>,
+        b: &[u8],
+        cols: usize,
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
+        debug_assert!(w.pairs_fit_i16);
+        let kp = w.kp;
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr = MR_MADDUBS.min(rows.end - r);
+            // SAFETY: rows r..r + mr exist in `w`; the output rows r − rows.start.. exist
+            // in `acc` (checked by the caller).
+            let wp = unsafe { w.data.as_ptr().add(r * kp) };
+            let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
+            let mut n = 0;
+            while n < cols {
+                let nc = (8 * NV_MADDUBS).min(cols - n);
+                // SAFETY: tokens n..n + nc of every group are inside `b`, their outputs
+                // inside `acc`; lanes past `nc` are masked off.
+                unsafe {
+                    let bp = b.as_ptr().add(4 * n);
+                    let op = out.add(n);
+                    let t = (kp, 4 * cols, ldc, nc);
+                    match (mr, nc.div_ceil(8)) {
+                        (4, 2) => tile_maddubs::<4, 2>(wp, bp, op, t),
+                        (4, _) => tile_maddubs::<4, 1>(wp, bp, op, t),
+                        (3, 2) => tile_maddubs::<3, 2>(wp, bp, op, t),
+                        (3, _) => tile_maddubs::<3, 1>(wp, bp, op, t),
+                        (2, 2) => tile_maddubs::<2, 2>(wp, bp, op, t),
+                        (2, _) => tile_maddubs::<2, 1>(wp, bp, op, t),
+                        (_, 2) => tile_maddubs::<1, 2>(wp, bp, op, t),
+                        (_, _) => tile_maddubs::<1, 1>(wp, bp, op, t),
+                    }
+                }
+                n += nc;
+            }
+            r += mr;
+        }
+    }
+
+    /// Lanes `0..n` of 8 (all for `n ≥ 8`).
+    #[target_feature(enable = "avx2")]
+    fn lane_mask8(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(
+            _mm256_set1_epi32(n.min(8) as i32),
+            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
+        )
+    }
+
+    /// `R` rows × `V` registers of 8 tokens of [`gemm_maddubs`]; `(kp, bstride, ldc,
+    /// nt)`: the rows' padded depth, bytes between groups, output stride, tokens.
+    ///
+    /// # Safety
+    /// AVX2; `w` points at `R` rows of `kp` bytes (stride `kp`) whose pairs fit an i16;
+    /// `b` at `kp/4` groups (stride `bstride`) of `nt` tokens, `8(V − 1) < nt ≤ 8V`;
+    /// `out` at `R` rows (stride `ldc`) of `nt` i32.
+    #[target_feature(enable = "avx2")]
+    unsafe fn tile_maddubs<const R: usize, const V: usize>(
+        w: *const i8,
+        b: *const u8,
+        out: *mut i32,
+        (kp, bstride, ldc, nt): (usize, usize, usize, usize),
+    ) {
+        let ones = _mm256_set1_epi16(1);
+        let full = nt == 8 * V;
+        let last = lane_mask8(nt - 8 * (V - 1));
+        let mut c = [[_mm256_setzero_si256(); V]; R];
+        let mut bp = b;
+        let mut wp = w;
+        for _ in 0..kp / 4 {
+            let mut bv = [_mm256_setzero_si256(); V];
+            for (j, v) in bv.iter_mut().enumerate() {
+                // SAFETY: registers 0..V − 1 are whole; the last one reads the lanes
+                // of real tokens only (masked lanes are not read).
+                *v = unsafe {
+                    let p = bp.add(32 * j);
+                    if full || j + 1 < V {
+                        _mm256_loadu_si256(p as *const __m256i)
+                    } else {
+                        _mm256_maskload_epi32(p as *const i32, last)
+                    }
+                };
+            }
+            for (i, ci) in c.iter_mut().enumerate() {
+                // SAFETY: 4 bytes of row i's current group (i < R, group < kp/4).
+                let wv =
+                    _mm256_set1_epi32(unsafe { (wp.add(i * kp) as *const i32).read_unaligned() });
+                for (cij, &bj) in ci.iter_mut().zip(&bv) {
+                    let pairs = _mm256_maddubs_epi16(bj, wv);
+                    *cij = _mm256_add_epi32(*cij, _mm256_madd_epi16(pairs, ones));
+                }
+            }
+            // SAFETY: at most one past the last group (never dereferenced then).
+            unsafe {
+                bp = bp.add(bstride);
+                wp = wp.add(4);
+            }
+        }
+        for (i, ci) in c.iter().enumerate() {
+            for (j, &cij) in ci.iter().enumerate() {
+                // SAFETY: row i < R, tokens of register j inside the tile (the last
+                // register writes the real tokens' lanes only).
+                unsafe {
+                    let p = out.add(i * ldc + 8 * j) as *mut __m256i;
+                    if full || j + 1 < V {
+                        _mm256_storeu_si256(p, cij)
+                    } else {
+                        _mm256_maskstore_epi32(p as *mut i32, last, cij)
+                    }
                 }
             }
         }

@@ -121,7 +121,7 @@ impl Op for QuantConv {
             g.out_h,
             g.out_w,
             if self.signed_input { "i8" } else { "u8" },
-            QKernel::for_isa(Isa::best()).name()
+            QKernel::for_weights(Isa::best(), &self.weights).name()
         )])
     }
 

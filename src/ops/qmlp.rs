@@ -33,11 +33,12 @@ impl Op for QuantChannelMlp {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "GroupNorm(1) + Q + int8 fc1 + GELU + Q + int8 fc2 + layer scale + residual, {}→{}→{}, {}",
+            "GroupNorm(1) + Q + int8 fc1 + GELU + Q + int8 fc2 + layer scale + residual, {}→{}→{}, {} / {}",
             self.mlp.channels,
             self.mlp.hidden,
             self.mlp.channels,
-            QKernel::for_isa(Isa::best()).name()
+            QKernel::for_weights(Isa::best(), &self.mlp.fc1.weights).name(),
+            QKernel::for_weights(Isa::best(), &self.mlp.fc2.weights).name()
         )])
     }
 
