@@ -487,6 +487,7 @@ fn a_norm_that_is_not_group_norm_stays_unfused() {
 
 #[test]
 fn mlp_blocks_cover_every_column_once() {
+    use poolformer_edge::kernels::mlp::column_blocks;
     for &(hidden, hw) in &[
         (32usize, 1usize),
         (256, 3136),
@@ -504,11 +505,18 @@ fn mlp_blocks_cover_every_column_once() {
             b2: vec![],
         };
         for threads in 1..=5 {
-            let blocks = w.blocks(hw, threads);
-            assert_eq!(blocks.first().map(|b| b.0), Some(0));
-            assert_eq!(blocks.last().map(|b| b.1), Some(hw));
-            assert!(blocks.windows(2).all(|p| p[0].1 == p[1].0), "{blocks:?}");
-            assert!(blocks.iter().all(|(a, b)| a < b), "{blocks:?}");
+            // The fp32 MLP's blocks, and the int8 MLP's: about as many, boundaries
+            // aligned to 16 tokens except the end.
+            let int8 = column_blocks(hw, (65_536 / hidden).max(64), threads, 16);
+            for blocks in [w.blocks(hw, threads), int8.clone()] {
+                assert_eq!(blocks.first().map(|b| b.0), Some(0));
+                assert_eq!(blocks.last().map(|b| b.1), Some(hw));
+                assert!(blocks.windows(2).all(|p| p[0].1 == p[1].0), "{blocks:?}");
+                assert!(blocks.iter().all(|(a, b)| a < b), "{blocks:?}");
+            }
+            assert!(int8.iter().all(|b| b.1 % 16 == 0 || b.1 == hw), "{int8:?}");
+            let unaligned = column_blocks(hw, (65_536 / hidden).max(64), threads, 1);
+            assert_eq!(int8.len(), unaligned.len(), "{int8:?}");
         }
     }
 }

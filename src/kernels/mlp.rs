@@ -55,20 +55,32 @@ impl MlpWeights {
     /// per block (they stay in L2 between the two products), at least 128 columns
     /// (fewer make the matrix kernels repack the weights too often for their work).
     pub fn blocks(&self, hw: usize, threads: usize) -> Vec<(usize, usize)> {
-        column_blocks(hw, (65_536 / self.hidden).max(128), threads)
+        column_blocks(hw, (65_536 / self.hidden).max(128), threads, 1)
     }
 }
 
 /// `hw` columns in balanced blocks of about `target` columns, a multiple of `threads`
-/// blocks when there are enough columns to share.
-pub fn column_blocks(hw: usize, target: usize, threads: usize) -> Vec<(usize, usize)> {
+/// blocks when there are enough columns to share. Block boundaries are rounded to
+/// multiples of `align` (a kernel's tile width), so that only the last block has a
+/// partial tile.
+pub fn column_blocks(
+    hw: usize,
+    target: usize,
+    threads: usize,
+    align: usize,
+) -> Vec<(usize, usize)> {
     let mut n = (hw / target.max(1)).max(1);
     if threads > 1 && hw >= threads * 32 {
         n = n.div_ceil(threads) * threads;
     }
     let n = n.min(hw.max(1));
+    let align = align.max(1);
+    let bound = |b: usize| match b * hw / n {
+        _ if b == n => hw,
+        x => ((x + align / 2) / align * align).min(hw),
+    };
     (0..n)
-        .map(|b| (b * hw / n, (b + 1) * hw / n))
+        .map(|b| (bound(b), bound(b + 1)))
         .filter(|(a, b)| a < b)
         .collect()
 }

@@ -137,9 +137,10 @@ impl QuantMlp {
     }
 
     /// Column blocks: about 256 KiB of hidden i32 accumulators per block, at least 64
-    /// columns.
+    /// columns, boundaries at multiples of 16 tokens (the AVX2 kernels' tile width, two
+    /// of NEON's), so that partial tiles occur in the last block only.
     pub fn blocks(&self, hw: usize, threads: usize) -> Vec<(usize, usize)> {
-        column_blocks(hw, (65_536 / self.hidden).max(64), threads)
+        column_blocks(hw, (65_536 / self.hidden).max(64), threads, 16)
     }
 }
 
