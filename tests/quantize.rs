@@ -14,6 +14,8 @@ use poolformer_edge::quantize::{
 };
 use poolformer_edge::{Engine, Options};
 use prost::Message;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 use tract_onnx::pb::{self, tensor_proto::DataType, ModelProto};
 use tract_onnx::prelude::*;
 
@@ -138,14 +140,31 @@ fn written_graph_is_standard_qdq() {
         let rows = data.dims[0] as usize;
         assert_eq!(scales.len(), rows);
         let per_row = w.len() / rows;
+        // Convs with a quantized input run on the integer kernels: their scale bounds
+        // the sums of consecutive pairs (|q₀| + |q₁| ≤ 128, for x86's `vpmaddubsw`);
+        // the others' bounds the values.
+        let paired = !conv.name.contains("downsample");
         for r in 0..rows {
             let row = &w[r * per_row..(r + 1) * per_row];
-            let s = row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            let max = if paired {
+                row.chunks(2)
+                    .fold(0f32, |m, p| m.max(p.iter().map(|v| v.abs()).sum()))
+            } else {
+                row.iter().fold(0f32, |m, v| m.max(v.abs()))
+            };
+            let s = max / 127.0;
             assert_eq!(scales[r], s, "{weight_name} row {r} scale");
+            let q = &data.raw_data[r * per_row..(r + 1) * per_row];
             for (k, &v) in row.iter().enumerate() {
                 let expected = (v / s).round() as i8;
-                assert_eq!(data.raw_data[r * per_row + k] as i8, expected);
+                assert_eq!(q[k] as i8, expected);
                 checked_values += 1;
+            }
+            if paired {
+                for p in q.chunks(2) {
+                    let sum: i32 = p.iter().map(|&b| (b as i8 as i32).abs()).sum();
+                    assert!(sum <= 128, "{weight_name} row {r}: pair {p:?}");
+                }
             }
         }
         assert!(
@@ -400,14 +419,39 @@ fn smoothing_targets_fc1_and_is_exact_in_float() {
 }
 
 /// Per-channel quantization along axis 1 (MatMul weights `[K, N]`): channel n is column n.
+/// Paired scales: `max(|w₀| + |w₁|)/127` per channel, pairs of consecutive values of a
+/// channel (an odd row's last value alone), and every pair's `|q₀| + |q₁| ≤ 128` even
+/// where both halves of the largest pair round up (1.0/s = 63.5 → 64).
+#[test]
+fn paired_quantization_bounds_pair_sums() {
+    let q = qdq::quantize_per_channel(&[1.0f32, 1.0, 0.5, -1.5], &[1, 4], 0, true);
+    assert_eq!(q.scales, [2.0 / 127.0]);
+    assert_eq!(q.data, [64, 64, 32, -95]);
+    let q = qdq::quantize_per_channel(&[0.1f32, 0.2, 0.9, -0.4, 0.4, 0.0], &[2, 3], 0, true);
+    assert_eq!(q.scales, [0.9 / 127.0, 0.8 / 127.0]);
+    assert_eq!(q.data[2], 127);
+    assert_eq!(&q.data[3..], [-64, 64, 0]);
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let w: Vec<f32> = (0..64 * 96)
+        .map(|_| rng.gen_range(-1.0f32..1.0).powi(3))
+        .collect();
+    let q = qdq::quantize_per_channel(&w, &[64, 96, 1, 1], 0, true);
+    for (row, s) in q.data.chunks(96).zip(&q.scales) {
+        assert!(row
+            .chunks(2)
+            .all(|p| (p[0] as i32).abs() + (p[1] as i32).abs() <= 128));
+        assert!(row.iter().any(|&v| v.abs() >= 64), "{row:?}, scale {s}");
+    }
+}
+
 #[test]
 fn per_channel_quantization_along_axis_1() {
     let w = [0.5f32, -2.0, 0.25, 1.0, -0.127, 0.0];
-    let q = qdq::quantize_per_channel(&w, &[3, 2], 1);
+    let q = qdq::quantize_per_channel(&w, &[3, 2], 1, false);
     assert_eq!(q.scales, [0.5 / 127.0, 2.0 / 127.0]);
     assert_eq!(q.data, [127, -127, 64, 64, -32, 0]);
     // An all-zero channel gets scale 1 and zeros.
-    let q = qdq::quantize_per_channel(&[0.0, 0.0, 1.0, -1.0], &[2, 2], 0);
+    let q = qdq::quantize_per_channel(&[0.0, 0.0, 1.0, -1.0], &[2, 2], 0, false);
     assert_eq!(
         (q.scales.as_slice(), q.data.as_slice()),
         (&[1.0, 1.0 / 127.0][..], &[0, 0, 127, -127][..])

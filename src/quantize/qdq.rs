@@ -118,14 +118,37 @@ pub struct QuantizedWeight {
 
 /// Quantizes `w` (shape `shape`) per channel along `axis`: `s_c = max|w_c|/127`,
 /// `q = round(w/s_c)`. An all-zero channel gets scale 1 (its values are all 0).
-pub fn quantize_per_channel(w: &[f32], shape: &[usize], axis: usize) -> QuantizedWeight {
+///
+/// With `paired` (`axis` 0 only: each channel's values are contiguous), consecutive
+/// values of a channel are taken in pairs (`2j`, `2j + 1`) and the scale is
+/// `max(|w₀| + |w₁|)/127` instead: then `|q₀| + |q₁| ≤ 128` for every pair (rounding
+/// adds at most 1), which lets x86's `vpmaddubsw` multiply the weights by u8
+/// activations without saturating its i16 pair sums (`kernels::qgemm::PAIR_BOUND`).
+/// A conv's weight row `[C, kh, kw]` flattened is the order the int8 kernels reduce
+/// in (patch rows `(c, i, j)`), so the pairs are theirs. The step grows by the ratio
+/// of the largest pair sum to the largest value, typically 1.2–1.6.
+pub fn quantize_per_channel(
+    w: &[f32],
+    shape: &[usize],
+    axis: usize,
+    paired: bool,
+) -> QuantizedWeight {
     let channels = shape[axis];
     let inner: usize = shape[axis + 1..].iter().product();
     let channel = |i: usize| (i / inner) % channels;
     let mut max = vec![0f32; channels];
-    for (i, v) in w.iter().enumerate() {
-        let c = channel(i);
-        max[c] = max[c].max(v.abs());
+    if paired {
+        assert_eq!(axis, 0, "paired weights are per channel along axis 0");
+        for (c, row) in w.chunks(inner).enumerate() {
+            for p in row.chunks(2) {
+                max[c] = max[c].max(p.iter().map(|v| v.abs()).sum());
+            }
+        }
+    } else {
+        for (i, v) in w.iter().enumerate() {
+            let c = channel(i);
+            max[c] = max[c].max(v.abs());
+        }
     }
     let scales: Vec<f32> = max
         .iter()
@@ -137,6 +160,15 @@ pub fn quantize_per_channel(w: &[f32], shape: &[usize], axis: usize) -> Quantize
         .map(|(i, v)| (v / scales[channel(i)]).round().clamp(-127.0, 127.0) as i8)
         .collect();
     QuantizedWeight { data, scales }
+}
+
+impl Target {
+    /// Whether the weight is quantized with `paired` scales (see
+    /// [`quantize_per_channel`]): the convs whose input is quantized too, the ones
+    /// that run on the integer kernels.
+    pub fn paired_weights(&self) -> bool {
+        self.op_type == "Conv" && self.axis == 0 && self.quantize_activation
+    }
 }
 
 /// The ops to quantize: every Conv with an initializer weight, and with `head` the
@@ -341,7 +373,8 @@ pub fn insert_qdq(
             "weight {w:?} of shape {shape:?} has no axis {}",
             target.axis
         );
-        let qw = quantize_per_channel(&values, &shape, target.axis);
+        let paired = target.paired_weights();
+        let qw = quantize_per_channel(&values, &shape, target.axis, paired);
         let channels = shape[target.axis];
         let data_name = claim(format!("{w}.int8"))?;
         let scale_name = claim(format!("{w}.scale"))?;

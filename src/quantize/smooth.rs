@@ -205,7 +205,7 @@ pub fn correct_biases(
             .with_context(|| format!("no initializer {:?}", t.weight))?;
         let dims: Vec<usize> = w_tensor.dims.iter().map(|&d| d as usize).collect();
         let w = float_data(w_tensor)?;
-        let q = quantize_per_channel(&w, &dims, 0);
+        let q = quantize_per_channel(&w, &dims, 0, t.paired_weights());
         let (outs, ins) = (dims[0], dims[1]);
         let inner: usize = dims[2..].iter().product();
         ensure!(
