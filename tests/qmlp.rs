@@ -206,6 +206,31 @@ fn check(case: Case) {
                 }
             }
         }
+        // Every build computes the epilogue's f32 operations alike (no fused
+        // multiply-adds): the same bytes as the portable build.
+        if isa != Isa::Portable {
+            let mut portable = vec![0x5Au8; k4_len(h, cols)];
+            let mut acc = vec![0i32; h * cols];
+            hidden_rows(
+                Isa::Portable,
+                &mlp,
+                &q1,
+                cols,
+                0..h,
+                &mut acc,
+                &mut portable,
+            );
+            let real = |q: &[u8]| -> Vec<u8> {
+                (0..h)
+                    .flat_map(|r| (0..cols).map(move |n| (r, n)))
+                    .map(|(r, n)| q[k4_index(r, n, cols)])
+                    .collect()
+            };
+            assert!(
+                real(&q2) == real(&portable),
+                "{what}: q2 differs from portable"
+            );
+        }
         // fc2 + layer scale + residual, from the kernel's q2.
         let mut out = vec![f32::NAN; c * stride];
         {
