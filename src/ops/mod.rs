@@ -4,6 +4,7 @@
 
 pub mod conv;
 pub mod eltwise;
+pub mod konst;
 pub mod metaformer;
 pub mod qconv;
 pub mod qmlp;

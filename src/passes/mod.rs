@@ -6,7 +6,9 @@
 //! constant-folds the Q/DQ structure away); `metaformer` sees the decluttered graph,
 //! then `qconv` takes the integer convolutions it left and `conv` the float ones;
 //! `eltwise` runs last, on tract's optimized graph, and fuses the element-wise
-//! chains left between them.
+//! chains left between them. Large constants with a unit axis are pinned
+//! ([`crate::ops::konst`]) while tract declutters, which spares a copy of every
+//! 1×1 conv weight on each declutter round.
 
 use anyhow::Result;
 use tract_onnx::prelude::*;
@@ -24,6 +26,10 @@ pub struct PassReport {
     pub rewrites: Vec<String>,
 }
 
+/// Constants from this many values up are pinned during the declutter: the weights,
+/// not the small per-channel vectors some of tract's own patterns look for.
+const PIN_MIN_LEN: usize = 4096;
+
 /// Runs this crate's passes, then tract's optimizer, on a freshly typed model.
 pub fn optimize(model: TypedModel, fuse: bool) -> Result<(TypedModel, PassReport)> {
     let (mut model, mut report) = optimize_graph(model, fuse)?;
@@ -40,6 +46,7 @@ pub fn optimize_graph(model: TypedModel, fuse: bool) -> Result<(TypedModel, Pass
     let mut model = model;
     if fuse {
         int8::rewrite(&mut model, &mut report)?;
+        crate::ops::konst::pin(&mut model, PIN_MIN_LEN);
     }
     let mut model = model.into_decluttered()?;
     if fuse {
@@ -47,5 +54,6 @@ pub fn optimize_graph(model: TypedModel, fuse: bool) -> Result<(TypedModel, Pass
         qconv::rewrite(&mut model, &mut report)?;
         conv::rewrite(&mut model, &mut report)?;
     }
+    crate::ops::konst::unpin(&mut model)?;
     Ok((model.into_optimized()?, report))
 }
