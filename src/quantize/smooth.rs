@@ -271,9 +271,10 @@ mod tests {
         (model, target)
     }
 
-    /// W = [[1, 0.3], [0.5, −0.2]]: row scales 1/127 and 0.5/127 round 0.3 to 38/127
-    /// and −0.2 to −51·0.5/127, both 0.000787 low; the other entries are exact. With
-    /// E[x] = [2, 10] each output's mean drops by 0.00787, which the bias gains back
+    /// W = [[1, 0.3], [0.5, −0.2]], a conv with a quantized input, so its scales are
+    /// paired (each row is one pair): 1.3/127 and 0.7/127. Row 0 rounds to 98 and 29
+    /// steps, row 1 to 91 and −36: ΔW = [[0.4, −0.4], [0.2, 0.2]]/127. With
+    /// E[x] = [2, 10] the outputs' means move by ΔW·E[x], which the biases take back
     /// (to 1e-6: 0.3 and 0.2 are not exact in f32, which moves ΔW·10 by ~1e-7).
     #[test]
     fn bias_correction_by_hand() {
@@ -287,8 +288,8 @@ mod tests {
         )]);
         assert_eq!(correct_biases(&mut model, &[target], &means).unwrap(), 1);
         let b = float_data(&model.graph.unwrap().initializer[1]).unwrap();
-        let d0 = 10.0 * (38.0 / 127.0 - 0.3f64);
-        let d1 = 10.0 * (-51.0 * 0.5 / 127.0 + 0.2f64);
+        let d0 = 2.0 * (98.0 * 1.3 / 127.0 - 1.0) + 10.0 * (29.0 * 1.3 / 127.0 - 0.3f64);
+        let d1 = 2.0 * (91.0 * 0.7 / 127.0 - 0.5) + 10.0 * (-36.0 * 0.7 / 127.0 + 0.2f64);
         assert!((b[0] as f64 - (0.1 - d0)).abs() < 1e-6, "{b:?}");
         assert!((b[1] as f64 - (-0.1 - d1)).abs() < 1e-6, "{b:?}");
     }
