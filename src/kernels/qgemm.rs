@@ -54,7 +54,10 @@ impl PackedI8 {
         ensure!(m > 0 && k > 0, "empty weight matrix ({m}×{k})");
         ensure!(w.len() == m * k, "weights: {} values for {m}×{k}", w.len());
         let kp = k.div_ceil(4) * 4;
-        let mut data = vec![0i8; m * kp];
+        // ROW_SLACK zero bytes after the last row: a kernel reading 32 bytes of a row at
+        // a time may run past a row's end (into the next row, or this slack), where its
+        // activations are zero.
+        let mut data = vec![0i8; m * kp + ROW_SLACK];
         for (dst, src) in data.chunks_exact_mut(kp).zip(w.chunks_exact(k)) {
             dst[..k].copy_from_slice(src);
         }
@@ -109,6 +112,9 @@ impl PackedI8 {
         &self.data[r * self.kp..(r + 1) * self.kp]
     }
 }
+
+/// Zero bytes after [`PackedI8`]'s last row.
+const ROW_SLACK: usize = 32;
 
 /// Largest `|w₀| + |w₁|` of a weight pair that `vpmaddubsw` multiplies exactly by any two
 /// u8: `255 · 128 = 32 640 ≤ i16::MAX`.
@@ -820,8 +826,9 @@ mod x86 {
     /// adds the pairs into i16 (no saturation, by the weights' bound); `vpmaddwd` by 1
     /// adds the two pairs of each token into its i32 lane, in token order. Two
     /// multiplies per 32 products, against the plain AVX2 kernel's two plus the
-    /// widening. Tiles of 4 rows × 16 tokens; the rows' weights stay in L1 while the
-    /// tile sweeps the tokens.
+    /// widening. Tiles of 4 rows × 16 (or 8) tokens; the rows' weights stay in L1 while
+    /// the tile sweeps the tokens. The last `cols % 8` tokens, which would fill a tile
+    /// register only partly, are each a matrix-vector product instead ([`tail_token`]).
     ///
     /// # Safety
     /// AVX2; `w.pairs_fit_i16()`; buffers as for [`gemm_avx512vnni`].
@@ -836,6 +843,7 @@ mod x86 {
     ) {
         debug_assert!(w.pairs_fit_i16);
         let kp = w.kp;
+        let tiled = cols / 8 * 8;
         let mut r = rows.start;
         while r < rows.end {
             let mr = MR_MADDUBS.min(rows.end - r);
@@ -844,15 +852,15 @@ mod x86 {
             let wp = unsafe { w.data.as_ptr().add(r * kp) };
             let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
             let mut n = 0;
-            while n < cols {
-                let nc = (8 * NV_MADDUBS).min(cols - n);
-                // SAFETY: tokens n..n + nc of every group are inside `b`, their outputs
-                // inside `acc`; lanes past `nc` are masked off.
+            while n < tiled {
+                let nc = (8 * NV_MADDUBS).min(tiled - n);
+                // SAFETY: tokens n..n + nc (whole registers) of every group are inside
+                // `b`, their outputs inside `acc`.
                 unsafe {
                     let bp = b.as_ptr().add(4 * n);
                     let op = out.add(n);
-                    let t = (kp, 4 * cols, ldc, nc);
-                    match (mr, nc.div_ceil(8)) {
+                    let t = (kp, 4 * cols, ldc);
+                    match (mr, nc / 8) {
                         (4, 2) => tile_maddubs::<4, 2>(wp, bp, op, t),
                         (4, _) => tile_maddubs::<4, 1>(wp, bp, op, t),
                         (3, 2) => tile_maddubs::<3, 2>(wp, bp, op, t),
@@ -867,50 +875,93 @@ mod x86 {
             }
             r += mr;
         }
+        if tiled < cols {
+            let mut token = vec![0u8; kp.div_ceil(32) * 32];
+            for n in tiled..cols {
+                for (g, t) in token[..kp].chunks_exact_mut(4).enumerate() {
+                    t.copy_from_slice(&b[4 * (g * cols + n)..4 * (g * cols + n) + 4]);
+                }
+                // SAFETY: AVX2; `token` is zero past `kp` and a multiple of 32 long;
+                // output column n of rows.len() rows inside `acc` (checked by the caller).
+                unsafe { tail_token(w, rows.clone(), &token, acc.as_mut_ptr().add(n), ldc) };
+            }
+        }
     }
 
-    /// Lanes `0..n` of 8 (all for `n ≥ 8`).
+    /// `out[(r − rows.start)·ldc] = Σ_k w[r, k]·token[k]` for `r` in `rows`: one token's
+    /// column as a matrix-vector product, 32 channels per `vpmaddubsw`, 4 rows sharing
+    /// each load of the token. A row read 32 bytes at a time runs past its `kp` bytes
+    /// (into the next row or `PackedI8`'s zero slack) where `token` is zero.
+    ///
+    /// # Safety
+    /// AVX2; `w.pairs_fit_i16()`; `token.len()` is `kp` rounded up to 32, zero past
+    /// `kp`; `out` is valid for writes at `i·ldc`, `i < rows.len()`.
     #[target_feature(enable = "avx2")]
-    fn lane_mask8(n: usize) -> __m256i {
-        _mm256_cmpgt_epi32(
-            _mm256_set1_epi32(n.min(8) as i32),
-            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
-        )
+    unsafe fn tail_token(
+        w: &PackedI8,
+        rows: Range<usize>,
+        token: &[u8],
+        out: *mut i32,
+        ldc: usize,
+    ) {
+        let kp = w.kp;
+        let chunks = token.len() / 32;
+        debug_assert!(w.data.len() >= rows.end * kp + (32 * chunks - kp));
+        let ones = _mm256_set1_epi16(1);
+        let hsum = |v: __m256i| -> i32 {
+            let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01)))
+        };
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr = 4.min(rows.end - r);
+            let mut c = [_mm256_setzero_si256(); 4];
+            for j in 0..chunks {
+                // SAFETY: 32 bytes of `token`; 32 bytes of row r + i from 32j, inside
+                // `w.data` (rows end at `rows.end·kp`, then the slack).
+                unsafe {
+                    let bv = _mm256_loadu_si256(token.as_ptr().add(32 * j) as *const __m256i);
+                    for (i, ci) in c.iter_mut().enumerate().take(mr) {
+                        let wv = _mm256_loadu_si256(
+                            w.data.as_ptr().add((r + i) * kp + 32 * j) as *const __m256i
+                        );
+                        let pairs = _mm256_maddubs_epi16(bv, wv);
+                        *ci = _mm256_add_epi32(*ci, _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+            }
+            for (i, &ci) in c.iter().enumerate().take(mr) {
+                // SAFETY: output row r + i − rows.start (the caller's contract).
+                unsafe { *out.add((r + i - rows.start) * ldc) = hsum(ci) };
+            }
+            r += mr;
+        }
     }
 
-    /// `R` rows × `V` registers of 8 tokens of [`gemm_maddubs`]; `(kp, bstride, ldc,
-    /// nt)`: the rows' padded depth, bytes between groups, output stride, tokens.
+    /// `R` rows × `V` registers of 8 tokens of [`gemm_maddubs`]; `(kp, bstride, ldc)`:
+    /// the rows' padded depth, bytes between groups, output stride.
     ///
     /// # Safety
     /// AVX2; `w` points at `R` rows of `kp` bytes (stride `kp`) whose pairs fit an i16;
-    /// `b` at `kp/4` groups (stride `bstride`) of `nt` tokens, `8(V − 1) < nt ≤ 8V`;
-    /// `out` at `R` rows (stride `ldc`) of `nt` i32.
+    /// `b` at `kp/4` groups (stride `bstride`) of `8V` tokens; `out` at `R` rows (stride
+    /// `ldc`) of `8V` i32.
     #[target_feature(enable = "avx2")]
     unsafe fn tile_maddubs<const R: usize, const V: usize>(
         w: *const i8,
         b: *const u8,
         out: *mut i32,
-        (kp, bstride, ldc, nt): (usize, usize, usize, usize),
+        (kp, bstride, ldc): (usize, usize, usize),
     ) {
         let ones = _mm256_set1_epi16(1);
-        let full = nt == 8 * V;
-        let last = lane_mask8(nt - 8 * (V - 1));
         let mut c = [[_mm256_setzero_si256(); V]; R];
         let mut bp = b;
         let mut wp = w;
         for _ in 0..kp / 4 {
             let mut bv = [_mm256_setzero_si256(); V];
             for (j, v) in bv.iter_mut().enumerate() {
-                // SAFETY: registers 0..V − 1 are whole; the last one reads the lanes
-                // of real tokens only (masked lanes are not read).
-                *v = unsafe {
-                    let p = bp.add(32 * j);
-                    if full || j + 1 < V {
-                        _mm256_loadu_si256(p as *const __m256i)
-                    } else {
-                        _mm256_maskload_epi32(p as *const i32, last)
-                    }
-                };
+                // SAFETY: register j's 8 tokens of this group.
+                *v = unsafe { _mm256_loadu_si256(bp.add(32 * j) as *const __m256i) };
             }
             for (i, ci) in c.iter_mut().enumerate() {
                 // SAFETY: 4 bytes of row i's current group (i < R, group < kp/4).
@@ -929,16 +980,8 @@ mod x86 {
         }
         for (i, ci) in c.iter().enumerate() {
             for (j, &cij) in ci.iter().enumerate() {
-                // SAFETY: row i < R, tokens of register j inside the tile (the last
-                // register writes the real tokens' lanes only).
-                unsafe {
-                    let p = out.add(i * ldc + 8 * j) as *mut __m256i;
-                    if full || j + 1 < V {
-                        _mm256_storeu_si256(p, cij)
-                    } else {
-                        _mm256_maskstore_epi32(p as *mut i32, last, cij)
-                    }
-                }
+                // SAFETY: row i < R, register j's 8 tokens inside the tile.
+                unsafe { _mm256_storeu_si256(out.add(i * ldc + 8 * j) as *mut __m256i, cij) };
             }
         }
     }
