@@ -3,7 +3,10 @@
 
     cargo build --release --bin pfe
     python3 benches/compare_onnxruntime.py MODEL.onnx [--threads 1[,2,4...]] [--rounds 5]
-        [--iters 20] [--warmup 3] [--pfe target/release/pfe] [--json]
+        [--iters 20] [--warmup 3] [--pfe target/release/pfe] [--pfe-model OTHER.onnx] [--json]
+
+`--pfe-model` has pfe run another file than onnxruntime (same input, same rounds): how
+pfe on its own quantized model compares with onnxruntime on onnxruntime's best int8 file.
 
 For each thread count, `--rounds` rounds alternate the two runtimes (ORT first
 in even rounds, pfe first in odd ones, so drift hits both alike):
@@ -158,13 +161,16 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs per round (default 3)")
     parser.add_argument("--size", type=int, default=224, help="input side (default 224)")
     parser.add_argument("--pfe", default="target/release/pfe", help="pfe binary")
+    parser.add_argument("--pfe-model", help="ONNX file pfe runs instead of MODEL")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = parser.parse_args()
 
     if args.rounds < 1 or args.iters < 1 or args.warmup < 0:
         parser.error("--rounds and --iters must be >= 1, --warmup >= 0")
-    if not os.path.isfile(args.model):
-        sys.exit(f"{args.model}: no such file")
+    pfe_model = args.pfe_model or args.model
+    for path in (args.model, pfe_model):
+        if not os.path.isfile(path):
+            sys.exit(f"{path}: no such file")
     if not (os.path.isfile(args.pfe) and os.access(args.pfe, os.X_OK)):
         sys.exit(f"{args.pfe}: no pfe binary (cargo build --release --bin pfe, or --pfe PATH)")
 
@@ -178,6 +184,8 @@ def main():
     log("versions  " + ", ".join(f"{k} {v}" for k, v in vers.items()))
     log(f"model     {args.model}; {args.rounds} rounds x {args.iters} iterations "
         f"(+{args.warmup} warm-up) per runtime and thread count")
+    if pfe_model != args.model:
+        log(f"pfe model {pfe_model}")
 
     rows = []
     for threads in args.threads:
@@ -196,7 +204,7 @@ def main():
                     ort_round_medians.append(statistics.median(s))
                 else:
                     try:
-                        pfe_reports.append(pfe_round(args.pfe, args.model, threads, args.warmup,
+                        pfe_reports.append(pfe_round(args.pfe, pfe_model, threads, args.warmup,
                                                      args.iters, args.size))
                     except Exception as e:  # noqa: BLE001
                         sys.exit(f"pfe failed: {e}")
@@ -218,7 +226,8 @@ def main():
         rows.append(dict(threads=threads, onnxruntime=ort, pfe=pfe,
                          ratio_pfe_over_ort=pfe["median_ms"] / ort["median_ms"]))
 
-    result = dict(model=os.path.abspath(args.model), machine=machine, versions=vers,
+    result = dict(model=os.path.abspath(args.model), pfe_model=os.path.abspath(pfe_model),
+                  machine=machine, versions=vers,
                   rounds=args.rounds, iters=args.iters, warmup=args.warmup, size=args.size,
                   results=rows)
     if args.json:
