@@ -75,9 +75,12 @@ pub fn column_blocks(
     }
     let n = n.min(hw.max(1));
     let align = align.max(1);
-    let bound = |b: usize| match b * hw / n {
-        _ if b == n => hw,
-        x => ((x + align / 2) / align * align).min(hw),
+    let bound = |b: usize| {
+        if b == n {
+            hw
+        } else {
+            ((b * hw / n + align / 2) / align * align).min(hw)
+        }
     };
     (0..n)
         .map(|b| (bound(b), bound(b + 1)))
