@@ -22,7 +22,7 @@ mod common;
 use poolformer_edge::kernels::mlp::{
     run_block, run_block_packed, sequential, MlpWeights, PackedMlp, Scratch,
 };
-use poolformer_edge::kernels::sgemm::{self, Epilogue, PackedCols, PackedWeights};
+use poolformer_edge::kernels::sgemm::{self, Epilogue, PackedCols, PackedWeights, PackedWeightsI8};
 use poolformer_edge::kernels::{mixer, norm, Isa};
 use poolformer_edge::models::export::export_onnx;
 use poolformer_edge::models::synth::synthesize;
@@ -521,6 +521,81 @@ fn mlp_blocks_cover_every_column_once() {
     }
 }
 
+/// int8 weights with a scale and zero point per row, packed, dequantized a few panels
+/// at a time and multiplied with the `Bias` epilogue (the patch convolution's path):
+/// against the f64 product of the dequantized weights, whose f32 values are exact
+/// (an integer below 2⁸ times the scale, rounded once, as DequantizeLinear does).
+#[test]
+fn sgemm_bias_on_int8_weights_matches_definition_on_every_isa() {
+    // One more shape where `gemm_i8` dequantizes several chunks of panels per stretch
+    // of the reduction, and several stretches.
+    for &(m, k, n) in SGEMM_SHAPES.iter().chain(&[(300, 1100, 9)]) {
+        let ldo = n + 2;
+        let q: Vec<i8> = noise(m * k, (m * k) as u64 + 5)
+            .iter()
+            .map(|v| (v * 127.0) as i8)
+            .collect();
+        let scale: Vec<f32> = (0..m).map(|r| 0.01 + 0.003 * (r % 7) as f32).collect();
+        let zero: Vec<i32> = (0..m).map(|r| (r % 5) as i32 - 2).collect();
+        let w: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (v as i32 - zero[i / k]) as f32 * scale[i / k])
+            .collect();
+        let b = noise(k * n, (k * n) as u64 + 6);
+        let bias = noise(m, 9);
+        for isa in Isa::available() {
+            let packed = PackedWeightsI8::pack(isa, &q, &scale, &zero, m, k);
+            let mr = sgemm::panel_rows(isa);
+            let mut pb = PackedCols::default();
+            pb.pack(isa, &b, n, k, n, 0.0);
+            // Two ranges of panels, as the op's threads take them: through `gemm_i8`,
+            // and dequantized whole into a scratch for `gemm`.
+            let half = packed.panels() / 2;
+            let mut scratch = PackedWeights::default();
+            for whole in [false, true] {
+                let mut out = vec![f32::NAN; m * ldo];
+                for panels in [0..half, half..packed.panels()] {
+                    let epi = Epilogue::Bias {
+                        bias: &bias,
+                        out: out.as_mut_ptr(),
+                        ldo,
+                    };
+                    if !whole {
+                        unsafe { sgemm::gemm_i8(isa, &packed, panels, &pb, &epi, &mut scratch) };
+                        continue;
+                    }
+                    packed.dequantize(panels.clone(), &mut scratch);
+                    let row0 = (panels.start * mr).min(m);
+                    assert_eq!(scratch.rows(), (panels.end * mr).min(m) - row0);
+                    let epi = Epilogue::Bias {
+                        bias: &bias[row0..],
+                        out: unsafe { out.as_mut_ptr().add(row0 * ldo) },
+                        ldo,
+                    };
+                    unsafe { sgemm::gemm(isa, &scratch, 0..scratch.panels(), &pb, &epi) };
+                }
+                for i in 0..m {
+                    for j in 0..ldo {
+                        let g = out[i * ldo + j] as f64;
+                        if j >= n {
+                            assert!(g.is_nan(), "{isa:?} {m}×{k}×{n}: wrote ({i},{j})");
+                            continue;
+                        }
+                        let (dot, abs) = dot_ref(&w, &b, n, k, 0.0, i, j);
+                        let want = dot + bias[i] as f64;
+                        let tol = sgemm_tol(k) * (1.0 + abs + (bias[i] as f64).abs());
+                        assert!(
+                            (g - want).abs() <= tol,
+                            "{isa:?} {m}×{k}×{n} at ({i},{j}), whole {whole}: {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn patch_conv_matches_reference_conv() {
     use poolformer_edge::kernels::im2col::ConvGeometry;
@@ -589,8 +664,16 @@ fn patch_conv_matches_reference_conv() {
                 zero: Arc::new(zero),
             },
         ];
-        for weights in variants {
-            let int8 = matches!(weights, ConvWeights::I8 { .. });
+        // Both forms again, packed for the `sgemm` kernels where the engine packs them
+        // (the build `Isa::best()` names, which `PFE_ISA` can narrow).
+        let isa = Isa::best();
+        let packed: Vec<ConvWeights> = if sgemm::preferred(isa) {
+            variants.iter().map(|w| w.packed(isa, co)).collect()
+        } else {
+            vec![]
+        };
+        for weights in variants.into_iter().chain(packed) {
+            let int8 = weights.is_int8();
             let op = PatchConv {
                 geometry,
                 out_channels: co,

@@ -787,7 +787,7 @@ fn float_weights_are_left_alone() {
 /// largest output (their rounding is about √3456·6e-8 ≈ 4e-6 of it).
 #[test]
 fn int8_weights_of_a_float_strided_conv_stay_int8() {
-    use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
+    use poolformer_edge::ops::conv::PatchConv;
     for (c, o, kept_int8) in [(384, 320, true), (16, 24, false)] {
         let (n, k) = (9, 3);
         let mut rng = Rng(7);
@@ -868,11 +868,7 @@ fn int8_weights_of_a_float_strided_conv_stay_int8() {
         if poolformer_edge::passes::conv::ENABLED {
             assert!(!ops.iter().any(|n| n == "DequantizeConst"), "{ops:?}");
             assert_eq!(convs.len(), 1, "{ops:?}");
-            assert_eq!(
-                matches!(convs[0].weights, ConvWeights::I8 { .. }),
-                kept_int8,
-                "{c}×{o}"
-            );
+            assert_eq!(convs[0].weights.is_int8(), kept_int8, "{c}×{o}");
         } else {
             // Without the patch conv (armv7), tract's conv runs; weights over the
             // budget are dequantized on every run, as tract's own DequantizeLinear.

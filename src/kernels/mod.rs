@@ -19,9 +19,10 @@ pub mod quant;
 pub mod sgemm;
 
 /// An instruction-set level a kernel can be compiled for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Isa {
     /// Plain Rust for the build's baseline target (NEON on aarch64).
+    #[default]
     Portable,
     /// x86-64 AVX2 + FMA.
     Avx2,

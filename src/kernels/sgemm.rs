@@ -110,7 +110,7 @@ impl std::fmt::Debug for AlignedBuf {
 
 /// A constant `rows × depth` matrix packed for one instruction set, in panels of
 /// [`panel_rows`] rows.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct PackedWeights {
     isa: Isa,
     mr: usize,
@@ -156,6 +156,138 @@ impl PackedWeights {
     }
     pub fn panels(&self) -> usize {
         self.rows.div_ceil(self.mr)
+    }
+}
+
+/// Steps of the reduction per run of [`PackedWeightsI8::dequantize`]'s inner loop: a
+/// whole number of vectors whatever the panel's row count.
+const DQ_STEPS: usize = 8;
+
+/// A constant `rows × depth` int8 matrix with a scale and zero point per row, packed in
+/// [`PackedWeights`]' panel layout: `w[r, k] = (q[r, k] − zero[r])·scale[r]`, computed in
+/// f32 as ONNX's DequantizeLinear does. [`Self::dequantize`] turns a few panels at a
+/// time into f32 for [`gemm`], so only the int8 values stay resident.
+#[derive(Clone, Debug)]
+pub struct PackedWeightsI8 {
+    isa: Isa,
+    mr: usize,
+    rows: usize,
+    depth: usize,
+    q: Vec<i8>,
+    /// Per panel, the scale and zero point of its rows repeated for [`DQ_STEPS`] steps
+    /// (`[panels][DQ_STEPS·mr]`): the pattern under consecutive packed values. Rows past
+    /// `rows` have scale and zero point 0.
+    scale: Vec<f32>,
+    zero: Vec<f32>,
+}
+
+impl PackedWeightsI8 {
+    /// Packs row-major `q` (`rows × depth`) with its rows' `scale` and `zero` for
+    /// [`gemm`] on `isa`.
+    pub fn pack(
+        isa: Isa,
+        q: &[i8],
+        scale: &[f32],
+        zero: &[i32],
+        rows: usize,
+        depth: usize,
+    ) -> PackedWeightsI8 {
+        assert_eq!(q.len(), rows * depth, "weight size");
+        assert!(
+            scale.len() == rows && zero.len() == rows,
+            "scale or zero point size"
+        );
+        let mr = panel_rows(isa);
+        let panels = rows.div_ceil(mr);
+        let mut data = vec![0i8; panels * mr * depth];
+        let pattern = DQ_STEPS * mr;
+        let (mut sp, mut zp) = (vec![0f32; panels * pattern], vec![0f32; panels * pattern]);
+        for p in 0..panels {
+            for r in 0..mr.min(rows - p * mr) {
+                let row = p * mr + r;
+                for (k, &v) in q[row * depth..][..depth].iter().enumerate() {
+                    data[(p * depth + k) * mr + r] = v;
+                }
+                for step in 0..DQ_STEPS {
+                    sp[p * pattern + step * mr + r] = scale[row];
+                    zp[p * pattern + step * mr + r] = zero[row] as f32;
+                }
+            }
+        }
+        PackedWeightsI8 {
+            isa,
+            mr,
+            rows,
+            depth,
+            q: data,
+            scale: sp,
+            zero: zp,
+        }
+    }
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn depth(&self) -> usize {
+        self.depth
+    }
+    pub fn panels(&self) -> usize {
+        self.rows.div_ceil(self.mr)
+    }
+
+    /// The f32 values of the panels `panels` into `dst`, which becomes a
+    /// [`PackedWeights`] of those panels' rows (its row 0 is row `panels.start·mr`).
+    pub fn dequantize(&self, panels: Range<usize>, dst: &mut PackedWeights) {
+        self.dequantize_part(panels, 0..self.depth, dst)
+    }
+
+    /// [`Self::dequantize`] over the steps `depth` of the reduction only: `dst` is as
+    /// deep as `depth` is long.
+    pub fn dequantize_part(
+        &self,
+        panels: Range<usize>,
+        depth: Range<usize>,
+        dst: &mut PackedWeights,
+    ) {
+        assert!(panels.start <= panels.end && panels.end <= self.panels());
+        assert!(depth.start <= depth.end && depth.end <= self.depth);
+        let mr = self.mr;
+        let (len, pattern) = (depth.len(), DQ_STEPS * mr);
+        dst.isa = self.isa;
+        dst.mr = mr;
+        dst.depth = len;
+        dst.rows = (panels.end * mr).min(self.rows) - (panels.start * mr).min(self.rows);
+        dst.data.resize(panels.len() * mr * len);
+        let d = dst.data.as_mut_slice();
+        for (i, p) in panels.enumerate() {
+            // A panel's values start on a row boundary of the pattern at every step.
+            dequantize_panel(
+                self.isa,
+                &self.q[(p * self.depth + depth.start) * mr..][..len * mr],
+                &self.scale[p * pattern..][..pattern],
+                &self.zero[p * pattern..][..pattern],
+                &mut d[i * len * mr..][..len * mr],
+            );
+        }
+    }
+}
+
+super::multiversion! {
+    /// `dst[i] = (q[i] − zero[i % n])·scale[i % n]` with `n` the patterns' length.
+    pub fn dequantize_panel(q: &[i8], scale: &[f32], zero: &[f32], dst: &mut [f32]) {
+        let n = scale.len();
+        let mut dc = dst.chunks_exact_mut(n);
+        let mut qc = q.chunks_exact(n);
+        for (d, q) in (&mut dc).zip(&mut qc) {
+            for (((d, &q), &s), &z) in d.iter_mut().zip(q).zip(scale).zip(zero) {
+                *d = (q as f32 - z) * s;
+            }
+        }
+        for (((d, &q), &s), &z) in dc.into_remainder().iter_mut().zip(qc.remainder()).zip(scale).zip(zero) {
+            *d = (q as f32 - z) * s;
+        }
     }
 }
 
@@ -226,6 +358,22 @@ impl PackedCols {
     pub fn cols(&self) -> usize {
         self.cols
     }
+
+    /// The panels for a caller to fill: each one's columns (padded end included) and
+    /// its data, `depth` rows of the panel's width, row `k` holding step `k` of the
+    /// reduction for those columns (columns past [`Self::cols`] must be zero).
+    pub fn panels_mut(&mut self) -> Vec<(Range<usize>, &mut [f32])> {
+        let depth = self.depth;
+        let mut rest = self.data.as_mut_slice();
+        let mut panels = Vec::with_capacity(self.starts.len());
+        for pair in self.starts.windows(2) {
+            let (panel, tail) = std::mem::take(&mut rest).split_at_mut(depth * (pair[1] - pair[0]));
+            panels.push((pair[0]..pair[1], panel));
+            rest = tail;
+        }
+        panels
+    }
+
     /// The packed data, for an [`Epilogue::Gelu`] to write.
     pub fn as_mut_ptr(&mut self) -> *mut f32 {
         self.data.as_mut_slice().as_mut_ptr()
@@ -300,6 +448,62 @@ pub enum Epilogue<'a> {
         out: *mut f32,
         ldo: usize,
     },
+    /// `out[row·ldo + col] = acc + bias[row]`.
+    Bias {
+        bias: &'a [f32],
+        out: *mut f32,
+        ldo: usize,
+    },
+}
+
+impl<'a> Epilogue<'a> {
+    fn bias(&self) -> &'a [f32] {
+        match *self {
+            Epilogue::Gelu { bias, .. }
+            | Epilogue::Residual { bias, .. }
+            | Epilogue::Bias { bias, .. } => bias,
+        }
+    }
+
+    /// The epilogue of the rows from `r` on, as row 0 (row-major epilogues only).
+    fn offset_rows(&self, r: usize) -> Epilogue<'a> {
+        match *self {
+            Epilogue::Gelu { .. } => panic!("a Gelu epilogue's rows cannot be offset"),
+            Epilogue::Residual {
+                bias,
+                x,
+                ldx,
+                out,
+                ldo,
+            } => Epilogue::Residual {
+                bias: &bias[r..],
+                x: x.wrapping_add(r * ldx),
+                ldx,
+                out: out.wrapping_add(r * ldo),
+                ldo,
+            },
+            Epilogue::Bias { bias, out, ldo } => Epilogue::Bias {
+                bias: &bias[r..],
+                out: out.wrapping_add(r * ldo),
+                ldo,
+            },
+        }
+    }
+
+    /// For the row-major epilogues: `(bias, x, ldx, out, ldo)`, `x` null for `Bias`.
+    fn rows(&self) -> Option<(&'a [f32], *const f32, usize, *mut f32, usize)> {
+        match *self {
+            Epilogue::Gelu { .. } => None,
+            Epilogue::Residual {
+                bias,
+                x,
+                ldx,
+                out,
+                ldo,
+            } => Some((bias, x, ldx, out, ldo)),
+            Epilogue::Bias { bias, out, ldo } => Some((bias, std::ptr::null(), 0, out, ldo)),
+        }
+    }
 }
 
 /// `epilogue(W·X)` for the rows of weight panels `panels` (all columns of `x`).
@@ -307,7 +511,7 @@ pub enum Epilogue<'a> {
 /// # Safety
 /// The epilogue's pointers must be valid for the rows and columns it touches:
 /// `Gelu`'s `dst` for a [`PackedCols`] like `x` of depth `w.rows()`, `Residual`'s `x`
-/// and `out` for rows `< w.rows()` and columns `< x.cols()`. Calls on disjoint panel
+/// and `out` (`Bias`'s `out`) for rows `< w.rows()` and columns `< x.cols()`. Calls on disjoint panel
 /// ranges write disjoint rows, so they may run at the same time.
 pub unsafe fn gemm(
     isa: Isa,
@@ -319,8 +523,7 @@ pub unsafe fn gemm(
     assert_eq!(w.depth, x.depth, "inner dimensions");
     assert_eq!(w.isa, isa, "weights packed for another instruction set");
     assert!(panels.end <= w.panels());
-    let (Epilogue::Gelu { bias, .. } | Epilogue::Residual { bias, .. }) = epilogue;
-    assert!(bias.len() >= w.rows, "bias size");
+    assert!(epilogue.bias().len() >= w.rows, "bias size");
     if x.cols == 0 {
         return;
     }
@@ -351,6 +554,71 @@ pub unsafe fn gemm(
                     valid: e.min(x.cols) - s,
                 };
                 strip.run(isa, e - s, epilogue);
+            }
+            p0 = p1;
+        }
+    }
+}
+
+/// Most f32 values [`gemm_i8`] dequantizes at once (128 KiB), so that they are
+/// still in L2 while every column panel goes through them.
+const DQ_FLOATS: usize = 32 * 1024;
+
+/// [`gemm`] on int8 weights: each stretch of the reduction of a few weight panels is
+/// dequantized into `scratch` (at most [`DQ_FLOATS`] values) just before the column
+/// panels go through it, so every weight is turned into f32 once per call.
+///
+/// # Safety
+/// As for [`gemm`]; `Gelu` epilogues are not supported here.
+pub unsafe fn gemm_i8(
+    isa: Isa,
+    w: &PackedWeightsI8,
+    panels: Range<usize>,
+    x: &PackedCols,
+    epilogue: &Epilogue,
+    scratch: &mut PackedWeights,
+) {
+    assert_eq!(w.depth, x.depth, "inner dimensions");
+    assert_eq!(w.isa, isa, "weights packed for another instruction set");
+    assert!(panels.end <= w.panels());
+    assert!(epilogue.bias().len() >= w.rows, "bias size");
+    assert!(
+        epilogue.rows().is_some(),
+        "int8 weights take a row-major epilogue"
+    );
+    if x.cols == 0 || panels.is_empty() {
+        return;
+    }
+    if w.depth == 0 {
+        w.dequantize(panels.clone(), scratch);
+        let epi = epilogue.offset_rows(panels.start * w.mr);
+        return gemm(isa, scratch, 0..scratch.panels(), x, &epi);
+    }
+    let k_blocks = w.depth.div_ceil(stretch(isa));
+    for kb in 0..k_blocks {
+        let depth = kb * w.depth / k_blocks..(kb + 1) * w.depth / k_blocks;
+        let chunk = (DQ_FLOATS / (depth.len() * w.mr)).max(1);
+        let mut p0 = panels.start;
+        while p0 < panels.end {
+            let p1 = (p0 + chunk).min(panels.end);
+            w.dequantize_part(p0..p1, depth.clone(), scratch);
+            let epi = epilogue.offset_rows(p0 * w.mr);
+            for c in 0..x.panels() {
+                let (s, e) = (x.starts[c], x.starts[c + 1]);
+                let strip = Strip {
+                    w: scratch,
+                    panels: 0..p1 - p0,
+                    depth: 0..depth.len(),
+                    first: kb == 0,
+                    last: kb + 1 == k_blocks,
+                    x: x.data
+                        .as_slice()
+                        .as_ptr()
+                        .add(x.depth * s + depth.start * (e - s)),
+                    col0: s,
+                    valid: e.min(x.cols) - s,
+                };
+                strip.run(isa, e - s, &epi);
             }
             p0 = p1;
         }
@@ -425,20 +693,16 @@ impl Strip<'_> {
                             };
                         }
                     }
-                    Epilogue::Residual {
-                        bias,
-                        x,
-                        ldx,
-                        out,
-                        ldo,
-                    } => {
-                        let xr = x.add(row * ldx + self.col0);
+                    Epilogue::Residual { .. } | Epilogue::Bias { .. } => {
+                        let (bias, x, ldx, out, ldo) = epi.rows().unwrap();
                         let or = out.add(row * ldo + self.col0);
                         for (l, &v) in acc[..self.valid].iter().enumerate() {
-                            *or.add(l) = if self.first {
-                                v + *xr.add(l) + bias[row]
-                            } else {
+                            *or.add(l) = if !self.first {
                                 v + *or.add(l)
+                            } else if x.is_null() {
+                                v + bias[row]
+                            } else {
+                                v + *x.add(row * ldx + self.col0 + l) + bias[row]
                             };
                         }
                     }
@@ -549,34 +813,39 @@ mod x86 {
                         }
                     }
                 }
-                Epilogue::Residual {
-                    bias,
-                    x,
-                    ldx,
-                    out,
-                    ldo,
-                } => {
+                Epilogue::Residual { .. } | Epilogue::Bias { .. } => {
+                    let (bias, x, ldx, out, ldo) = epi.rows().unwrap_unchecked();
                     for (r, acc) in acc.iter().enumerate().take(rows) {
                         let row = row0 + r;
                         let b = _mm512_set1_ps(*bias.get_unchecked(row));
-                        let xr = x.add(row * ldx + s.col0);
                         let or = out.add(row * ldo + s.col0);
-                        // First stretch: acc + b + x; later ones: acc + out.
-                        let (src, b) = if s.first {
-                            (xr, b)
-                        } else {
+                        // First stretch: acc + b + x (x absent for `Bias`); later ones:
+                        // acc + out.
+                        let (src, b) = if !s.first {
                             (or as *const f32, _mm512_setzero_ps())
+                        } else if x.is_null() {
+                            (x, b)
+                        } else {
+                            (x.add(row * ldx + s.col0), b)
                         };
                         for (v, &a) in acc.iter().enumerate() {
                             let n = s.valid.saturating_sub(v * 16).min(16);
                             let y = _mm512_add_ps(a, b);
                             if n == 16 {
-                                let y = _mm512_add_ps(y, _mm512_loadu_ps(src.add(v * 16)));
+                                let y = if src.is_null() {
+                                    y
+                                } else {
+                                    _mm512_add_ps(y, _mm512_loadu_ps(src.add(v * 16)))
+                                };
                                 _mm512_storeu_ps(or.add(v * 16), y);
                             } else if n > 0 {
                                 let m: __mmask16 = ((1u32 << n) - 1) as u16;
-                                let xv = _mm512_maskz_loadu_ps(m, src.add(v * 16));
-                                _mm512_mask_storeu_ps(or.add(v * 16), m, _mm512_add_ps(y, xv));
+                                let y = if src.is_null() {
+                                    y
+                                } else {
+                                    _mm512_add_ps(y, _mm512_maskz_loadu_ps(m, src.add(v * 16)))
+                                };
+                                _mm512_mask_storeu_ps(or.add(v * 16), m, y);
                             }
                         }
                     }
@@ -636,34 +905,38 @@ mod x86 {
                         }
                     }
                 }
-                Epilogue::Residual {
-                    bias,
-                    x,
-                    ldx,
-                    out,
-                    ldo,
-                } => {
+                Epilogue::Residual { .. } | Epilogue::Bias { .. } => {
+                    let (bias, x, ldx, out, ldo) = epi.rows().unwrap_unchecked();
                     for (r, acc) in acc.iter().enumerate().take(rows) {
                         let row = row0 + r;
                         let b = _mm256_set1_ps(*bias.get_unchecked(row));
-                        let xr = x.add(row * ldx + s.col0);
                         let or = out.add(row * ldo + s.col0);
-                        let (src, b) = if s.first {
-                            (xr, b)
-                        } else {
+                        let (src, b) = if !s.first {
                             (or as *const f32, _mm256_setzero_ps())
+                        } else if x.is_null() {
+                            (x, b)
+                        } else {
+                            (x.add(row * ldx + s.col0), b)
                         };
                         for (v, &a) in acc.iter().enumerate() {
                             let n = s.valid.saturating_sub(v * 8).min(8);
                             let y = _mm256_add_ps(a, b);
                             if n == 8 {
-                                let y = _mm256_add_ps(y, _mm256_loadu_ps(src.add(v * 8)));
+                                let y = if src.is_null() {
+                                    y
+                                } else {
+                                    _mm256_add_ps(y, _mm256_loadu_ps(src.add(v * 8)))
+                                };
                                 _mm256_storeu_ps(or.add(v * 8), y);
                             } else if n > 0 {
                                 let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
                                 let m = _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), lane);
-                                let xv = _mm256_maskload_ps(src.add(v * 8), m);
-                                _mm256_maskstore_ps(or.add(v * 8), m, _mm256_add_ps(y, xv));
+                                let y = if src.is_null() {
+                                    y
+                                } else {
+                                    _mm256_add_ps(y, _mm256_maskload_ps(src.add(v * 8), m))
+                                };
+                                _mm256_maskstore_ps(or.add(v * 8), m, y);
                             }
                         }
                     }

@@ -8,11 +8,14 @@ use rayon::prelude::*;
 use tract_core::internal::*;
 
 use crate::kernels::im2col::ConvGeometry;
+use crate::kernels::sgemm::{self, Epilogue, PackedCols, PackedWeights, PackedWeightsI8};
+use crate::kernels::Isa;
 
 use super::{executor_threads, in_pool};
 
-/// The weight matrix `[out_channels, in_channels·kh·kw]`, row-major (OIHW flattened).
-#[derive(Debug, Clone, PartialEq)]
+/// The weight matrix `[out_channels, in_channels·kh·kw]`, row-major (OIHW flattened),
+/// or packed for the crate's `sgemm` kernels.
+#[derive(Debug, Clone)]
 pub enum ConvWeights {
     F32(Arc<Vec<f32>>),
     /// Integers with a scale and a zero point per output channel (a DequantizeLinear
@@ -25,6 +28,52 @@ pub enum ConvWeights {
         scale: Arc<Vec<f32>>,
         zero: Arc<Vec<i32>>,
     },
+    /// `I8`, packed for the `sgemm` kernels of one instruction set ([`PatchConv`]'s
+    /// codegen does this where those kernels are the faster path); a few panels at a
+    /// time are dequantized into f32 while the op runs (`sgemm::gemm_i8`).
+    PackedI8(Arc<PackedWeightsI8>),
+}
+
+impl ConvWeights {
+    /// Whether the weights are held as int8 values.
+    pub fn is_int8(&self) -> bool {
+        matches!(self, ConvWeights::I8 { .. } | ConvWeights::PackedI8(_))
+    }
+
+    /// int8 weights packed for the `sgemm` kernels on `isa` (others as they are: for
+    /// f32 weights the `gemm` crate's kernels run S12's convolutions as fast).
+    pub fn packed(&self, isa: Isa, rows: usize) -> ConvWeights {
+        match self {
+            ConvWeights::I8 { q, scale, zero } => {
+                let depth = q.len() / rows.max(1);
+                ConvWeights::PackedI8(Arc::new(PackedWeightsI8::pack(
+                    isa, q, scale, zero, rows, depth,
+                )))
+            }
+            packed => packed.clone(),
+        }
+    }
+}
+
+// Packed weights are a function of the unpacked ones: the same packing is the same
+// weights.
+impl PartialEq for ConvWeights {
+    fn eq(&self, other: &Self) -> bool {
+        use ConvWeights::*;
+        match (self, other) {
+            (F32(a), F32(b)) => a == b,
+            (
+                I8 { q, scale, zero },
+                I8 {
+                    q: q2,
+                    scale: s2,
+                    zero: z2,
+                },
+            ) => q == q2 && scale == s2 && zero == z2,
+            (PackedI8(a), PackedI8(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 /// Output channels dequantized per matrix product for [`ConvWeights::I8`].
@@ -47,11 +96,12 @@ impl Op for PatchConv {
     fn info(&self) -> TractResult<Vec<String>> {
         let g = &self.geometry;
         let weights = match self.weights {
-            ConvWeights::F32(_) => "f32",
-            ConvWeights::I8 { .. } => "int8",
+            ConvWeights::F32(_) => "f32 weights".to_string(),
+            ConvWeights::I8 { .. } => "int8 weights".to_string(),
+            ConvWeights::PackedI8(ref w) => format!("int8 weights packed for {}", w.isa().name()),
         };
         Ok(vec![format!(
-            "{}→{} {}×{}/{} → {}×{}, {weights} weights",
+            "{}→{} {}×{}/{} → {}×{}, {weights}",
             g.in_channels, self.out_channels, g.kernel.0, g.kernel.1, g.stride.0, g.out_h, g.out_w
         )])
     }
@@ -74,10 +124,14 @@ impl EvalOp for PatchConv {
         );
         let xs: &[f32] = x.try_as_plain_ram()?.as_slice::<f32>()?;
         let (k, p) = (g.k(), g.out_pixels());
-        let mut patches = vec![0f32; k * p];
         let mut out =
             unsafe { Tensor::uninitialized::<f32>(&[1, self.out_channels, g.out_h, g.out_w])? };
         let (executor, threads) = executor_threads();
+        if let ConvWeights::PackedI8(w) = &self.weights {
+            self.eval_packed(w, xs, &mut out, &executor, threads)?;
+            return Ok(tvec!(out.into_tvalue()));
+        }
+        let mut patches = vec![0f32; k * p];
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let os = view.as_slice_mut::<f32>()?;
@@ -103,6 +157,7 @@ impl EvalOp for PatchConv {
                     ConvWeights::F32(w) => {
                         product(os, w, 0, self.out_channels, &patches, k, p, parallelism)
                     }
+                    ConvWeights::PackedI8(_) => unreachable!(),
                     ConvWeights::I8 { q, scale, zero } => {
                         let mut block = vec![0f32; I8_BLOCK_ROWS.min(self.out_channels) * k];
                         let mut row0 = 0;
@@ -123,6 +178,101 @@ impl EvalOp for PatchConv {
             });
         }
         Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl PatchConv {
+    /// The op on packed int8 weights: the patch matrix written straight into column
+    /// panels, then the `sgemm` kernels over the weight panels, a range per thread, the
+    /// weights dequantized a stretch at a time into each thread's scratch.
+    fn eval_packed(
+        &self,
+        w: &PackedWeightsI8,
+        xs: &[f32],
+        out: &mut Tensor,
+        executor: &tract_linalg::multithread::Executor,
+        threads: usize,
+    ) -> TractResult<()> {
+        let g = self.geometry;
+        let (k, p) = (g.k(), g.out_pixels());
+        let isa = Isa::best();
+        let panels = w.panels();
+        ensure!(
+            w.isa() == isa,
+            "patch conv: weights packed for {}, running on {}",
+            w.isa().name(),
+            isa.name()
+        );
+        // One range of weight panels per thread.
+        let per = panels.div_ceil(threads).max(1);
+        let ranges: Vec<std::ops::Range<usize>> = (0..panels)
+            .step_by(per)
+            .map(|s| s..(s + per).min(panels))
+            .collect();
+        // The patch matrix straight into column panels: a few panels per task, one row
+        // of patches at a time through a small buffer.
+        let mut cols = PackedCols::default();
+        cols.set_layout(isa, k, p);
+        let mut panel_list = cols.panels_mut();
+        let groups = if threads > 1 {
+            panel_list.len().div_ceil(threads * 4).max(1)
+        } else {
+            panel_list.len().max(1)
+        };
+        let fill = |group: &mut [(std::ops::Range<usize>, &mut [f32])], row: &mut Vec<f32>| {
+            let (Some(first), Some(last)) = (group.first(), group.last()) else {
+                return;
+            };
+            let (c0, c1) = (first.0.start, last.0.end.min(p));
+            row.resize(c1 - c0, 0.0);
+            for r in 0..k {
+                g.fill_row_range(xs, r, c0..c1, row);
+                for (range, data) in group.iter_mut() {
+                    let width = range.len();
+                    let valid = range.end.min(p) - range.start;
+                    let dst = &mut data[r * width..][..width];
+                    dst[..valid].copy_from_slice(&row[range.start - c0..][..valid]);
+                    dst[valid..].fill(0.0);
+                }
+            }
+        };
+        if threads > 1 {
+            in_pool(executor, || {
+                panel_list
+                    .par_chunks_mut(groups)
+                    .for_each_init(Vec::new, |row, group| fill(group, row))
+            });
+        } else {
+            fill(&mut panel_list, &mut Vec::new());
+        }
+        drop(panel_list);
+        let mut view = out.try_as_plain_ram_mut()?;
+        let os = view.as_slice_mut::<f32>()?;
+        ensure!(os.len() == self.out_channels * p);
+        let out_addr = os.as_mut_ptr() as usize;
+        let bias = &self.bias[..];
+        ensure!(bias.len() == self.out_channels);
+        let run = |range: &std::ops::Range<usize>, scratch: &mut PackedWeights| {
+            let out = out_addr as *mut f32;
+            // SAFETY: each range of panels writes only its own rows of `out` (the
+            // `out_channels × p` output, alive for the whole call), and `bias` has a value
+            // for every row.
+            unsafe {
+                let epi = Epilogue::Bias { bias, out, ldo: p };
+                sgemm::gemm_i8(isa, w, range.clone(), &cols, &epi, scratch);
+            }
+        };
+        if threads > 1 && ranges.len() > 1 {
+            in_pool(executor, || {
+                ranges
+                    .par_iter()
+                    .for_each_init(PackedWeights::default, |scratch, r| run(r, scratch))
+            });
+        } else {
+            let mut scratch = PackedWeights::default();
+            ranges.iter().for_each(|r| run(r, &mut scratch));
+        }
+        Ok(())
     }
 }
 
@@ -179,6 +329,29 @@ impl TypedOp for PatchConv {
             Cost::FMA(f32::datum_type()),
             (self.out_channels * g.k() * g.out_pixels()).into()
         )))
+    }
+
+    /// Packs int8 weights for the `sgemm` kernels where those are the faster path
+    /// (`sgemm::preferred`: AVX2 and AVX-512); elsewhere the `gemm` crate runs.
+    fn codegen(
+        &self,
+        model: &TypedModel,
+        node: &TypedNode,
+    ) -> TractResult<Option<TypedModelPatch>> {
+        let isa = Isa::best();
+        if !sgemm::preferred(isa) || !matches!(self.weights, ConvWeights::I8 { .. }) {
+            return Ok(None);
+        }
+        let op = PatchConv {
+            weights: self.weights.packed(isa, self.out_channels),
+            ..self.clone()
+        };
+        Ok(Some(TypedModelPatch::replace_single_op(
+            model,
+            node,
+            &node.inputs,
+            op,
+        )?))
     }
 
     as_op!();

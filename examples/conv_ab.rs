@@ -1,0 +1,110 @@
+//! A/B of the patch convolution's two paths for int8 weights on PoolFormer-S12's stem
+//! and downsampling convolution shapes at 224×224: the `gemm` crate on row-major
+//! weights dequantized 64 rows at a time, against the crate's `sgemm` kernels on packed
+//! weights dequantized a stretch at a time (what `PatchConv`'s codegen picks on AVX2
+//! and AVX-512). One thread, the two alternating in one process, outputs compared;
+//! each figure is the smallest of 15 rounds in thread CPU time, so time lost to other
+//! jobs does not count.
+//!
+//! `cargo run --release --example conv_ab`
+
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
+use std::sync::Arc;
+
+use cpu_time::cpu_now;
+use poolformer_edge::kernels::im2col::ConvGeometry;
+use poolformer_edge::kernels::{sgemm, Isa};
+use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
+use tract_onnx::prelude::*;
+
+fn main() -> TractResult<()> {
+    let isa = Isa::best();
+    if !sgemm::preferred(isa) {
+        println!("the sgemm kernels are not the patch conv's path on this CPU");
+        return Ok(());
+    }
+    // (in channels, side, out channels, kernel, stride, pad)
+    let shapes = [
+        (3usize, 224usize, 64usize, 7usize, 4usize, 2usize),
+        (64, 56, 128, 3, 2, 1),
+        (128, 28, 320, 3, 2, 1),
+        (320, 14, 512, 3, 2, 1),
+    ];
+    let mut s = 0x9e37_79b9u32;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 17;
+        s ^= s << 5;
+        s
+    };
+    println!(
+        "{:>28} {:>12} {:>12} {:>7}",
+        "conv", "gemm crate", "sgemm", "ratio"
+    );
+    // An argument picks one shape by its index.
+    let only: Option<usize> = std::env::args().nth(1).and_then(|a| a.parse().ok());
+    for (i, (ci, n, co, k, st, p)) in shapes.into_iter().enumerate() {
+        if only.is_some_and(|o| o != i) {
+            continue;
+        }
+        let out = (n + 2 * p - k) / st + 1;
+        let g = ConvGeometry {
+            in_channels: ci,
+            in_h: n,
+            in_w: n,
+            kernel: (k, k),
+            stride: (st, st),
+            pad: (p, p),
+            out_h: out,
+            out_w: out,
+        };
+        let kk = ci * k * k;
+        let q: Vec<i8> = (0..co * kk).map(|_| next() as i8).collect();
+        let scale: Vec<f32> = (0..co).map(|o| 1e-3 * (1 + o % 7) as f32).collect();
+        let x: Vec<f32> = (0..ci * n * n)
+            .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
+            .collect();
+        let input = Tensor::from_shape(&[1, ci, n, n], &x)?.into_tvalue();
+        let weights = ConvWeights::I8 {
+            q: Arc::new(q),
+            scale: Arc::new(scale),
+            zero: Arc::new(vec![0; co]),
+        };
+        {
+            let plans = [weights.clone(), weights.packed(isa, co)].map(|weights| {
+                let op = PatchConv {
+                    geometry: g,
+                    out_channels: co,
+                    weights,
+                    bias: Arc::new(vec![0.1; co]),
+                };
+                let mut model = TypedModel::default();
+                let src = model.add_source("x", f32::fact([1, ci, n, n])).unwrap();
+                let y = model.wire_node("conv", op, &[src]).unwrap();
+                model.select_output_outlets(&y).unwrap();
+                model.into_runnable().unwrap()
+            });
+            let mut best = [f64::MAX; 2];
+            let mut outs = vec![];
+            for _ in 0..15 {
+                outs.clear();
+                for (i, plan) in plans.iter().enumerate() {
+                    let t = cpu_now();
+                    let y = plan.run(tvec!(input.clone()))?;
+                    best[i] = best[i].min(cpu_now() - t);
+                    outs.push(y[0].clone().into_tensor());
+                }
+                outs[0].close_enough(&outs[1], tract_core::internal::Approximation::Approximate)?;
+            }
+            let name = format!("{ci}→{co} {k}×{k}/{st} on {n}×{n}");
+            println!(
+                "{name:>28} {:>9.3} ms {:>9.3} ms {:>7.2}",
+                best[0] * 1e3,
+                best[1] * 1e3,
+                best[0] / best[1]
+            );
+        }
+    }
+    Ok(())
+}
