@@ -777,18 +777,18 @@ fn float_weights_are_left_alone() {
 
 /// A float activation into a 3×3 stride-2 conv whose weights are DequantizeLinear of
 /// int8 with a scale and zero point per output channel (as the downsampling convs of
-/// the project's own quantized models): the conv stays in float, as a patch conv.
-/// Weights whose f32 value exceeds tract's 4 MiB folding budget (320×384×3×3 here:
-/// 4.4 MB) keep their int8 values in the op, dequantized while it runs; smaller ones
-/// (24×16×3×3) are folded to f32 by tract's declutter. Either way no DequantizeConst
-/// is left where the patch conv is built (not on armv7: there tract's conv runs and the
-/// large weights are dequantized per run), and the output is the f64 reference conv of
-/// the dequantized weights: f32 sums of up to 3456 terms, checked to 1e-5 of the
+/// the project's own quantized models): the conv stays in float, as a patch conv that
+/// keeps the int8 values, dequantized while it runs, whether or not their f32 value
+/// is within tract's 4 MiB constant-folding budget (24×16×3×3 here is, 320×384×3×3 at
+/// 4.4 MB is not); no DequantizeConst is left. On armv7 there is no patch conv and
+/// tract's conv runs: weights within the budget are folded to f32 by its declutter,
+/// larger ones dequantized on every run. Either way the output is the f64 reference
+/// conv of the dequantized weights: f32 sums of up to 3456 terms, checked to 1e-5 of the
 /// largest output (their rounding is about √3456·6e-8 ≈ 4e-6 of it).
 #[test]
 fn int8_weights_of_a_float_strided_conv_stay_int8() {
     use poolformer_edge::ops::conv::PatchConv;
-    for (c, o, kept_int8) in [(384, 320, true), (16, 24, false)] {
+    for (c, o, over_budget) in [(384, 320, true), (16, 24, false)] {
         let (n, k) = (9, 3);
         let mut rng = Rng(7);
         let wq: Vec<i8> = (0..o * c * k * k)
@@ -868,14 +868,14 @@ fn int8_weights_of_a_float_strided_conv_stay_int8() {
         if poolformer_edge::passes::conv::ENABLED {
             assert!(!ops.iter().any(|n| n == "DequantizeConst"), "{ops:?}");
             assert_eq!(convs.len(), 1, "{ops:?}");
-            assert_eq!(convs[0].weights.is_int8(), kept_int8, "{c}×{o}");
+            assert!(convs[0].weights.is_int8(), "{c}×{o}");
         } else {
             // Without the patch conv (armv7), tract's conv runs; weights over the
             // budget are dequantized on every run, as tract's own DequantizeLinear.
             assert!(convs.is_empty(), "{ops:?}");
             assert_eq!(
                 ops.iter().any(|n| n == "DequantizeConst"),
-                kept_int8,
+                over_budget,
                 "{ops:?}"
             );
         }

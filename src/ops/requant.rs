@@ -288,12 +288,15 @@ impl TypedOp for FakeQuant {
 /// `(x − zero_point[c])·scale[c]` along `axis`, or per tensor when the scale and
 /// zero point have one element. The int8 pass reads the integer tensor and its
 /// scales from it; anything it does not rewrite is constant-folded by tract's
-/// declutter.
+/// declutter (within tract's folding budget), unless `keep` says a later pass takes
+/// the integers (the patch convolution keeps int8 weights int8).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DequantizeConst {
     pub axis: usize,
     pub scale: Arc<Vec<f32>>,
     pub zero_point: Arc<Vec<i32>>,
+    /// Never folded into an f32 constant.
+    pub keep: bool,
 }
 
 impl Eq for DequantizeConst {}
@@ -389,11 +392,11 @@ impl Op for DequantizeConst {
 
 impl EvalOp for DequantizeConst {
     /// Declines (`None`) where the f32 value would exceed tract's constant-folding
-    /// budget: tract's constant propagation would evaluate it on every round only to
-    /// drop it. Passes that want the value call [`DequantizeConst::dequantize`].
+    /// budget (tract's constant propagation would evaluate it on every round only to
+    /// drop it), and where `keep` is set. Passes that want the value call [`DequantizeConst::dequantize`].
     fn eval_out_of_plan(&self, inputs: TVec<TValue>) -> TractResult<Option<TVec<TValue>>> {
         let bytes = inputs.first().map_or(0, |x| x.len() * size_of::<f32>());
-        if bytes as u64 > CONST_FOLD_MEM_BUDGET {
+        if self.keep || bytes as u64 > CONST_FOLD_MEM_BUDGET {
             return Ok(None);
         }
         Ok(Some(self.eval(&EvalContext::out_of_plan(), inputs)?))

@@ -36,6 +36,57 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
     Ok(())
 }
 
+/// Marks the int8 weights of the float convolutions this pass will take
+/// ([`DequantizeConst`] `keep`), so that tract's declutter does not fold them into f32
+/// constants: the patch convolution then holds them as int8 ([`ConvWeights::I8`]),
+/// a quarter of the memory. Runs before the declutter; returns how many it marked.
+pub fn keep_int8_weights(model: &mut TypedModel) -> TractResult<usize> {
+    if !ENABLED {
+        return Ok(0);
+    }
+    let mut marked = 0;
+    for id in 0..model.nodes().len() {
+        let node = model.node(id);
+        let Some(conv) = node.op_as::<Conv>() else {
+            continue;
+        };
+        let spec = &conv.pool_spec;
+        let pointwise = spec.kernel_shape.iter().all(|&k| k == 1)
+            && spec
+                .strides
+                .as_ref()
+                .is_none_or(|s| s.iter().all(|&v| v == 1));
+        if conv.q_params.is_some() || pointwise || node.inputs.len() < 2 {
+            continue;
+        }
+        let w = node.inputs[1];
+        let wnode = model.node(w.node);
+        let Some(dq) = wnode.op_as::<DequantizeConst>() else {
+            continue;
+        };
+        let per_axis = dq.scale.len() > 1 || dq.zero_point.len() > 1;
+        let int8 = match wnode.inputs.as_slice() {
+            [q] => model
+                .outlet_fact(*q)?
+                .konst
+                .as_ref()
+                .is_some_and(|k| k.datum_type() == i8::datum_type()),
+            _ => false,
+        };
+        let only_use = model.outlet_successors(w).len() == 1;
+        if dq.keep || !int8 || !only_use || (per_axis && dq.axis != 0) {
+            continue;
+        }
+        let op = DequantizeConst {
+            keep: true,
+            ..dq.clone()
+        };
+        model.node_mut(w.node).op = Box::new(op);
+        marked += 1;
+    }
+    Ok(marked)
+}
+
 fn concrete(model: &TypedModel, o: OutletId) -> Option<(DatumType, Vec<usize>)> {
     let f = model.outlet_fact(o).ok()?;
     Some((f.datum_type, f.shape.as_concrete()?.to_vec()))

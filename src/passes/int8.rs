@@ -224,6 +224,7 @@ impl Expansion for KeepIntegerConst {
             axis: axis.max(0) as usize,
             scale: Arc::new(scale.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()),
             zero_point: Arc::new(zero_point.try_as_plain_ram()?.as_slice::<i32>()?.to_vec()),
+            keep: false,
         };
         if per_axis {
             let c = x.shape()[op.axis];

@@ -46,6 +46,7 @@ pub fn optimize_graph(model: TypedModel, fuse: bool) -> Result<(TypedModel, Pass
     let mut model = model;
     if fuse {
         int8::rewrite(&mut model, &mut report)?;
+        conv::keep_int8_weights(&mut model)?;
         crate::ops::konst::pin(&mut model, PIN_MIN_LEN);
     }
     let mut model = model.into_decluttered()?;
