@@ -521,6 +521,30 @@ fn mlp_blocks_cover_every_column_once() {
     }
 }
 
+/// A `rows × k` int8 matrix of `noise·amp` (saturating) with a scale and zero point per
+/// row, and its dequantized values `(q − zero)·scale` as DequantizeLinear computes them.
+fn int8_rows(
+    rows: usize,
+    k: usize,
+    seed: u64,
+    amp: f32,
+    scale: impl Fn(usize) -> f32,
+    zero: impl Fn(usize) -> i32,
+) -> (Vec<i8>, Vec<f32>, Vec<i32>, Vec<f32>) {
+    let q: Vec<i8> = noise(rows * k, seed)
+        .iter()
+        .map(|v| (v * amp) as i8)
+        .collect();
+    let scale: Vec<f32> = (0..rows).map(scale).collect();
+    let zero: Vec<i32> = (0..rows).map(zero).collect();
+    let w = q
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (v as i32 - zero[i / k]) as f32 * scale[i / k])
+        .collect();
+    (q, scale, zero, w)
+}
+
 /// int8 weights with a scale and zero point per row, packed, dequantized a few panels
 /// at a time and multiplied with the `Bias` epilogue (the patch convolution's path):
 /// against the f64 product of the dequantized weights, whose f32 values are exact
@@ -531,17 +555,14 @@ fn sgemm_bias_on_int8_weights_matches_definition_on_every_isa() {
     // of the reduction, and several stretches.
     for &(m, k, n) in SGEMM_SHAPES.iter().chain(&[(300, 1100, 9)]) {
         let ldo = n + 2;
-        let q: Vec<i8> = noise(m * k, (m * k) as u64 + 5)
-            .iter()
-            .map(|v| (v * 127.0) as i8)
-            .collect();
-        let scale: Vec<f32> = (0..m).map(|r| 0.01 + 0.003 * (r % 7) as f32).collect();
-        let zero: Vec<i32> = (0..m).map(|r| (r % 5) as i32 - 2).collect();
-        let w: Vec<f32> = q
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (v as i32 - zero[i / k]) as f32 * scale[i / k])
-            .collect();
+        let (q, scale, zero, w) = int8_rows(
+            m,
+            k,
+            (m * k) as u64 + 5,
+            127.0,
+            |r| 0.01 + 0.003 * (r % 7) as f32,
+            |r| (r % 5) as i32 - 2,
+        );
         let b = noise(k * n, (k * n) as u64 + 6);
         let bias = noise(m, 9);
         for isa in Isa::available() {
@@ -620,18 +641,14 @@ fn patch_conv_matches_reference_conv() {
         let x = common::test_image(ci, n, n, (ci * n) as u64);
         // int8 weights with a scale and zero point per output channel; the f32 weights
         // are their dequantized values, so both forms of the op have one reference.
-        let kk = ci * k * k;
-        let q: Vec<i8> = noise(co * kk, 7)
-            .iter()
-            .map(|v| (v * 250.0) as i8)
-            .collect();
-        let scale: Vec<f32> = (0..co).map(|o| 0.002 + 0.001 * (o % 5) as f32).collect();
-        let zero: Vec<i32> = (0..co).map(|o| (o % 3) as i32 - 1).collect();
-        let w: Vec<f32> = q
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (v as i32 - zero[i / kk]) as f32 * scale[i / kk])
-            .collect();
+        let (q, scale, zero, w) = int8_rows(
+            co,
+            ci * k * k,
+            7,
+            250.0,
+            |o| 0.002 + 0.001 * (o % 5) as f32,
+            |o| (o % 3) as i32 - 1,
+        );
         let b = noise(co, 8);
         let kernel = common::reference::ConvKernel {
             out_channels: co,
