@@ -239,26 +239,56 @@ multiversion! {
         let lo = (grid.lo - grid.zero_point) as f32;
         let hi = (grid.hi - grid.zero_point) as f32;
         let zp = grid.zero_point;
-        let q = |a: i32, j: usize| {
-            let g = gelu(dequant(a, corr[j], mult[j], offset[j], how));
-            round_to_low_byte((g * inv_scale).clamp_to(lo, hi), zp)
-        };
+        // One copy of the loop per form of `how`, so that its match is not in the loop.
+        match how {
+            Dequant::F32 => {
+                let q = |a: i32, j: usize| {
+                    let g = gelu(dequant(a, corr[j], mult[j], offset[j], Dequant::F32));
+                    round_to_low_byte((g * inv_scale).clamp_to(lo, hi), zp)
+                };
+                hidden_quantize_loop(acc, nrows, cols, q, dst)
+            }
+            Dequant::Grid { grid: g1, dq_zero_point, dq_scale } => {
+                let q = |a: i32, j: usize| {
+                    let how = Dequant::Grid { grid: g1, dq_zero_point, dq_scale };
+                    let g = gelu(dequant(a, corr[j], mult[j], offset[j], how));
+                    round_to_low_byte((g * inv_scale).clamp_to(lo, hi), zp)
+                };
+                hidden_quantize_loop(acc, nrows, cols, q, dst)
+            }
+        }
+    }
+}
+
+/// [`hidden_quantize_group`]'s loop with its per-value function `q(acc, row)`.
+#[inline(always)]
+fn hidden_quantize_loop(
+    acc: [&[i32]; 4],
+    nrows: usize,
+    cols: usize,
+    q: impl Fn(i32, usize) -> u8 + Copy,
+    dst: &mut [u8],
+) {
+    {
         if nrows == 4 {
             // Runs of 8 tokens, the last one padded: every value goes through the
             // vector code (a scalar tail costs about 8 times as much per value).
             #[inline(always)]
             fn run(a: [[i32; 8]; 4], q: impl Fn(i32, usize) -> u8) -> [u8; 32] {
-                let mut b = [[0u8; 8]; 4];
-                for j in 0..4 {
-                    for l in 0..8 {
-                        b[j][l] = q(a[j][l], j);
-                    }
+                // Token l's 4 bytes as one little-endian word: shifts and ors in
+                // 8 lanes rather than byte shuffles.
+                let mut w = [0u32; 8];
+                for (l, w) in w.iter_mut().enumerate() {
+                    *w = u32::from_le_bytes([
+                        q(a[0][l], 0),
+                        q(a[1][l], 1),
+                        q(a[2][l], 2),
+                        q(a[3][l], 3),
+                    ]);
                 }
                 let mut d = [0u8; 32];
-                for l in 0..8 {
-                    for j in 0..4 {
-                        d[4 * l + j] = b[j][l];
-                    }
+                for (d, w) in d.chunks_exact_mut(4).zip(w) {
+                    d.copy_from_slice(&w.to_le_bytes());
                 }
                 d
             }
