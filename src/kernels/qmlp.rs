@@ -269,50 +269,48 @@ fn hidden_quantize_loop(
     q: impl Fn(i32, usize) -> u8 + Copy,
     dst: &mut [u8],
 ) {
-    {
-        if nrows == 4 {
-            // Runs of 8 tokens, the last one padded: every value goes through the
-            // vector code (a scalar tail costs about 8 times as much per value).
-            #[inline(always)]
-            fn run(a: [[i32; 8]; 4], q: impl Fn(i32, usize) -> u8) -> [u8; 32] {
-                // Token l's 4 bytes as one little-endian word: shifts and ors in
-                // 8 lanes rather than byte shuffles.
-                let mut w = [0u32; 8];
-                for (l, w) in w.iter_mut().enumerate() {
-                    *w = u32::from_le_bytes([
-                        q(a[0][l], 0),
-                        q(a[1][l], 1),
-                        q(a[2][l], 2),
-                        q(a[3][l], 3),
-                    ]);
-                }
-                let mut d = [0u8; 32];
-                for (d, w) in d.chunks_exact_mut(4).zip(w) {
-                    d.copy_from_slice(&w.to_le_bytes());
-                }
-                d
+    if nrows == 4 {
+        // Runs of 8 tokens, the last one padded: every value goes through the
+        // vector code (a scalar tail costs about 8 times as much per value).
+        #[inline(always)]
+        fn run(a: [[i32; 8]; 4], q: impl Fn(i32, usize) -> u8) -> [u8; 32] {
+            // Token l's 4 bytes as one little-endian word: shifts and ors in
+            // 8 lanes rather than byte shuffles.
+            let mut w = [0u32; 8];
+            for (l, w) in w.iter_mut().enumerate() {
+                *w = u32::from_le_bytes([
+                    q(a[0][l], 0),
+                    q(a[1][l], 1),
+                    q(a[2][l], 2),
+                    q(a[3][l], 3),
+                ]);
             }
-            let full = cols / 8;
-            let (body, tail) = dst[..4 * cols].split_at_mut(32 * full);
-            for (c, d) in body.chunks_exact_mut(32).enumerate() {
-                let a = std::array::from_fn(|j| {
-                    let row: &[i32; 8] = acc[j][8 * c..8 * c + 8].try_into().unwrap();
-                    *row
-                });
-                d.copy_from_slice(&run(a, q));
+            let mut d = [0u8; 32];
+            for (d, w) in d.chunks_exact_mut(4).zip(w) {
+                d.copy_from_slice(&w.to_le_bytes());
             }
-            if !tail.is_empty() {
-                let t = cols - 8 * full;
-                let a = std::array::from_fn(|j| {
-                    let mut row = [0i32; 8];
-                    row[..t].copy_from_slice(&acc[j][8 * full..cols]);
-                    row
-                });
-                tail.copy_from_slice(&run(a, q)[..4 * t]);
-            }
-        } else {
-            pack_group(dst, cols, |j, n| q(acc[j][n], j), nrows);
+            d
         }
+        let full = cols / 8;
+        let (body, tail) = dst[..4 * cols].split_at_mut(32 * full);
+        for (c, d) in body.chunks_exact_mut(32).enumerate() {
+            let a = std::array::from_fn(|j| {
+                let row: &[i32; 8] = acc[j][8 * c..8 * c + 8].try_into().unwrap();
+                *row
+            });
+            d.copy_from_slice(&run(a, q));
+        }
+        if !tail.is_empty() {
+            let t = cols - 8 * full;
+            let a = std::array::from_fn(|j| {
+                let mut row = [0i32; 8];
+                row[..t].copy_from_slice(&acc[j][8 * full..cols]);
+                row
+            });
+            tail.copy_from_slice(&run(a, q)[..4 * t]);
+        }
+    } else {
+        pack_group(dst, cols, |j, n| q(acc[j][n], j), nrows);
     }
 }
 
