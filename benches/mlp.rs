@@ -108,7 +108,7 @@ fn stages(c: &mut Criterion<ThreadCpu>) {
         });
         let x = values(ch * hw, 5, 2.0);
         let mut out = vec![0f32; ch * hw];
-        let blocks = w.blocks(hw, 1);
+        let blocks = w.blocks(hw, 1, 16);
         let stats = (0.01f32, 1.7f32);
         let mut group = c.benchmark_group(format!("mlp/stage{stage}_{ch}x{hidden}x{hw}"));
         group.throughput(Throughput::Elements((2 * ch * hidden * hw) as u64));

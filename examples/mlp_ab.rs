@@ -1,6 +1,8 @@
 //! A/B of the channel MLP's two product paths on PoolFormer-S12's four stage shapes,
 //! one thread, alternating in one process: the `gemm` crate path (`run_block`) and
-//! the packed kernels (`run_block_packed`) on AVX-512 and AVX2. Each figure is the
+//! the packed kernels (`run_block_packed`) on AVX-512 and AVX2, on the engine's token
+//! blocks (aligned to 16 tokens, as on AVX2) and, as `unaligned`, on the same cut without that
+//! alignment, which leaves a narrow column panel at the end of each block. Each figure is the
 //! smallest of 15 rounds of 5 calls, in thread CPU time, so that on a shared machine
 //! time slices lost to other jobs do not count.
 //!
@@ -93,24 +95,33 @@ fn main() {
             .into();
         let x = values(ch * hw, 5, 2.0);
         let mut out = vec![0f32; ch * hw];
-        let blocks = w.blocks(hw, 1);
+        // The engine's blocks, and the same cut without aligning them to 16 tokens (their
+        // ends then leave a narrow column panel in every block).
+        let blocks = w.blocks(hw, 1, 16);
+        let unaligned = w.blocks(hw, 1, 1);
         let stats = (0.01f32, 1.7f32);
         let macs = (2 * ch * hidden * hw) as f64;
         let mut variants = vec![("gemm crate", Isa::best())];
         for isa in [Isa::Avx512, Isa::Avx2] {
             if isa.is_supported() {
                 variants.push(("packed", isa));
+                variants.push(("unaligned", isa));
             }
         }
         let mut best = vec![f64::INFINITY; variants.len()];
         let mut scratch = Scratch::default();
         for _ in 0..15 {
             for (vi, &(kind, isa)) in variants.iter().enumerate() {
+                let cut = if kind == "unaligned" {
+                    &unaligned
+                } else {
+                    &blocks
+                };
                 let t = min_time(1, 5, || {
-                    for &cols in &blocks {
+                    for &cols in cut {
                         // SAFETY: x and out are ch × hw.
                         unsafe {
-                            if kind == "packed" {
+                            if kind != "gemm crate" {
                                 let (xp, op) = (x.as_ptr(), out.as_mut_ptr());
                                 let p = packed.iter().find(|p| p.isa() == isa).unwrap();
                                 run_block_packed(

@@ -228,6 +228,7 @@ const SGEMM_SHAPES: &[(usize, usize, usize)] = &[
     (16, 32, 64),
     (9, 300, 20),
     (17, 521, 5),
+    (11, 1100, 19),
 ];
 
 /// `(Σ w·(x − shift), Σ |w·(x − shift)|)` in f64 for output `(i, j)`.
@@ -505,10 +506,13 @@ fn mlp_blocks_cover_every_column_once() {
             b2: vec![],
         };
         for threads in 1..=5 {
-            // The fp32 MLP's blocks, and the int8 MLP's: about as many, boundaries
-            // aligned to 16 tokens except the end.
+            // The fp32 MLP's blocks (aligned to the AVX2 kernels' 16-token panels), and
+            // the int8 MLP's: about as many, boundaries aligned to 16 tokens except the
+            // end.
+            let fp32 = w.blocks(hw, threads, 16);
             let int8 = column_blocks(hw, (65_536 / hidden).max(64), threads, 16);
-            for blocks in [w.blocks(hw, threads), int8.clone()] {
+            assert!(fp32.iter().all(|b| b.1 % 16 == 0 || b.1 == hw), "{fp32:?}");
+            for blocks in [fp32, int8.clone()] {
                 assert_eq!(blocks.first().map(|b| b.0), Some(0));
                 assert_eq!(blocks.last().map(|b| b.1), Some(hw));
                 assert!(blocks.windows(2).all(|p| p[0].1 == p[1].0), "{blocks:?}");

@@ -66,6 +66,12 @@ pub fn preferred(isa: Isa) -> bool {
     matches!(isa, Isa::Avx512 | Isa::Avx2) && isa.is_supported()
 }
 
+/// Tokens of the widest column panel on `isa`.
+pub fn panel_cols(isa: Isa) -> usize {
+    let (lanes, vectors) = geometry(isa);
+    lanes * vectors
+}
+
 /// Tokens per vector and the most vectors in a column panel, per instruction set.
 pub fn geometry(isa: Isa) -> (usize, usize) {
     match isa {
@@ -651,8 +657,12 @@ impl Strip<'_> {
                 _ => x86::strip_avx512::<3>(self, epi),
             },
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 if isa.is_supported() => match width / 8 {
-                1 => x86::strip_avx2::<1>(self, epi),
+            Isa::Avx2 if isa.is_supported() => match (width / 8, self.valid) {
+                (1, 1) => x86::strip_avx2_narrow::<1>(self, epi),
+                (1, 2) => x86::strip_avx2_narrow::<2>(self, epi),
+                (1, 3) => x86::strip_avx2_narrow::<3>(self, epi),
+                (1, 4) => x86::strip_avx2_narrow::<4>(self, epi),
+                (1, _) => x86::strip_avx2::<1>(self, epi),
                 _ => x86::strip_avx2::<2>(self, epi),
             },
             _ => self.portable(width, epi),
@@ -847,6 +857,104 @@ mod x86 {
                                 };
                                 _mm512_mask_storeu_ps(or.add(v * 16), m, y);
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// AVX2, an 8-token panel with only `NV` ≤ 4 tokens in it (the end of a block whose
+    /// width is not a multiple of 8): one matrix-vector product per token, a weight
+    /// panel's 6 rows in the lanes of one vector (lanes 6 and 7 are ignored). Per step
+    /// of the reduction that is one load and `NV` broadcasts and FMAs, where the 6 × 8
+    /// tile spends 6 broadcasts and 6 FMAs on mostly padding.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn strip_avx2_narrow<const NV: usize>(s: &Strip, epi: &Epilogue) {
+        const MR: usize = 6;
+        const WIDTH: usize = 8;
+        let w = s.w;
+        debug_assert_eq!(w.mr, MR);
+        debug_assert_eq!(s.valid, NV);
+        let (k, k0, n) = (w.depth, s.depth.start, s.depth.len());
+        let base = w.data.as_slice().as_ptr();
+        let x0 = s.x.add(k0 * WIDTH);
+        let six = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+        for p in s.panels.clone() {
+            let row0 = p * MR;
+            let a = base.add((p * k + k0) * MR);
+            // `chains` partial sums per token over alternate steps, so that at least
+            // 4 FMAs are independent (an FMA's latency is 4 cycles on the CPUs tuned for).
+            let chains = 4usize.div_ceil(NV);
+            let mut partial = [[_mm256_setzero_ps(); 4]; NV];
+            let step = |kk: usize, partial: &mut [[__m256; 4]; NV], j: usize| {
+                // 8 values from step kk's 6: the last step's load stops at the panel's end.
+                let wv = if kk + 1 < n {
+                    _mm256_loadu_ps(a.add(kk * MR))
+                } else {
+                    _mm256_maskload_ps(a.add(kk * MR), six)
+                };
+                let xp = x0.add(kk * WIDTH);
+                for (c, p) in partial.iter_mut().enumerate() {
+                    p[j] = _mm256_fmadd_ps(wv, _mm256_broadcast_ss(&*xp.add(c)), p[j]);
+                }
+            };
+            let mut kk = 0;
+            while kk + chains <= n {
+                for j in 0..chains {
+                    step(kk + j, &mut partial, j);
+                }
+                kk += chains;
+            }
+            for (j, kk) in (kk..n).enumerate() {
+                step(kk, &mut partial, j);
+            }
+            let acc: [__m256; NV] = std::array::from_fn(|c| {
+                let p = &partial[c];
+                match chains {
+                    1 => p[0],
+                    2 => _mm256_add_ps(p[0], p[1]),
+                    _ => _mm256_add_ps(_mm256_add_ps(p[0], p[1]), _mm256_add_ps(p[2], p[3])),
+                }
+            });
+            let rows = MR.min(w.rows - row0);
+            let mut v = [0f32; 8];
+            match *epi {
+                Epilogue::Gelu { scale, bias, dst } => {
+                    let mut b = [0f32; 8];
+                    b[..rows].copy_from_slice(&bias[row0..row0 + rows]);
+                    let (sc, b) = (_mm256_set1_ps(scale), _mm256_loadu_ps(b.as_ptr()));
+                    let d = dst.add(w.rows * s.col0 + row0 * WIDTH);
+                    for (c, &acc) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(v.as_mut_ptr(), acc);
+                        if !s.first {
+                            for (r, v) in v.iter_mut().enumerate().take(rows) {
+                                *v += *d.add(r * WIDTH + c);
+                            }
+                        }
+                        if s.last {
+                            let y = gelu256(_mm256_fmadd_ps(_mm256_loadu_ps(v.as_ptr()), sc, b));
+                            _mm256_storeu_ps(v.as_mut_ptr(), y);
+                        }
+                        for (r, &v) in v.iter().enumerate().take(rows) {
+                            *d.add(r * WIDTH + c) = v;
+                        }
+                    }
+                }
+                Epilogue::Residual { .. } | Epilogue::Bias { .. } => {
+                    let (bias, x, ldx, out, ldo) = epi.rows().unwrap_unchecked();
+                    for (c, &acc) in acc.iter().enumerate() {
+                        _mm256_storeu_ps(v.as_mut_ptr(), acc);
+                        for (r, &a) in v.iter().enumerate().take(rows) {
+                            let row = row0 + r;
+                            let o = out.add(row * ldo + s.col0 + c);
+                            *o = if !s.first {
+                                a + *o
+                            } else if x.is_null() {
+                                a + bias[row]
+                            } else {
+                                (a + bias[row]) + *x.add(row * ldx + s.col0 + c)
+                            };
                         }
                     }
                 }

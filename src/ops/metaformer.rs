@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use tract_core::internal::*;
 
 use crate::kernels::mlp::{run_block, run_block_packed, MlpWeights, PackedMlp, Scratch};
-use crate::kernels::{mixer, norm, Isa};
+use crate::kernels::{mixer, norm, sgemm, Isa};
 
 use tract_linalg::multithread::Executor;
 
@@ -194,7 +194,8 @@ fn eval_mlp(
     let (executor, threads) = executor_threads();
     let stats = stats(isa, xs, eps, &executor, threads);
     let mut out = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
-    let blocks = wts.blocks(hw, threads);
+    let align = packed.map_or(1, |p| sgemm::panel_cols(p.isa()));
+    let blocks = wts.blocks(hw, threads, align);
     let xp = xs.as_ptr();
     let mut view = out.try_as_plain_ram_mut()?;
     let op = SendPtr(view.as_slice_mut::<f32>()?.as_mut_ptr());
