@@ -1,12 +1,14 @@
-//! A/B of the patch convolution's two paths for int8 weights on PoolFormer-S12's stem
-//! and downsampling convolution shapes at 224×224: the `gemm` crate on row-major
-//! weights dequantized 64 rows at a time, against the crate's `sgemm` kernels on packed
-//! weights dequantized a stretch at a time (what `PatchConv`'s codegen picks on AVX2
-//! and AVX-512). One thread, the two alternating in one process, outputs compared;
-//! each figure is the smallest of 15 rounds in thread CPU time, so time lost to other
-//! jobs does not count.
+//! A/B of the patch convolution's two paths on PoolFormer-S12's stem and downsampling
+//! convolution shapes at 224×224, for int8 and f32 weights: the `gemm` crate on row-major
+//! weights (int8 ones dequantized 64 rows at a time), against the crate's `sgemm`
+//! kernels on packed weights (int8 ones dequantized a stretch at a time), which is what
+//! `PatchConv`'s codegen picks on AVX2 and AVX-512. The two alternate in one process,
+//! outputs compared. On one thread each figure is the smallest of 15 rounds in thread CPU
+//! time, so that time lost to other jobs does not count; with `--threads N` (N > 1) the
+//! ops run on a pool of N threads and each figure is the smallest of 40 rounds in wall
+//! time.
 //!
-//! `cargo run --release --example conv_ab`
+//! `cargo run --release --example conv_ab [-- [SHAPE] [--threads N]]`
 
 #[path = "common/cpu_time.rs"]
 mod cpu_time;
@@ -16,7 +18,16 @@ use cpu_time::cpu_now;
 use poolformer_edge::kernels::im2col::ConvGeometry;
 use poolformer_edge::kernels::{sgemm, Isa};
 use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
+
+/// Seconds of wall time since the first call.
+fn wall_now() -> f64 {
+    static T0: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    T0.get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64()
+}
 
 fn main() -> TractResult<()> {
     let isa = Isa::best();
@@ -38,12 +49,34 @@ fn main() -> TractResult<()> {
         s ^= s << 5;
         s
     };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let threads: usize = args
+        .iter()
+        .position(|a| a == "--threads")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    // A number not after `--threads` picks one shape by its index.
+    let only: Option<usize> = args
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i == 0 || args[i - 1] != "--threads")
+        .find_map(|(_, a)| a.parse().ok());
+    let (rounds, now): (usize, fn() -> f64) = if threads > 1 {
+        (40, wall_now)
+    } else {
+        (15, cpu_now)
+    };
+    let executor = if threads > 1 {
+        Executor::multithread(threads)
+    } else {
+        Executor::SingleThread
+    };
+    println!("{threads} thread(s), smallest of {rounds} rounds");
     println!(
-        "{:>28} {:>12} {:>12} {:>7}",
-        "conv", "gemm crate", "sgemm", "ratio"
+        "{:>28} {:>8} {:>12} {:>12} {:>7}",
+        "conv", "weights", "gemm crate", "sgemm", "ratio"
     );
-    // An argument picks one shape by its index.
-    let only: Option<usize> = std::env::args().nth(1).and_then(|a| a.parse().ok());
     for (i, (ci, n, co, k, st, p)) in shapes.into_iter().enumerate() {
         if only.is_some_and(|o| o != i) {
             continue;
@@ -66,12 +99,20 @@ fn main() -> TractResult<()> {
             .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
             .collect();
         let input = Tensor::from_shape(&[1, ci, n, n], &x)?.into_tvalue();
-        let weights = ConvWeights::I8 {
+        let f32_weights: Vec<f32> = q
+            .iter()
+            .enumerate()
+            .map(|(j, &v)| v as f32 * scale[j / kk])
+            .collect();
+        let int8 = ConvWeights::I8 {
             q: Arc::new(q),
             scale: Arc::new(scale),
             zero: Arc::new(vec![0; co]),
         };
-        {
+        for (kind, weights) in [
+            ("int8", int8),
+            ("f32", ConvWeights::F32(Arc::new(f32_weights))),
+        ] {
             let plans = [weights.clone(), weights.packed(isa, co)].map(|weights| {
                 let op = PatchConv {
                     geometry: g,
@@ -87,19 +128,21 @@ fn main() -> TractResult<()> {
             });
             let mut best = [f64::MAX; 2];
             let mut outs = vec![];
-            for _ in 0..15 {
+            for _ in 0..rounds {
                 outs.clear();
                 for (i, plan) in plans.iter().enumerate() {
-                    let t = cpu_now();
-                    let y = plan.run(tvec!(input.clone()))?;
-                    best[i] = best[i].min(cpu_now() - t);
+                    let t = now();
+                    let y = multithread_tract_scope(executor.clone(), || {
+                        plan.run(tvec!(input.clone()))
+                    })?;
+                    best[i] = best[i].min(now() - t);
                     outs.push(y[0].clone().into_tensor());
                 }
                 outs[0].close_enough(&outs[1], tract_core::internal::Approximation::Approximate)?;
             }
             let name = format!("{ci}→{co} {k}×{k}/{st} on {n}×{n}");
             println!(
-                "{name:>28} {:>9.3} ms {:>9.3} ms {:>7.2}",
+                "{name:>28} {kind:>8} {:>9.3} ms {:>9.3} ms {:>7.2}",
                 best[0] * 1e3,
                 best[1] * 1e3,
                 best[0] / best[1]

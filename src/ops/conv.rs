@@ -32,6 +32,8 @@ pub enum ConvWeights {
     /// codegen does this where those kernels are the faster path); a few panels at a
     /// time are dequantized into f32 while the op runs (`sgemm::gemm_i8`).
     PackedI8(Arc<PackedWeightsI8>),
+    /// `F32`, packed for the `sgemm` kernels of one instruction set.
+    PackedF32(Arc<PackedWeights>),
 }
 
 impl ConvWeights {
@@ -40,8 +42,7 @@ impl ConvWeights {
         matches!(self, ConvWeights::I8 { .. } | ConvWeights::PackedI8(_))
     }
 
-    /// int8 weights packed for the `sgemm` kernels on `isa` (others as they are: for
-    /// f32 weights the `gemm` crate's kernels run S12's convolutions as fast).
+    /// The weights packed for the `sgemm` kernels on `isa` (packed ones as they are).
     pub fn packed(&self, isa: Isa, rows: usize) -> ConvWeights {
         match self {
             ConvWeights::I8 { q, scale, zero } => {
@@ -49,6 +50,10 @@ impl ConvWeights {
                 ConvWeights::PackedI8(Arc::new(PackedWeightsI8::pack(
                     isa, q, scale, zero, rows, depth,
                 )))
+            }
+            ConvWeights::F32(w) => {
+                let depth = w.len() / rows.max(1);
+                ConvWeights::PackedF32(Arc::new(PackedWeights::pack(isa, w, rows, depth)))
             }
             packed => packed.clone(),
         }
@@ -71,6 +76,7 @@ impl PartialEq for ConvWeights {
                 },
             ) => q == q2 && scale == s2 && zero == z2,
             (PackedI8(a), PackedI8(b)) => Arc::ptr_eq(a, b),
+            (PackedF32(a), PackedF32(b)) => Arc::ptr_eq(a, b),
             _ => false,
         }
     }
@@ -99,6 +105,7 @@ impl Op for PatchConv {
             ConvWeights::F32(_) => "f32 weights".to_string(),
             ConvWeights::I8 { .. } => "int8 weights".to_string(),
             ConvWeights::PackedI8(ref w) => format!("int8 weights packed for {}", w.isa().name()),
+            ConvWeights::PackedF32(ref w) => format!("f32 weights packed for {}", w.isa().name()),
         };
         Ok(vec![format!(
             "{}→{} {}×{}/{} → {}×{}, {weights}",
@@ -127,9 +134,16 @@ impl EvalOp for PatchConv {
         let mut out =
             unsafe { Tensor::uninitialized::<f32>(&[1, self.out_channels, g.out_h, g.out_w])? };
         let (executor, threads) = executor_threads();
-        if let ConvWeights::PackedI8(w) = &self.weights {
-            self.eval_packed(w, xs, &mut out, &executor, threads)?;
-            return Ok(tvec!(out.into_tvalue()));
+        match &self.weights {
+            ConvWeights::PackedI8(w) => {
+                self.eval_packed(Packed::I8(w), xs, &mut out, &executor, threads)?;
+                return Ok(tvec!(out.into_tvalue()));
+            }
+            ConvWeights::PackedF32(w) => {
+                self.eval_packed(Packed::F32(w), xs, &mut out, &executor, threads)?;
+                return Ok(tvec!(out.into_tvalue()));
+            }
+            _ => (),
         }
         let mut patches = vec![0f32; k * p];
         {
@@ -157,7 +171,7 @@ impl EvalOp for PatchConv {
                     ConvWeights::F32(w) => {
                         product(os, w, 0, self.out_channels, &patches, k, p, parallelism)
                     }
-                    ConvWeights::PackedI8(_) => unreachable!(),
+                    ConvWeights::PackedI8(_) | ConvWeights::PackedF32(_) => unreachable!(),
                     ConvWeights::I8 { q, scale, zero } => {
                         let mut block = vec![0f32; I8_BLOCK_ROWS.min(self.out_channels) * k];
                         let mut row0 = 0;
@@ -182,12 +196,12 @@ impl EvalOp for PatchConv {
 }
 
 impl PatchConv {
-    /// The op on packed int8 weights: the patch matrix written straight into column
-    /// panels, then the `sgemm` kernels over the weight panels, a range per thread, the
-    /// weights dequantized a stretch at a time into each thread's scratch.
+    /// The op on packed weights: the patch matrix written straight into column panels,
+    /// then the `sgemm` kernels over the weight panels, a range per thread; int8 weights
+    /// dequantized a stretch at a time into each thread's scratch.
     fn eval_packed(
         &self,
-        w: &PackedWeightsI8,
+        w: Packed,
         xs: &[f32],
         out: &mut Tensor,
         executor: &tract_linalg::multithread::Executor,
@@ -259,7 +273,10 @@ impl PatchConv {
             // for every row.
             unsafe {
                 let epi = Epilogue::Bias { bias, out, ldo: p };
-                sgemm::gemm_i8(isa, w, range.clone(), &cols, &epi, scratch);
+                match w {
+                    Packed::I8(w) => sgemm::gemm_i8(isa, w, range.clone(), &cols, &epi, scratch),
+                    Packed::F32(w) => sgemm::gemm(isa, w, range.clone(), &cols, &epi),
+                }
             }
         };
         if threads > 1 && ranges.len() > 1 {
@@ -273,6 +290,29 @@ impl PatchConv {
             ranges.iter().for_each(|r| run(r, &mut scratch));
         }
         Ok(())
+    }
+}
+
+/// Packed weights of either kind, for [`PatchConv::eval_packed`].
+#[derive(Clone, Copy)]
+enum Packed<'a> {
+    I8(&'a PackedWeightsI8),
+    F32(&'a PackedWeights),
+}
+
+impl Packed<'_> {
+    fn isa(&self) -> Isa {
+        match self {
+            Packed::I8(w) => w.isa(),
+            Packed::F32(w) => w.isa(),
+        }
+    }
+
+    fn panels(&self) -> usize {
+        match self {
+            Packed::I8(w) => w.panels(),
+            Packed::F32(w) => w.panels(),
+        }
     }
 }
 
@@ -331,15 +371,17 @@ impl TypedOp for PatchConv {
         )))
     }
 
-    /// Packs int8 weights for the `sgemm` kernels where those are the faster path
-    /// (`sgemm::preferred`: AVX2 and AVX-512); elsewhere the `gemm` crate runs.
+    /// Packs the weights (int8 or f32) for the `sgemm` kernels where those are the faster
+    /// path (`sgemm::preferred`: AVX2 and AVX-512); elsewhere the `gemm` crate runs.
     fn codegen(
         &self,
         model: &TypedModel,
         node: &TypedNode,
     ) -> TractResult<Option<TypedModelPatch>> {
         let isa = Isa::best();
-        if !sgemm::preferred(isa) || !matches!(self.weights, ConvWeights::I8 { .. }) {
+        if !sgemm::preferred(isa)
+            || !matches!(self.weights, ConvWeights::I8 { .. } | ConvWeights::F32(_))
+        {
             return Ok(None);
         }
         let op = PatchConv {
