@@ -54,8 +54,8 @@ impl MlpWeights {
     /// Column ranges to process, one block each: about 256 KiB of hidden activations
     /// per block (they stay in L2 between the two products), at least 128 columns
     /// (fewer make the matrix kernels repack the weights too often for their work),
-    /// starting on multiples of `align` (the packed kernels' widest tile, so that only
-    /// the last block has a narrow column panel).
+    /// starting on multiples of `align` (the packed kernels' widest column panel, so
+    /// that only the last block can end in a narrower one).
     pub fn blocks(&self, hw: usize, threads: usize, align: usize) -> Vec<(usize, usize)> {
         column_blocks(hw, (65_536 / self.hidden).max(128), threads, align)
     }

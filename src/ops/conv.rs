@@ -134,16 +134,14 @@ impl EvalOp for PatchConv {
         let mut out =
             unsafe { Tensor::uninitialized::<f32>(&[1, self.out_channels, g.out_h, g.out_w])? };
         let (executor, threads) = executor_threads();
-        match &self.weights {
-            ConvWeights::PackedI8(w) => {
-                self.eval_packed(Packed::I8(w), xs, &mut out, &executor, threads)?;
-                return Ok(tvec!(out.into_tvalue()));
-            }
-            ConvWeights::PackedF32(w) => {
-                self.eval_packed(Packed::F32(w), xs, &mut out, &executor, threads)?;
-                return Ok(tvec!(out.into_tvalue()));
-            }
-            _ => (),
+        let packed = match &self.weights {
+            ConvWeights::PackedI8(w) => Some(Packed::I8(w)),
+            ConvWeights::PackedF32(w) => Some(Packed::F32(w)),
+            _ => None,
+        };
+        if let Some(w) = packed {
+            self.eval_packed(w, xs, &mut out, &executor, threads)?;
+            return Ok(tvec!(out.into_tvalue()));
         }
         let mut patches = vec![0f32; k * p];
         {
@@ -379,9 +377,11 @@ impl TypedOp for PatchConv {
         node: &TypedNode,
     ) -> TractResult<Option<TypedModelPatch>> {
         let isa = Isa::best();
-        if !sgemm::preferred(isa)
-            || !matches!(self.weights, ConvWeights::I8 { .. } | ConvWeights::F32(_))
-        {
+        let already = matches!(
+            self.weights,
+            ConvWeights::PackedI8(_) | ConvWeights::PackedF32(_)
+        );
+        if !sgemm::preferred(isa) || already {
             return Ok(None);
         }
         let op = PatchConv {
