@@ -8,7 +8,11 @@
 //! time: on a machine shared with other jobs, time slices lost to them do not count
 //! (their effect on shared caches still does).
 //!
-//! `cargo bench --bench mlp` (`-- stage3` for one shape).
+//! The block's element-wise halves on the same shapes: the token mixer over every
+//! channel plane, and the one-pass norm statistics; throughput in elements.
+//!
+//! `cargo bench --bench mlp` (`-- stage3` for one shape, `-- mixer` for the mixer and
+//! statistics only).
 
 use std::sync::Arc;
 
@@ -17,7 +21,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use poolformer_edge::kernels::mlp::{
     run_block, run_block_packed, sequential, MlpWeights, PackedMlp, Scratch,
 };
-use poolformer_edge::kernels::Isa;
+use poolformer_edge::kernels::{mixer, norm, Isa};
 
 fn values(n: usize, seed: u32, scale: f32) -> Vec<f32> {
     let mut s = seed.wrapping_mul(2_654_435_761).wrapping_add(1);
@@ -164,9 +168,37 @@ fn stages(c: &mut Criterion<ThreadCpu>) {
     }
 }
 
+fn token_mixer(c: &mut Criterion<ThreadCpu>) {
+    for &(stage, ch, side) in &[(1, 64, 56), (2, 128, 28), (3, 320, 14), (4, 512, 7)] {
+        let plane = side * side;
+        let x = values(ch * plane, 6, 2.0);
+        let mut out = vec![0f32; ch * plane];
+        let taps = mixer::PoolTaps::new(side, side);
+        let mut sums = vec![0f32; taps.scratch_len()];
+        let mut group = c.benchmark_group(format!("mixer/stage{stage}_{ch}x{side}x{side}"));
+        group.throughput(Throughput::Elements((ch * plane) as u64));
+        group.sample_size(20);
+        group.warm_up_time(std::time::Duration::from_millis(300));
+        group.measurement_time(std::time::Duration::from_secs(1));
+        for isa in Isa::available() {
+            group.bench_function(BenchmarkId::new("mix", isa.name()), |b| {
+                b.iter(|| {
+                    for (xp, o) in x.chunks_exact(plane).zip(out.chunks_exact_mut(plane)) {
+                        mixer::mix_plane(isa, xp, o, &taps, 0.3, &mut sums);
+                    }
+                })
+            });
+            group.bench_function(BenchmarkId::new("norm-stats", isa.name()), |b| {
+                b.iter(|| norm::mean_rstd(isa, &x, 1e-5))
+            });
+        }
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().with_measurement(ThreadCpu);
-    targets = stages
+    targets = stages, token_mixer
 }
 criterion_main!(benches);

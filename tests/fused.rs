@@ -60,12 +60,18 @@ fn mixer_plane_matches_definition_on_every_isa() {
             (7, 7),
             (13, 17),
             (5, 33),
+            (1, 9),
+            (9, 1),
+            (2, 1),
+            (56, 56),
         ] {
             let x = noise(h * w, (h * 100 + w) as u64);
             let k = 0.37f32;
             let mut out = vec![0f32; h * w];
-            let mut col = vec![0f32; w];
-            mixer::mix_plane(isa, &x, &mut out, h, w, k, &mut col);
+            let taps = mixer::PoolTaps::new(h, w);
+            // Scratch filled with garbage: the kernel must not read what it did not write.
+            let mut sums = vec![f32::NAN; taps.scratch_len()];
+            mixer::mix_plane(isa, &x, &mut out, &taps, k, &mut sums);
             for i in 0..h {
                 for j in 0..w {
                     let xv = x[i * w + j] as f64;

@@ -110,13 +110,14 @@ impl EvalOp for TokenMixer {
         let (_, rstd) = stats(isa, xs, self.eps, &executor, threads);
         let mut out = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
         let plane = h * w;
+        let taps = mixer::PoolTaps::new(h, w);
         {
             let mut view = out.try_as_plain_ram_mut()?;
             let os = view.as_slice_mut::<f32>()?;
-            let work = |(ch, o): (usize, &mut [f32]), col: &mut Vec<f32>| {
-                col.resize(w, 0.0);
+            let work = |(ch, o): (usize, &mut [f32]), sums: &mut Vec<f32>| {
+                sums.resize(taps.scratch_len(), 0.0);
                 let xp = &xs[ch * plane..(ch + 1) * plane];
-                mixer::mix_plane(isa, xp, o, h, w, self.scale[ch] * rstd, col);
+                mixer::mix_plane(isa, xp, o, &taps, self.scale[ch] * rstd, sums);
             };
             if threads > 1 && c * plane >= 32_768 {
                 in_pool(&executor, || {
