@@ -636,7 +636,9 @@ fn patch_conv_matches_reference_conv() {
     use tract_onnx::prelude::*;
     // (in channels, side, out channels, kernel, stride, pad): PoolFormer's stem and
     // downsampling shapes, shrunk, plus odd sides where the last window is partial, one
-    // where a 7×7 window overhangs both sides of a 4-pixel row, and a wider one.
+    // where a 7×7 window overhangs both sides of a 4-pixel row, and a wider one. The
+    // packed op splits small weights by output pixels and large ones (above 512 KiB as
+    // f32, the last shape) by weight panels.
     for &(ci, n, co, k, s, p) in &[
         (3usize, 29usize, 5usize, 7usize, 4usize, 2usize),
         (4, 9, 6, 3, 2, 1),
@@ -646,6 +648,7 @@ fn patch_conv_matches_reference_conv() {
         (40, 9, 7, 3, 2, 1),
         (2, 4, 3, 7, 1, 3),
         (6, 9, 70, 3, 2, 1),
+        (64, 9, 300, 3, 2, 1),
     ] {
         let out = (n + 2 * p - k) / s + 1;
         let x = common::test_image(ci, n, n, (ci * n) as u64);

@@ -215,6 +215,9 @@ impl PatchConv {
             w.isa().name(),
             isa.name()
         );
+        if w.f32_bytes() <= COLUMN_TASK_WEIGHTS {
+            return self.eval_packed_by_columns(w, xs, out, executor, threads);
+        }
         // One range of weight panels per thread.
         let per = panels.div_ceil(threads).max(1);
         let ranges: Vec<std::ops::Range<usize>> = (0..panels)
@@ -232,21 +235,7 @@ impl PatchConv {
             panel_list.len().max(1)
         };
         let fill = |group: &mut [(std::ops::Range<usize>, &mut [f32])], row: &mut Vec<f32>| {
-            let (Some(first), Some(last)) = (group.first(), group.last()) else {
-                return;
-            };
-            let (c0, c1) = (first.0.start, last.0.end.min(p));
-            row.resize(c1 - c0, 0.0);
-            for r in 0..k {
-                g.fill_row_range(xs, r, c0..c1, row);
-                for (range, data) in group.iter_mut() {
-                    let width = range.len();
-                    let valid = range.end.min(p) - range.start;
-                    let dst = &mut data[r * width..][..width];
-                    dst[..valid].copy_from_slice(&row[range.start - c0..][..valid]);
-                    dst[valid..].fill(0.0);
-                }
-            }
+            fill_panels(&g, xs, 0, p, group, row)
         };
         if threads > 1 {
             in_pool(executor, || {
@@ -291,6 +280,120 @@ impl PatchConv {
     }
 }
 
+/// Weights (as f32) up to which [`PatchConv::eval_packed`] splits the work by output
+/// pixels: they stay in L2 while each task makes its own patches and multiplies them.
+/// Above, the patch matrix is made once and the weight panels are split instead.
+const COLUMN_TASK_WEIGHTS: usize = 512 << 10;
+
+/// Most column panels per task of [`PatchConv::eval_packed_by_columns`]; fewer where
+/// that leaves less than four tasks per thread.
+const COLUMN_TASK_PANELS: usize = 4;
+
+/// Patches of output pixels `offset + c` into column panels laid out for `cols` pixels
+/// (`c` in each panel's range, zero past `cols`), one patch-matrix row at a time
+/// through `row`.
+fn fill_panels(
+    g: &ConvGeometry,
+    xs: &[f32],
+    offset: usize,
+    cols: usize,
+    group: &mut [(std::ops::Range<usize>, &mut [f32])],
+    row: &mut Vec<f32>,
+) {
+    let (Some(first), Some(last)) = (group.first(), group.last()) else {
+        return;
+    };
+    let (c0, c1) = (first.0.start, last.0.end.min(cols));
+    row.resize(c1 - c0, 0.0);
+    for r in 0..g.k() {
+        g.fill_row_range(xs, r, offset + c0..offset + c1, row);
+        for (range, data) in group.iter_mut() {
+            let width = range.len();
+            let valid = range.end.min(cols) - range.start;
+            let dst = &mut data[r * width..][..width];
+            dst[..valid].copy_from_slice(&row[range.start - c0..][..valid]);
+            dst[valid..].fill(0.0);
+        }
+    }
+}
+
+/// Per-thread buffers of [`PatchConv::eval_packed_by_columns`].
+#[derive(Default)]
+struct ColumnTask {
+    cols: PackedCols,
+    row: Vec<f32>,
+}
+
+impl PatchConv {
+    /// [`Self::eval_packed`] for small weights: tasks of a few column panels, each made
+    /// and multiplied by every weight panel while it is in cache, so that the patch
+    /// matrix is never whole in memory and the threads share no data but the weights
+    /// (int8 ones dequantized once per call, for all tasks).
+    fn eval_packed_by_columns(
+        &self,
+        w: Packed,
+        xs: &[f32],
+        out: &mut Tensor,
+        executor: &tract_linalg::multithread::Executor,
+        threads: usize,
+    ) -> TractResult<()> {
+        let g = self.geometry;
+        let (k, p) = (g.k(), g.out_pixels());
+        let isa = w.isa();
+        let panel = sgemm::panel_cols(isa);
+        let per_task = (1..=COLUMN_TASK_PANELS)
+            .rev()
+            .find(|&n| p.div_ceil(panel * n) >= 4 * threads)
+            .unwrap_or(1);
+        let width = panel * per_task;
+        let tasks: Vec<std::ops::Range<usize>> = (0..p)
+            .step_by(width)
+            .map(|c| c..(c + width).min(p))
+            .collect();
+        let dequantized;
+        let weights: &PackedWeights = match w {
+            Packed::F32(w) => w,
+            Packed::I8(w) => {
+                let mut f = PackedWeights::default();
+                w.dequantize(0..w.panels(), &mut f);
+                dequantized = f;
+                &dequantized
+            }
+        };
+        let mut view = out.try_as_plain_ram_mut()?;
+        let os = view.as_slice_mut::<f32>()?;
+        ensure!(os.len() == self.out_channels * p);
+        let out_addr = os.as_mut_ptr() as usize;
+        let bias = &self.bias[..];
+        ensure!(bias.len() == self.out_channels);
+        let run = |cols: &std::ops::Range<usize>, task: &mut ColumnTask| {
+            task.cols.set_layout(isa, k, cols.len());
+            let mut panels = task.cols.panels_mut();
+            fill_panels(&g, xs, cols.start, cols.len(), &mut panels, &mut task.row);
+            drop(panels);
+            // SAFETY: each task writes only its own columns `cols` of every row of `out`
+            // (the `out_channels × p` output, alive for the whole call); `bias` has a
+            // value for every row.
+            unsafe {
+                let out = (out_addr as *mut f32).add(cols.start);
+                let epi = Epilogue::Bias { bias, out, ldo: p };
+                sgemm::gemm(isa, weights, 0..weights.panels(), &task.cols, &epi)
+            }
+        };
+        if threads > 1 && tasks.len() > 1 {
+            in_pool(executor, || {
+                tasks
+                    .par_iter()
+                    .for_each_init(ColumnTask::default, |task, cols| run(cols, task))
+            });
+        } else {
+            let mut task = ColumnTask::default();
+            tasks.iter().for_each(|cols| run(cols, &mut task));
+        }
+        Ok(())
+    }
+}
+
 /// Packed weights of either kind, for [`PatchConv::eval_packed`].
 #[derive(Clone, Copy)]
 enum Packed<'a> {
@@ -311,6 +414,15 @@ impl Packed<'_> {
             Packed::I8(w) => w.panels(),
             Packed::F32(w) => w.panels(),
         }
+    }
+
+    /// Size of the weights as f32 values.
+    fn f32_bytes(&self) -> usize {
+        let (rows, depth) = match self {
+            Packed::I8(w) => (w.rows(), w.depth()),
+            Packed::F32(w) => (w.rows(), w.depth()),
+        };
+        rows * depth * std::mem::size_of::<f32>()
     }
 }
 
