@@ -38,6 +38,9 @@ pub struct ChannelMlp {
 impl Eq for TokenMixer {}
 impl Eq for ChannelMlp {}
 
+/// Fewest values a thread mixes in one task of [`TokenMixer`] (about 10 µs of work).
+const MIXER_TASK_MIN: usize = 16_384;
+
 /// [`norm::mean_rstd`], split over the executor's threads for large tensors.
 pub(super) fn stats(
     isa: Isa,
@@ -119,10 +122,14 @@ impl EvalOp for TokenMixer {
                 let xp = &xs[ch * plane..(ch + 1) * plane];
                 mixer::mix_plane(isa, xp, o, &taps, self.scale[ch] * rstd, sums);
             };
-            if threads > 1 && c * plane >= 32_768 {
+            if threads > 1 && c * plane >= 2 * MIXER_TASK_MIN {
+                // Tasks of whole planes and at least MIXER_TASK_MIN values, so that a
+                // small tensor does not wake more threads than it has work for.
+                let min_planes = MIXER_TASK_MIN.div_ceil(plane.max(1));
                 in_pool(&executor, || {
                     os.par_chunks_mut(plane)
                         .enumerate()
+                        .with_min_len(min_planes)
                         .for_each_init(Vec::new, |col, item| work(item, col))
                 });
             } else {
