@@ -266,65 +266,10 @@ impl PatchConv {
                 }
             }
         };
-        if threads > 1 && ranges.len() > 1 {
-            in_pool(executor, || {
-                ranges
-                    .par_iter()
-                    .for_each_init(PackedWeights::default, |scratch, r| run(r, scratch))
-            });
-        } else {
-            let mut scratch = PackedWeights::default();
-            ranges.iter().for_each(|r| run(r, &mut scratch));
-        }
+        for_each_task(&ranges, executor, threads, run);
         Ok(())
     }
-}
 
-/// Weights (as f32) up to which [`PatchConv::eval_packed`] splits the work by output
-/// pixels: they stay in L2 while each task makes its own patches and multiplies them.
-/// Above, the patch matrix is made once and the weight panels are split instead.
-const COLUMN_TASK_WEIGHTS: usize = 512 << 10;
-
-/// Most column panels per task of [`PatchConv::eval_packed_by_columns`]; fewer where
-/// that leaves less than four tasks per thread.
-const COLUMN_TASK_PANELS: usize = 4;
-
-/// Patches of output pixels `offset + c` into column panels laid out for `cols` pixels
-/// (`c` in each panel's range, zero past `cols`), one patch-matrix row at a time
-/// through `row`.
-fn fill_panels(
-    g: &ConvGeometry,
-    xs: &[f32],
-    offset: usize,
-    cols: usize,
-    group: &mut [(std::ops::Range<usize>, &mut [f32])],
-    row: &mut Vec<f32>,
-) {
-    let (Some(first), Some(last)) = (group.first(), group.last()) else {
-        return;
-    };
-    let (c0, c1) = (first.0.start, last.0.end.min(cols));
-    row.resize(c1 - c0, 0.0);
-    for r in 0..g.k() {
-        g.fill_row_range(xs, r, offset + c0..offset + c1, row);
-        for (range, data) in group.iter_mut() {
-            let width = range.len();
-            let valid = range.end.min(cols) - range.start;
-            let dst = &mut data[r * width..][..width];
-            dst[..valid].copy_from_slice(&row[range.start - c0..][..valid]);
-            dst[valid..].fill(0.0);
-        }
-    }
-}
-
-/// Per-thread buffers of [`PatchConv::eval_packed_by_columns`].
-#[derive(Default)]
-struct ColumnTask {
-    cols: PackedCols,
-    row: Vec<f32>,
-}
-
-impl PatchConv {
     /// [`Self::eval_packed`] for small weights: tasks of a few column panels, each made
     /// and multiplied by every weight panel while it is in cache, so that the patch
     /// matrix is never whole in memory and the threads share no data but the weights
@@ -380,17 +325,72 @@ impl PatchConv {
                 sgemm::gemm(isa, weights, 0..weights.panels(), &task.cols, &epi)
             }
         };
-        if threads > 1 && tasks.len() > 1 {
-            in_pool(executor, || {
-                tasks
-                    .par_iter()
-                    .for_each_init(ColumnTask::default, |task, cols| run(cols, task))
-            });
-        } else {
-            let mut task = ColumnTask::default();
-            tasks.iter().for_each(|cols| run(cols, &mut task));
-        }
+        for_each_task(&tasks, executor, threads, run);
         Ok(())
+    }
+}
+
+/// Weights (as f32) up to which [`PatchConv::eval_packed`] splits the work by output
+/// pixels: they stay in L2 while each task makes its own patches and multiplies them.
+/// Above, the patch matrix is made once and the weight panels are split instead.
+const COLUMN_TASK_WEIGHTS: usize = 512 << 10;
+
+/// Most column panels per task of [`PatchConv::eval_packed_by_columns`]; fewer where
+/// that leaves less than four tasks per thread.
+const COLUMN_TASK_PANELS: usize = 4;
+
+/// Patches of output pixels `offset + c` into column panels laid out for `cols` pixels
+/// (`c` in each panel's range, zero past `cols`), one patch-matrix row at a time
+/// through `row`.
+fn fill_panels(
+    g: &ConvGeometry,
+    xs: &[f32],
+    offset: usize,
+    cols: usize,
+    group: &mut [(std::ops::Range<usize>, &mut [f32])],
+    row: &mut Vec<f32>,
+) {
+    let (Some(first), Some(last)) = (group.first(), group.last()) else {
+        return;
+    };
+    let (c0, c1) = (first.0.start, last.0.end.min(cols));
+    row.resize(c1 - c0, 0.0);
+    for r in 0..g.k() {
+        g.fill_row_range(xs, r, offset + c0..offset + c1, row);
+        for (range, data) in group.iter_mut() {
+            let width = range.len();
+            let valid = range.end.min(cols) - range.start;
+            let dst = &mut data[r * width..][..width];
+            dst[..valid].copy_from_slice(&row[range.start - c0..][..valid]);
+            dst[valid..].fill(0.0);
+        }
+    }
+}
+
+/// Per-thread buffers of [`PatchConv::eval_packed_by_columns`].
+#[derive(Default)]
+struct ColumnTask {
+    cols: PackedCols,
+    row: Vec<f32>,
+}
+
+/// `run(task, scratch)` for every task: split over the executor's threads when there
+/// are several of both, each thread with its own scratch.
+fn for_each_task<T: Sync, S: Default>(
+    tasks: &[T],
+    executor: &tract_linalg::multithread::Executor,
+    threads: usize,
+    run: impl Fn(&T, &mut S) + Sync,
+) {
+    if threads > 1 && tasks.len() > 1 {
+        in_pool(executor, || {
+            tasks
+                .par_iter()
+                .for_each_init(S::default, |scratch, task| run(task, scratch))
+        });
+    } else {
+        let mut scratch = S::default();
+        tasks.iter().for_each(|task| run(task, &mut scratch));
     }
 }
 
