@@ -215,8 +215,11 @@ impl PatchConv {
             w.isa().name(),
             isa.name()
         );
+        let mut view = out.try_as_plain_ram_mut()?;
+        let os = view.as_slice_mut::<f32>()?;
+        ensure!(os.len() == self.out_channels * p && self.bias.len() == self.out_channels);
         if w.f32_bytes() <= COLUMN_TASK_WEIGHTS {
-            return self.eval_packed_by_columns(w, xs, out, executor, threads);
+            return self.eval_packed_by_columns(w, xs, os, executor, threads);
         }
         // One range of weight panels per thread.
         let per = panels.div_ceil(threads).max(1);
@@ -247,12 +250,8 @@ impl PatchConv {
             fill(&mut panel_list, &mut Vec::new());
         }
         drop(panel_list);
-        let mut view = out.try_as_plain_ram_mut()?;
-        let os = view.as_slice_mut::<f32>()?;
-        ensure!(os.len() == self.out_channels * p);
         let out_addr = os.as_mut_ptr() as usize;
         let bias = &self.bias[..];
-        ensure!(bias.len() == self.out_channels);
         let run = |range: &std::ops::Range<usize>, scratch: &mut PackedWeights| {
             let out = out_addr as *mut f32;
             // SAFETY: each range of panels writes only its own rows of `out` (the
@@ -273,12 +272,13 @@ impl PatchConv {
     /// [`Self::eval_packed`] for small weights: tasks of a few column panels, each made
     /// and multiplied by every weight panel while it is in cache, so that the patch
     /// matrix is never whole in memory and the threads share no data but the weights
-    /// (int8 ones dequantized once per call, for all tasks).
+    /// (int8 ones dequantized once per call, for all tasks). `os` is the output, checked
+    /// by the caller.
     fn eval_packed_by_columns(
         &self,
         w: Packed,
         xs: &[f32],
-        out: &mut Tensor,
+        os: &mut [f32],
         executor: &tract_linalg::multithread::Executor,
         threads: usize,
     ) -> TractResult<()> {
@@ -305,12 +305,8 @@ impl PatchConv {
                 &dequantized
             }
         };
-        let mut view = out.try_as_plain_ram_mut()?;
-        let os = view.as_slice_mut::<f32>()?;
-        ensure!(os.len() == self.out_channels * p);
         let out_addr = os.as_mut_ptr() as usize;
         let bias = &self.bias[..];
-        ensure!(bias.len() == self.out_channels);
         let run = |cols: &std::ops::Range<usize>, task: &mut ColumnTask| {
             task.cols.set_layout(isa, k, cols.len());
             let mut panels = task.cols.panels_mut();

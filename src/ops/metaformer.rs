@@ -130,13 +130,13 @@ impl EvalOp for TokenMixer {
                     os.par_chunks_mut(plane)
                         .enumerate()
                         .with_min_len(min_planes)
-                        .for_each_init(Vec::new, |col, item| work(item, col))
+                        .for_each_init(Vec::new, |sums, item| work(item, sums))
                 });
             } else {
-                let mut col = Vec::new();
+                let mut sums = Vec::new();
                 os.chunks_mut(plane)
                     .enumerate()
-                    .for_each(|item| work(item, &mut col));
+                    .for_each(|item| work(item, &mut sums));
             }
         }
         Ok(tvec!(out.into_tvalue()))
