@@ -1,9 +1,10 @@
-//! A/B of the patch convolution's two paths on PoolFormer-S12's stem and downsampling
+//! A/B of the patch convolution's paths on PoolFormer-S12's stem and downsampling
 //! convolution shapes at 224×224, for int8 and f32 weights: the `gemm` crate on row-major
-//! weights (int8 ones dequantized 64 rows at a time), against the crate's `sgemm`
-//! kernels on packed weights (int8 ones dequantized a stretch at a time), which is what
-//! `PatchConv`'s codegen picks on AVX2 and AVX-512. The two alternate in one process,
-//! outputs compared. On one thread each figure is the smallest of 15 rounds in thread CPU
+//! weights (int8 ones dequantized 64 rows at a time), the crate's `sgemm` kernels on
+//! packed weights (int8 ones dequantized a stretch at a time), which `PatchConv`'s
+//! codegen picks on AVX2 and AVX-512, and for int8 weights on a CPU with AVX-512 VNNI
+//! the input quantized to 16 bits through the u8 × i8 kernels (`split16`), which it
+//! picks there. They alternate in one process, outputs compared. On one thread each figure is the smallest of 15 rounds in thread CPU
 //! time, so that time lost to other jobs does not count; with `--threads N` (N > 1) the
 //! ops run on a pool of N threads and each figure is the smallest of 40 rounds in wall
 //! time.
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use cpu_time::cpu_now;
 use poolformer_edge::kernels::im2col::ConvGeometry;
 use poolformer_edge::kernels::{sgemm, Isa};
-use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
+use poolformer_edge::ops::conv::{split16_pays, ConvWeights, PatchConv};
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
@@ -74,8 +75,8 @@ fn main() -> TractResult<()> {
     };
     println!("{threads} thread(s), smallest of {rounds} rounds");
     println!(
-        "{:>28} {:>8} {:>12} {:>12} {:>7}",
-        "conv", "weights", "gemm crate", "sgemm", "ratio"
+        "{:>28} {:>8} {:>12} {:>12} {:>7} {:>12} {:>7}",
+        "conv", "weights", "gemm crate", "sgemm", "ratio", "split16", "ratio"
     );
     for (i, (ci, n, co, k, st, p)) in shapes.into_iter().enumerate() {
         if only.is_some_and(|o| o != i) {
@@ -99,11 +100,16 @@ fn main() -> TractResult<()> {
             .map(|_| (next() % 2000) as f32 / 1000.0 - 1.0)
             .collect();
         let input = Tensor::from_shape(&[1, ci, n, n], &x)?.into_tvalue();
+        let x_max = x.iter().fold(0f32, |m, v| m.max(v.abs()));
         let f32_weights: Vec<f32> = q
             .iter()
             .enumerate()
             .map(|(j, &v)| v as f32 * scale[j / kk])
             .collect();
+        let l1_max = f32_weights
+            .chunks(kk)
+            .map(|r| r.iter().map(|v| v.abs()).sum::<f32>())
+            .fold(0f32, f32::max);
         let int8 = ConvWeights::I8 {
             q: Arc::new(q),
             scale: Arc::new(scale),
@@ -113,20 +119,27 @@ fn main() -> TractResult<()> {
             ("int8", int8),
             ("f32", ConvWeights::F32(Arc::new(f32_weights))),
         ] {
-            let plans = [weights.clone(), weights.packed(isa, co)].map(|weights| {
-                let op = PatchConv {
-                    geometry: g,
-                    out_channels: co,
-                    weights,
-                    bias: Arc::new(vec![0.1; co]),
-                };
-                let mut model = TypedModel::default();
-                let src = model.add_source("x", f32::fact([1, ci, n, n])).unwrap();
-                let y = model.wire_node("conv", op, &[src]).unwrap();
-                model.select_output_outlets(&y).unwrap();
-                model.into_runnable().unwrap()
-            });
-            let mut best = [f64::MAX; 2];
+            let mut variants = vec![weights.clone(), weights.packed(isa, co)];
+            if kind == "int8" && split16_pays(isa) {
+                variants.extend(weights.prepared(isa, &g, co)?);
+            }
+            let plans: Vec<_> = variants
+                .into_iter()
+                .map(|weights| {
+                    let op = PatchConv {
+                        geometry: g,
+                        out_channels: co,
+                        weights,
+                        bias: Arc::new(vec![0.1; co]),
+                    };
+                    let mut model = TypedModel::default();
+                    let src = model.add_source("x", f32::fact([1, ci, n, n])).unwrap();
+                    let y = model.wire_node("conv", op, &[src]).unwrap();
+                    model.select_output_outlets(&y).unwrap();
+                    model.into_runnable().unwrap()
+                })
+                .collect();
+            let mut best = vec![f64::MAX; plans.len()];
             let mut outs = vec![];
             for _ in 0..rounds {
                 outs.clear();
@@ -139,10 +152,29 @@ fn main() -> TractResult<()> {
                     outs.push(y[0].clone().into_tensor());
                 }
                 outs[0].close_enough(&outs[1], tract_core::internal::Approximation::Approximate)?;
+                if let Some(o) = outs.get(2) {
+                    // The 16-bit input moves each output by at most half a step of the
+                    // input grid (max|x| / 32767) times the row's L1 norm of weights.
+                    let bound = l1_max * x_max / 65534.0 * 1.001 + 1e-5;
+                    let (a, b) = (
+                        outs[0].to_plain_array_view::<f32>()?,
+                        o.to_plain_array_view::<f32>()?,
+                    );
+                    let worst = a
+                        .iter()
+                        .zip(b)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    anyhow::ensure!(worst <= bound, "split16 off by {worst} > {bound}");
+                }
             }
             let name = format!("{ci}→{co} {k}×{k}/{st} on {n}×{n}");
+            let split = match best.get(2) {
+                Some(t) => format!("{:>9.3} ms {:>7.2}", t * 1e3, best[0] / t),
+                None => format!("{:>12} {:>7}", "-", "-"),
+            };
             println!(
-                "{name:>28} {kind:>8} {:>9.3} ms {:>9.3} ms {:>7.2}",
+                "{name:>28} {kind:>8} {:>9.3} ms {:>9.3} ms {:>7.2} {split}",
                 best[0] * 1e3,
                 best[1] * 1e3,
                 best[0] / best[1]

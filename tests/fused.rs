@@ -738,6 +738,133 @@ fn patch_conv_matches_reference_conv() {
     }
 }
 
+/// The 16-bit-input path of int8 convs ([`ConvWeights::Split16`]) against the f64
+/// convolution of the dequantized weights. Its one approximation is the input's
+/// rounding to the grid of step `s = max|x| / 32767`: each output moves by at most
+/// `Σ_k |w_k| · s/2`, the bound checked (plus 1e-5 relative for f32 sums). Every CPU
+/// runs this path (the u8 × i8 kernels are exact everywhere); the engine picks it where
+/// `split16_pays`. A NaN in the input falls back to the float path, which carries it.
+#[test]
+fn patch_conv_split16_matches_reference_conv() {
+    use poolformer_edge::kernels::im2col::ConvGeometry;
+    use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
+    use std::sync::Arc;
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+    use tract_onnx::prelude::*;
+    // (in channels, side, out channels, kernel, stride, pad): channel counts that fill
+    // the last group of 4 and ones that do not, partial last windows, 7×7/4 and 3×3/2.
+    for &(ci, n, co, k, s, p) in &[
+        (3usize, 29usize, 5usize, 7usize, 4usize, 2usize),
+        (4, 9, 6, 3, 2, 1),
+        (5, 8, 3, 3, 2, 1),
+        (2, 5, 2, 3, 1, 0),
+        (40, 9, 37, 3, 2, 1),
+        (64, 15, 70, 3, 2, 1),
+    ] {
+        let out = (n + 2 * p - k) / s + 1;
+        let mut x = common::test_image(ci, n, n, (ci * n) as u64 + 3);
+        // One large value, so that the grid is coarse for the others.
+        x[ci * n * n / 2] = 9.0;
+        let (q, scale, zero, w) = int8_rows(
+            co,
+            ci * k * k,
+            11,
+            250.0,
+            |o| 0.002 + 0.001 * (o % 5) as f32,
+            |_| 0,
+        );
+        let b = noise(co, 8);
+        let kernel = common::reference::ConvKernel {
+            out_channels: co,
+            in_channels: ci,
+            size: k,
+            weight: w.iter().map(|&v| v as f64).collect(),
+            bias: b.iter().map(|&v| v as f64).collect(),
+        };
+        let want = common::reference::conv2d(
+            &common::reference::Tensor::from_f32(ci, n, n, &x),
+            &kernel,
+            s,
+            p,
+        );
+        let geometry = ConvGeometry {
+            in_channels: ci,
+            in_h: n,
+            in_w: n,
+            kernel: (k, k),
+            stride: (s, s),
+            pad: (p, p),
+            out_h: out,
+            out_w: out,
+        };
+        let int8 = ConvWeights::I8 {
+            q: Arc::new(q),
+            scale: Arc::new(scale),
+            zero: Arc::new(zero),
+        };
+        let weights = int8.split16(&geometry, co).unwrap();
+        assert!(matches!(weights, ConvWeights::Split16 { .. }));
+        let run = |weights: ConvWeights, x: &[f32], threads: usize| {
+            let op = PatchConv {
+                geometry,
+                out_channels: co,
+                weights,
+                bias: Arc::new(b.clone()),
+            };
+            let mut model = TypedModel::default();
+            let src = model.add_source("x", f32::fact([1, ci, n, n])).unwrap();
+            let y = model.wire_node("conv", op, &[src]).unwrap();
+            model.select_output_outlets(&y).unwrap();
+            let plan = model.into_runnable().unwrap();
+            let executor = if threads > 1 {
+                Executor::multithread(threads)
+            } else {
+                Executor::SingleThread
+            };
+            let input = Tensor::from_shape(&[1, ci, n, n], x).unwrap();
+            let got =
+                multithread_tract_scope(executor, || plan.run(tvec!(input.into_tvalue()))).unwrap();
+            got[0]
+                .to_plain_array_view::<f32>()
+                .unwrap()
+                .iter()
+                .copied()
+                .collect::<Vec<f32>>()
+        };
+        let half_step = 9.0 / 65534.0;
+        let kk = ci * k * k;
+        for threads in [1, 3] {
+            let got = run(weights.clone(), &x, threads);
+            assert_eq!(got.len(), co * out * out);
+            for (i, (g, e)) in got.iter().zip(&want.data).enumerate() {
+                let l1: f64 = w[(i / (out * out)) * kk..][..kk]
+                    .iter()
+                    .map(|v| v.abs() as f64)
+                    .sum();
+                let tol = l1 * half_step * 1.001 + 1e-5 * e.abs().max(1.0);
+                assert!(
+                    (*g as f64 - e).abs() <= tol,
+                    "{threads} threads, {ci}→{co} k{k} s{s} p{p} at {i}: {g} vs {e} (bound {tol})"
+                );
+            }
+        }
+        // A NaN in the input: the float path's result, NaN wherever the tap reads it.
+        x[1] = f32::NAN;
+        let plain = run(int8.clone(), &x, 1);
+        for threads in [1, 3] {
+            let got = run(weights.clone(), &x, threads);
+            assert!(got.iter().any(|v| v.is_nan()));
+            for (g, e) in got.iter().zip(&plain) {
+                assert!(
+                    g.is_nan() == e.is_nan()
+                        && (g.is_nan() || (g - e).abs() <= 1e-5 * e.abs().max(1.0)),
+                    "NaN input, {threads} threads: {g} vs {e}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn erf_approximation_is_within_its_bound() {
     // Abramowitz & Stegun 7.1.28: |error| ≤ 3e-7 in exact arithmetic. In f32 the

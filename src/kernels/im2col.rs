@@ -168,3 +168,75 @@ impl ConvGeometry {
         }
     }
 }
+
+impl ConvGeometry {
+    /// Channels rounded up to a multiple of 4: the channel groups of the c4 layout.
+    pub fn c4_channels(&self) -> usize {
+        self.in_channels.div_ceil(4) * 4
+    }
+
+    /// Rows of the patch matrix of a c4 input (see [`Self::fill_k4_groups_c4`]):
+    /// `kh · kw · c4_channels`.
+    pub fn c4_k(&self) -> usize {
+        self.kernel.0 * self.kernel.1 * self.c4_channels()
+    }
+
+    /// Fills k4 groups `groups` of the u8 patch matrix of an input in the **c4
+    /// layout** (channel `c` of pixel `n` at byte `((c/4)·in_h·in_w + n)·4 + c%4`, as
+    /// `split16::split_bytes_c4` writes it), with the rows ordered by tap, then channel:
+    /// row `(i·kw + j)·cp + c`, `cp` = [`Self::c4_channels`]. A k4 group is then the 4
+    /// channels of one channel group at one tap: one 4-byte word per token, copied
+    /// whole. Taps in the padding hold `pad`. `dst` holds `groups.len()·4·out_pixels`
+    /// bytes, group `g` at `(g − groups.start)·4·out_pixels`.
+    pub fn fill_k4_groups_c4(
+        &self,
+        x: &[u8],
+        pad: [u8; 4],
+        groups: std::ops::Range<usize>,
+        dst: &mut [u8],
+    ) {
+        let (kh, kw) = self.kernel;
+        let (sh, sw) = self.stride;
+        let (ph, pw) = self.pad;
+        let p = self.out_pixels();
+        let cg = self.c4_channels() / 4;
+        let plane = 4 * self.in_h * self.in_w;
+        for (gi, g) in groups.enumerate() {
+            let (tap, c) = (g / cg, g % cg);
+            let (i, j) = (tap / kw, tap % kw);
+            debug_assert!(i < kh);
+            let src_plane = &x[c * plane..(c + 1) * plane];
+            let group = &mut dst[gi * 4 * p..(gi + 1) * 4 * p];
+            // Output columns whose tap falls inside the input row: ox·sw + j − pw in
+            // 0..in_w.
+            let lo = pw.saturating_sub(j).div_ceil(sw).min(self.out_w);
+            let hi = (self.in_w + pw)
+                .saturating_sub(j)
+                .div_ceil(sw)
+                .clamp(lo, self.out_w);
+            for oy in 0..self.out_h {
+                let row = &mut group[4 * oy * self.out_w..4 * (oy + 1) * self.out_w];
+                let y = (oy * sh + i) as isize - ph as isize;
+                if y < 0 || y >= self.in_h as isize {
+                    row.chunks_exact_mut(4)
+                        .for_each(|w| w.copy_from_slice(&pad));
+                    continue;
+                }
+                let src = &src_plane[4 * y as usize * self.in_w..4 * (y as usize + 1) * self.in_w];
+                let (before, rest) = row.split_at_mut(4 * lo);
+                let (inside, after) = rest.split_at_mut(4 * (hi - lo));
+                before
+                    .chunks_exact_mut(4)
+                    .for_each(|w| w.copy_from_slice(&pad));
+                after
+                    .chunks_exact_mut(4)
+                    .for_each(|w| w.copy_from_slice(&pad));
+                let first = lo * sw + j - pw;
+                for (k, w) in inside.chunks_exact_mut(4).enumerate() {
+                    let at = 4 * (first + k * sw);
+                    w.copy_from_slice(&src[at..at + 4]);
+                }
+            }
+        }
+    }
+}

@@ -17,6 +17,7 @@ pub mod qgemm;
 pub mod qmlp;
 pub mod quant;
 pub mod sgemm;
+pub mod split16;
 
 /// An instruction-set level a kernel can be compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

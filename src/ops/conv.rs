@@ -8,8 +8,9 @@ use rayon::prelude::*;
 use tract_core::internal::*;
 
 use crate::kernels::im2col::ConvGeometry;
+use crate::kernels::qgemm::{gemm_u8i8_with, PackedI8, QKernel};
 use crate::kernels::sgemm::{self, Epilogue, PackedCols, PackedWeights, PackedWeightsI8};
-use crate::kernels::Isa;
+use crate::kernels::{split16, Isa};
 
 use super::{executor_threads, in_pool};
 
@@ -34,12 +35,117 @@ pub enum ConvWeights {
     PackedI8(Arc<PackedWeightsI8>),
     /// `F32`, packed for the `sgemm` kernels of one instruction set.
     PackedF32(Arc<PackedWeights>),
+    /// `I8` with every zero point 0, on a CPU whose int8 kernel multiplies four byte
+    /// pairs per lane ([`split16_pays`]): the input is quantized to 16 bits at each run
+    /// and multiplied as two byte planes ([`crate::kernels::split16`]). The columns of
+    /// `q` are ordered by tap, then channel, with `channels` rounded up to 4 by zero
+    /// weights, the order of `ConvGeometry::fill_k4_groups_c4`'s patch rows.
+    Split16 {
+        q: Arc<PackedI8>,
+        scale: Arc<Vec<f32>>,
+        channels: usize,
+    },
+}
+
+/// Whether int8 weights with a float input run faster as [`ConvWeights::Split16`] on
+/// `isa`: where the u8 × i8 kernel adds four byte products per 32-bit lane (AVX-512
+/// VNNI, NEON dot product), two of its products cost about half an f32 one. Elsewhere
+/// (AVX2 on full-range weights, NEON without the dot product) they would not.
+pub fn split16_pays(isa: Isa) -> bool {
+    matches!(
+        QKernel::for_isa(isa),
+        QKernel::Avx512Vnni | QKernel::NeonDot
+    )
 }
 
 impl ConvWeights {
     /// Whether the weights are held as int8 values.
     pub fn is_int8(&self) -> bool {
-        matches!(self, ConvWeights::I8 { .. } | ConvWeights::PackedI8(_))
+        matches!(
+            self,
+            ConvWeights::I8 { .. } | ConvWeights::PackedI8(_) | ConvWeights::Split16 { .. }
+        )
+    }
+
+    /// Row `o` of int8 weights as f32 into `dst` (`in_channels·kh·kw` values), as
+    /// DequantizeLinear computes it.
+    fn dequantize_row(&self, o: usize, dst: &mut [f32]) {
+        let k = dst.len();
+        match self {
+            ConvWeights::I8 { q, scale, zero } => {
+                let (s, z) = (scale[o], zero[o]);
+                for (d, &v) in dst.iter_mut().zip(&q[o * k..(o + 1) * k]) {
+                    *d = (v as i32 - z) as f32 * s;
+                }
+            }
+            ConvWeights::Split16 { q, scale, channels } => {
+                // Back from (tap, channel) order to (channel, tap).
+                let (taps, cp) = (k / channels, channels.div_ceil(4) * 4);
+                let row = q.row(o);
+                for (c, d) in dst.chunks_exact_mut(taps).enumerate() {
+                    for (t, d) in d.iter_mut().enumerate() {
+                        *d = row[t * cp + c] as f32 * scale[o];
+                    }
+                }
+            }
+            _ => unreachable!("dequantize_row on weights that are not int8 rows"),
+        }
+    }
+
+    /// `I8` weights with zero points 0 as [`ConvWeights::Split16`] (any CPU runs it:
+    /// every u8 × i8 kernel is exact; [`split16_pays`] says where it is the fast path).
+    pub fn split16(&self, g: &ConvGeometry, rows: usize) -> TractResult<ConvWeights> {
+        let ConvWeights::I8 { q, scale, zero } = self else {
+            bail!("16-bit input: the weights must be int8 rows");
+        };
+        ensure!(
+            zero.iter().all(|&z| z == 0),
+            "16-bit input: the int8 weights must have zero points 0"
+        );
+        let (k, taps, cp) = (g.k(), g.kernel.0 * g.kernel.1, g.c4_channels());
+        ensure!(
+            q.len() == rows * k,
+            "conv weights: {} values for {rows}×{k}",
+            q.len()
+        );
+        let mut reordered = vec![0i8; rows * g.c4_k()];
+        for (dst, src) in reordered.chunks_exact_mut(g.c4_k()).zip(q.chunks_exact(k)) {
+            for (c, src) in src.chunks_exact(taps).enumerate() {
+                for (t, &v) in src.iter().enumerate() {
+                    dst[t * cp + c] = v;
+                }
+            }
+        }
+        Ok(ConvWeights::Split16 {
+            q: Arc::new(PackedI8::new(rows, g.c4_k(), &reordered)?),
+            scale: scale.clone(),
+            channels: g.in_channels,
+        })
+    }
+
+    /// The weights in the form the engine runs on `isa`: int8 ones with zero points 0
+    /// as [`ConvWeights::Split16`] where that pays, otherwise packed for the `sgemm`
+    /// kernels where those are the faster path (`sgemm::preferred`: AVX2 and AVX-512);
+    /// `None` where the form they have is the one to run.
+    pub fn prepared(
+        &self,
+        isa: Isa,
+        g: &ConvGeometry,
+        rows: usize,
+    ) -> TractResult<Option<ConvWeights>> {
+        Ok(match self {
+            // With 3 input channels (a stem) a quarter of the products would be padding:
+            // slower than the f32 kernels there.
+            ConvWeights::I8 { zero, .. }
+                if split16_pays(isa) && g.in_channels >= 8 && zero.iter().all(|&z| z == 0) =>
+            {
+                Some(self.split16(g, rows)?)
+            }
+            ConvWeights::I8 { .. } | ConvWeights::F32(_) if sgemm::preferred(isa) => {
+                Some(self.packed(isa, rows))
+            }
+            _ => None,
+        })
     }
 
     /// The weights packed for the `sgemm` kernels on `isa` (packed ones as they are).
@@ -77,6 +183,12 @@ impl PartialEq for ConvWeights {
             ) => q == q2 && scale == s2 && zero == z2,
             (PackedI8(a), PackedI8(b)) => Arc::ptr_eq(a, b),
             (PackedF32(a), PackedF32(b)) => Arc::ptr_eq(a, b),
+            (
+                Split16 { q, scale, .. },
+                Split16 {
+                    q: q2, scale: s2, ..
+                },
+            ) => q == q2 && scale == s2,
             _ => false,
         }
     }
@@ -106,6 +218,10 @@ impl Op for PatchConv {
             ConvWeights::I8 { .. } => "int8 weights".to_string(),
             ConvWeights::PackedI8(ref w) => format!("int8 weights packed for {}", w.isa().name()),
             ConvWeights::PackedF32(ref w) => format!("f32 weights packed for {}", w.isa().name()),
+            ConvWeights::Split16 { ref q, .. } => format!(
+                "int8 weights × 16-bit input ({})",
+                QKernel::for_weights(Isa::best(), q).name()
+            ),
         };
         Ok(vec![format!(
             "{}→{} {}×{}/{} → {}×{}, {weights}",
@@ -143,52 +259,52 @@ impl EvalOp for PatchConv {
             self.eval_packed(w, xs, &mut out, &executor, threads)?;
             return Ok(tvec!(out.into_tvalue()));
         }
-        let mut patches = vec![0f32; k * p];
-        {
-            let mut view = out.try_as_plain_ram_mut()?;
-            let os = view.as_slice_mut::<f32>()?;
-            for (row, &b) in os.chunks_exact_mut(p).zip(self.bias.iter()) {
-                row.fill(b);
+        let mut view = out.try_as_plain_ram_mut()?;
+        let os = view.as_slice_mut::<f32>()?;
+        ensure!(os.len() == self.out_channels * p && self.bias.len() == self.out_channels);
+        if let ConvWeights::Split16 { q, scale, .. } = &self.weights {
+            // A NaN or an infinity has no 16-bit code: such inputs take the float path,
+            // which carries them through as the graph does.
+            if let Some(max) = split16::max_abs(Isa::best(), xs) {
+                self.eval_split16(q, scale, xs, max, os, &executor, threads);
+                return Ok(tvec!(out.into_tvalue()));
             }
-            in_pool(&executor, || {
-                if threads > 1 {
-                    let rows_per = k.div_ceil(threads * 4).max(1);
-                    patches
-                        .par_chunks_mut(rows_per * p)
-                        .enumerate()
-                        .for_each(|(i, chunk)| g.fill_rows(xs, i * rows_per, chunk));
-                } else {
-                    g.fill_rows(xs, 0, &mut patches);
-                }
-                let parallelism = if threads > 1 {
-                    gemm::Parallelism::Rayon(threads)
-                } else {
-                    gemm::Parallelism::None
-                };
-                match &self.weights {
-                    ConvWeights::F32(w) => {
-                        product(os, w, 0, self.out_channels, &patches, k, p, parallelism)
-                    }
-                    ConvWeights::PackedI8(_) | ConvWeights::PackedF32(_) => unreachable!(),
-                    ConvWeights::I8 { q, scale, zero } => {
-                        let mut block = vec![0f32; I8_BLOCK_ROWS.min(self.out_channels) * k];
-                        let mut row0 = 0;
-                        while row0 < self.out_channels {
-                            let rows = I8_BLOCK_ROWS.min(self.out_channels - row0);
-                            for (r, dst) in block.chunks_exact_mut(k).take(rows).enumerate() {
-                                let o = row0 + r;
-                                let (s, z) = (scale[o], zero[o]);
-                                for (d, &v) in dst.iter_mut().zip(&q[o * k..(o + 1) * k]) {
-                                    *d = (v as i32 - z) as f32 * s;
-                                }
-                            }
-                            product(os, &block, row0, rows, &patches, k, p, parallelism);
-                            row0 += rows;
-                        }
-                    }
-                }
-            });
         }
+        let mut patches = vec![0f32; k * p];
+        for (row, &b) in os.chunks_exact_mut(p).zip(self.bias.iter()) {
+            row.fill(b);
+        }
+        in_pool(&executor, || {
+            if threads > 1 {
+                let rows_per = k.div_ceil(threads * 4).max(1);
+                patches
+                    .par_chunks_mut(rows_per * p)
+                    .enumerate()
+                    .for_each(|(i, chunk)| g.fill_rows(xs, i * rows_per, chunk));
+            } else {
+                g.fill_rows(xs, 0, &mut patches);
+            }
+            let parallelism = if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            };
+            if let ConvWeights::F32(w) = &self.weights {
+                product(os, w, 0, self.out_channels, &patches, k, p, parallelism);
+                return;
+            }
+            // int8 weights, dequantized a block of rows at a time.
+            let mut block = vec![0f32; I8_BLOCK_ROWS.min(self.out_channels) * k];
+            let mut row0 = 0;
+            while row0 < self.out_channels {
+                let rows = I8_BLOCK_ROWS.min(self.out_channels - row0);
+                for (r, dst) in block.chunks_exact_mut(k).take(rows).enumerate() {
+                    self.weights.dequantize_row(row0 + r, dst);
+                }
+                product(os, &block, row0, rows, &patches, k, p, parallelism);
+                row0 += rows;
+            }
+        });
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -269,6 +385,97 @@ impl PatchConv {
         Ok(())
     }
 
+    /// The op on [`ConvWeights::Split16`] weights for an input whose largest magnitude
+    /// is `max` (finite): the input as two byte planes in the c4 layout, their patch
+    /// matrices in the k4 layout, then per block of output rows the two u8 × i8 products and their sum
+    /// into `os`. Threads split the patch rows, then the output rows.
+    #[allow(clippy::too_many_arguments)]
+    fn eval_split16(
+        &self,
+        q: &PackedI8,
+        scale: &[f32],
+        xs: &[f32],
+        max: f32,
+        os: &mut [f32],
+        executor: &tract_linalg::multithread::Executor,
+        threads: usize,
+    ) {
+        let g = self.geometry;
+        let isa = Isa::best();
+        let kernel = QKernel::for_weights(isa, q);
+        let p = g.out_pixels();
+        let s = if max > 0.0 {
+            max / split16::Q16_MAX
+        } else {
+            1.0
+        };
+        let (channels, pixels) = (g.in_channels, g.in_h * g.in_w);
+        let len = g.c4_channels() * pixels;
+        let (mut hi, mut lo) = (vec![0u8; len], vec![0u8; len]);
+        split16::split_bytes_c4(isa, xs, channels, pixels, 1.0 / s, &mut hi, &mut lo);
+        // Padding taps read the bytes of 0: h + 128 = 128 and l = 0.
+        let groups = g.c4_k() / 4;
+        let (mut ph, mut pl) = (vec![0u8; groups * 4 * p], vec![0u8; groups * 4 * p]);
+        let fill = |first: usize, h: &mut [u8], l: &mut [u8]| {
+            let range = first..first + h.len() / (4 * p);
+            g.fill_k4_groups_c4(&hi, [0x80; 4], range.clone(), h);
+            g.fill_k4_groups_c4(&lo, [0; 4], range, l);
+        };
+        if threads > 1 {
+            let per = groups.div_ceil(threads * 4).max(1) * 4 * p;
+            in_pool(executor, || {
+                ph.par_chunks_mut(per)
+                    .zip(pl.par_chunks_mut(per))
+                    .enumerate()
+                    .for_each(|(i, (h, l))| fill(i * per / (4 * p), h, l))
+            });
+        } else {
+            fill(0, &mut ph, &mut pl);
+        }
+        let (ph, pl) = (&ph[..], &pl[..]);
+        let o = self.out_channels;
+        let rows_per = if threads > 1 {
+            o.div_ceil(threads).div_ceil(8) * 8
+        } else {
+            o
+        };
+        let run = |t: usize, chunk: &mut [f32], acc: &mut (Vec<i32>, Vec<i32>)| {
+            let first = t * rows_per;
+            let rows = chunk.len() / p;
+            let mut r = 0;
+            while r < rows {
+                let n = SPLIT16_BLOCK_ROWS.min(rows - r);
+                acc.0.resize(n * p, 0);
+                acc.1.resize(n * p, 0);
+                let range = first + r..first + r + n;
+                gemm_u8i8_with(kernel, q, range.clone(), ph, p, &mut acc.0, p);
+                gemm_u8i8_with(kernel, q, range.clone(), pl, p, &mut acc.1, p);
+                let dst = &mut chunk[r * p..(r + n) * p];
+                for (i, row) in range.enumerate() {
+                    split16::combine_row(
+                        isa,
+                        &acc.0[i * p..(i + 1) * p],
+                        &acc.1[i * p..(i + 1) * p],
+                        &mut dst[i * p..(i + 1) * p],
+                        q.row_sums()[row].wrapping_mul(-128),
+                        s * scale[row],
+                        self.bias[row],
+                    );
+                }
+                r += n;
+            }
+        };
+        if threads > 1 {
+            in_pool(executor, || {
+                os.par_chunks_mut(rows_per * p)
+                    .enumerate()
+                    .for_each_init(Default::default, |acc, (t, chunk)| run(t, chunk, acc))
+            });
+        } else {
+            run(0, os, &mut Default::default());
+        }
+    }
+
     /// [`Self::eval_packed`] for small weights: tasks of a few column panels, each made
     /// and multiplied by every weight panel while it is in cache, so that the patch
     /// matrix is never whole in memory and the threads share no data but the weights
@@ -330,6 +537,10 @@ impl PatchConv {
 /// pixels: they stay in L2 while each task makes its own patches and multiplies them.
 /// Above, the patch matrix is made once and the weight panels are split instead.
 const COLUMN_TASK_WEIGHTS: usize = 512 << 10;
+
+/// Output rows per pair of products of [`PatchConv::eval_split16`]: their two i32
+/// blocks (at most 2 · 32 · 3136 values at the stem's size) stay in L2.
+const SPLIT16_BLOCK_ROWS: usize = 32;
 
 /// Most column panels per task of [`PatchConv::eval_packed_by_columns`]; fewer where
 /// that leaves less than four tasks per thread.
@@ -477,23 +688,21 @@ impl TypedOp for PatchConv {
         )))
     }
 
-    /// Packs the weights (int8 or f32) for the `sgemm` kernels where those are the faster
-    /// path (`sgemm::preferred`: AVX2 and AVX-512); elsewhere the `gemm` crate runs.
+    /// Puts the weights in the form that runs fastest here ([`ConvWeights::prepared`]);
+    /// where that is the plain one, the `gemm` crate runs.
     fn codegen(
         &self,
         model: &TypedModel,
         node: &TypedNode,
     ) -> TractResult<Option<TypedModelPatch>> {
-        let isa = Isa::best();
-        let already = matches!(
-            self.weights,
-            ConvWeights::PackedI8(_) | ConvWeights::PackedF32(_)
-        );
-        if !sgemm::preferred(isa) || already {
+        let prepared = self
+            .weights
+            .prepared(Isa::best(), &self.geometry, self.out_channels)?;
+        let Some(weights) = prepared else {
             return Ok(None);
-        }
+        };
         let op = PatchConv {
-            weights: self.weights.packed(isa, self.out_channels),
+            weights,
             ..self.clone()
         };
         Ok(Some(TypedModelPatch::replace_single_op(
