@@ -206,8 +206,9 @@ fn check(case: Case) {
                 }
             }
         }
-        // Every build computes the epilogue's f32 operations alike (no fused
-        // multiply-adds): the same bytes as the portable build.
+        // The SIMD builds fuse the epilogue's multiply-adds: a value within a rounding
+        // of a quantization boundary may land one step from the portable build's (and
+        // the reference check above bounds both); anything more is a bug.
         if isa != Isa::Portable {
             let mut portable = vec![0x5Au8; k4_len(h, cols)];
             let mut acc = vec![0i32; h * cols];
@@ -226,9 +227,15 @@ fn check(case: Case) {
                     .map(|(r, n)| q[k4_index(r, n, cols)])
                     .collect()
             };
+            let (a, b) = (real(&q2), real(&portable));
+            let apart = a.iter().zip(&b).filter(|(x, y)| x != y).count();
             assert!(
-                real(&q2) == real(&portable),
-                "{what}: q2 differs from portable"
+                a.iter()
+                    .zip(&b)
+                    .all(|(&x, &y)| (x as i32 - y as i32).abs() <= 1)
+                    && apart * 1000 <= a.len(),
+                "{what}: q2 differs from portable in {apart} of {} values",
+                a.len()
             );
         }
         // fc2 + layer scale + residual, from the kernel's q2.

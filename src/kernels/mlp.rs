@@ -230,6 +230,27 @@ pub fn erf(x: f32) -> f32 {
     (1.0 - 1.0 / (p8 * p8)).copysign(x)
 }
 
+/// `s·gelu(a) = (s/2)·a·(1 + erf(a/√2))` with [`erf`]'s approximation, its polynomial
+/// and products fused into multiply-adds with `FMA` (see [`super::madd`]).
+#[inline(always)]
+pub fn scaled_gelu<const FMA: bool>(a: f32, s: f32) -> f32 {
+    use super::madd;
+    const A: [f32; 6] = ERF_A;
+    let z = a * std::f32::consts::FRAC_1_SQRT_2;
+    let t = z.abs();
+    let mut p = A[5];
+    for &c in A[..5].iter().rev() {
+        p = madd::<FMA>(p, t, c);
+    }
+    let p = madd::<FMA>(p, t, 1.0);
+    let p2 = p * p;
+    let p4 = p2 * p2;
+    let p8 = p4 * p4;
+    let erf = (1.0 - 1.0 / (p8 * p8)).copysign(z);
+    let h = a * (0.5 * s);
+    madd::<FMA>(h, erf, h)
+}
+
 /// The exact GELU, `0.5·a·(1 + erf(a/√2))`, with [`erf`]'s approximation.
 #[inline(always)]
 pub fn gelu(a: f32) -> f32 {

@@ -116,3 +116,47 @@ macro_rules! multiversion {
     };
 }
 pub(crate) use multiversion;
+
+/// Whether the portable build has a fused multiply-add instruction (aarch64 does;
+/// elsewhere `f32::mul_add` there would be a library call).
+pub const PORTABLE_FMA: bool = cfg!(target_arch = "aarch64");
+
+/// [`multiversion!`] for a body generic over `<const FMA: bool, const LANES: usize>`:
+/// whether to fuse multiply-adds ([`madd`]) and the f32 lanes of the build's widest
+/// vector. The builds get `<PORTABLE_FMA, 8>`, `<true, 8>` (AVX2) and `<true, 16>`
+/// (AVX-512), so that results may differ from the portable build's in the last bit
+/// of a fused operation.
+macro_rules! multiversion_fma {
+    ($(#[$meta:meta])* pub fn $name:ident<const $fma:ident: bool, const $lanes:ident: usize>($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        pub fn $name(isa: $crate::kernels::Isa, $($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body<const $fma: bool, const $lanes: usize>($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) $(-> $ret)? { body::<true, 8>($($arg),*) }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+            fn avx512($($arg: $ty),*) $(-> $ret)? { body::<true, 16>($($arg),*) }
+            match isa {
+                // SAFETY: the target-feature builds run only where the CPU has them.
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::Isa::Avx2 if isa.is_supported() => unsafe { avx2($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                $crate::kernels::Isa::Avx512 if isa.is_supported() => unsafe { avx512($($arg),*) },
+                _ => body::<{ $crate::kernels::PORTABLE_FMA }, 8>($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use multiversion_fma;
+
+/// `a·b + c`, fused into one rounding with `FMA`.
+#[inline(always)]
+pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}

@@ -24,10 +24,10 @@
 
 use anyhow::{ensure, Result};
 
-use super::mlp::{column_blocks, gelu};
+use super::mlp::{column_blocks, scaled_gelu};
 use super::qgemm::{gemm_u8i8, k4_len, PackedI8};
 use super::quant::{round_small, round_to_low_byte, ClampTo, Grid};
-use super::{multiversion, Isa};
+use super::{madd, multiversion, multiversion_fma, Isa};
 
 /// How an i32 accumulator row becomes f32: `v = (acc + corr)·mult + offset`, and
 /// optionally quantized onto a grid and dequantized again.
@@ -203,10 +203,10 @@ multiversion! {
     }
 }
 
-/// `R(acc + corr)` of one accumulator value.
+/// `R(acc + corr)` of one accumulator value, `acc·mult + offset` fused with `FMA`.
 #[inline(always)]
-fn dequant(acc: i32, corr: i32, mult: f32, offset: f32, how: Dequant) -> f32 {
-    let v = acc.wrapping_add(corr) as f32 * mult + offset;
+fn dequant_with<const FMA: bool>(acc: i32, corr: i32, mult: f32, offset: f32, how: Dequant) -> f32 {
+    let v = madd::<FMA>(acc.wrapping_add(corr) as f32, mult, offset);
     match how {
         Dequant::F32 => v,
         Dequant::Grid {
@@ -221,10 +221,18 @@ fn dequant(acc: i32, corr: i32, mult: f32, offset: f32, how: Dequant) -> f32 {
     }
 }
 
-multiversion! {
+/// `R(acc + corr)` of one accumulator value.
+#[inline(always)]
+fn dequant(acc: i32, corr: i32, mult: f32, offset: f32, how: Dequant) -> f32 {
+    dequant_with::<false>(acc, corr, mult, offset, how)
+}
+
+multiversion_fma! {
     /// fc1's epilogue for one k4 group of up to 4 hidden rows:
-    /// `q₂ = Q₂(gelu(R₁(acc + corr)))` into `dst`.
-    pub fn hidden_quantize_group(
+    /// `q₂ = Q₂(gelu(R₁(acc + corr)))` into `dst`. The SIMD builds fuse multiply-adds,
+    /// so a value within a rounding of a quantization boundary may land one step from
+    /// the portable build's.
+    pub fn hidden_quantize_group<const FMA: bool, const LANES: usize>(
         acc: [&[i32]; 4],
         nrows: usize,
         cols: usize,
@@ -240,29 +248,33 @@ multiversion! {
         let hi = (grid.hi - grid.zero_point) as f32;
         let zp = grid.zero_point;
         // One copy of the loop per form of `how`, so that its match is not in the loop.
+        // Q₂'s scale goes into the GELU's factor ½.
         match how {
             Dequant::F32 => {
                 let q = |a: i32, j: usize| {
-                    let g = gelu(dequant(a, corr[j], mult[j], offset[j], Dequant::F32));
-                    round_to_low_byte((g * inv_scale).clamp_to(lo, hi), zp)
+                    let v = dequant_with::<FMA>(a, corr[j], mult[j], offset[j], Dequant::F32);
+                    let g = scaled_gelu::<FMA>(v, inv_scale);
+                    round_to_low_byte(g.clamp_to(lo, hi), zp)
                 };
-                hidden_quantize_loop(acc, nrows, cols, q, dst)
+                hidden_quantize_loop::<LANES>(acc, nrows, cols, q, dst)
             }
             Dequant::Grid { grid: g1, dq_zero_point, dq_scale } => {
                 let q = |a: i32, j: usize| {
                     let how = Dequant::Grid { grid: g1, dq_zero_point, dq_scale };
-                    let g = gelu(dequant(a, corr[j], mult[j], offset[j], how));
-                    round_to_low_byte((g * inv_scale).clamp_to(lo, hi), zp)
+                    let v = dequant_with::<FMA>(a, corr[j], mult[j], offset[j], how);
+                    let g = scaled_gelu::<FMA>(v, inv_scale);
+                    round_to_low_byte(g.clamp_to(lo, hi), zp)
                 };
-                hidden_quantize_loop(acc, nrows, cols, q, dst)
+                hidden_quantize_loop::<LANES>(acc, nrows, cols, q, dst)
             }
         }
     }
 }
 
-/// [`hidden_quantize_group`]'s loop with its per-value function `q(acc, row)`.
+/// [`hidden_quantize_group`]'s loop with its per-value function `q(acc, row)`, in runs
+/// of `L` tokens (a vector of f32 lanes).
 #[inline(always)]
-fn hidden_quantize_loop(
+fn hidden_quantize_loop<const L: usize>(
     acc: [&[i32]; 4],
     nrows: usize,
     cols: usize,
@@ -270,13 +282,13 @@ fn hidden_quantize_loop(
     dst: &mut [u8],
 ) {
     if nrows == 4 {
-        // Runs of 8 tokens, the last one padded: every value goes through the
+        // Runs of L tokens, the last one padded: every value goes through the
         // vector code (a scalar tail costs about 8 times as much per value).
         #[inline(always)]
-        fn run(a: [[i32; 8]; 4], q: impl Fn(i32, usize) -> u8) -> [u8; 32] {
+        fn run<const L: usize>(a: [[i32; L]; 4], q: impl Fn(i32, usize) -> u8) -> [u32; L] {
             // Token l's 4 bytes as one little-endian word: shifts and ors in
-            // 8 lanes rather than byte shuffles.
-            let mut w = [0u32; 8];
+            // L lanes rather than byte shuffles.
+            let mut w = [0u32; L];
             for (l, w) in w.iter_mut().enumerate() {
                 *w = u32::from_le_bytes([
                     q(a[0][l], 0),
@@ -285,29 +297,31 @@ fn hidden_quantize_loop(
                     q(a[3][l], 3),
                 ]);
             }
-            let mut d = [0u8; 32];
+            w
+        }
+        #[inline(always)]
+        fn store<const L: usize>(d: &mut [u8], w: [u32; L]) {
             for (d, w) in d.chunks_exact_mut(4).zip(w) {
                 d.copy_from_slice(&w.to_le_bytes());
             }
-            d
         }
-        let full = cols / 8;
-        let (body, tail) = dst[..4 * cols].split_at_mut(32 * full);
-        for (c, d) in body.chunks_exact_mut(32).enumerate() {
+        let full = cols / L;
+        let (body, tail) = dst[..4 * cols].split_at_mut(4 * L * full);
+        for (c, d) in body.chunks_exact_mut(4 * L).enumerate() {
             let a = std::array::from_fn(|j| {
-                let row: &[i32; 8] = acc[j][8 * c..8 * c + 8].try_into().unwrap();
+                let row: &[i32; L] = acc[j][L * c..L * c + L].try_into().unwrap();
                 *row
             });
-            d.copy_from_slice(&run(a, q));
+            store(d, run::<L>(a, q));
         }
         if !tail.is_empty() {
-            let t = cols - 8 * full;
+            let t = cols - L * full;
             let a = std::array::from_fn(|j| {
-                let mut row = [0i32; 8];
-                row[..t].copy_from_slice(&acc[j][8 * full..cols]);
+                let mut row = [0i32; L];
+                row[..t].copy_from_slice(&acc[j][L * full..cols]);
                 row
             });
-            tail.copy_from_slice(&run(a, q)[..4 * t]);
+            store(tail, run::<L>(a, q));
         }
     } else {
         pack_group(dst, cols, |j, n| q(acc[j][n], j), nrows);

@@ -28,15 +28,11 @@ pub const Q16_MAX: f32 = 32_767.0;
 multiversion! {
     /// `max|x|`, or `None` when `x` holds a NaN or an infinity.
     pub fn max_abs(x: &[f32]) -> Option<f32> {
-        let mut m = 0f32;
-        // x·0 is 0 for finite x and NaN otherwise; the sum keeps a NaN.
-        let mut poison = 0f32;
-        for &v in x {
-            let a = v.abs();
-            m = if a > m { a } else { m };
-            poison += v * 0.0;
-        }
-        (poison == 0.0).then_some(m)
+        // |v|'s bits order as |v| does, and every NaN or infinity has bits at or above
+        // the infinity's: one integer max (which vectorizes) answers both.
+        const INF: u32 = 0x7f80_0000;
+        let m = x.iter().map(|v| v.to_bits() & 0x7fff_ffff).fold(0, u32::max);
+        (m < INF).then(|| f32::from_bits(m))
     }
 }
 
