@@ -752,12 +752,14 @@ fn patch_conv_split16_matches_reference_conv() {
     use tract_linalg::multithread::{multithread_tract_scope, Executor};
     use tract_onnx::prelude::*;
     // (in channels, side, out channels, kernel, stride, pad): channel counts that fill
-    // the last group of 4 and ones that do not, partial last windows, 7×7/4 and 3×3/2.
+    // the last group of 4 and ones that do not, partial last windows, 7×7/4 and 3×3/2,
+    // a 7×7 window overhanging both sides of a 4-pixel row.
     for &(ci, n, co, k, s, p) in &[
         (3usize, 29usize, 5usize, 7usize, 4usize, 2usize),
         (4, 9, 6, 3, 2, 1),
         (5, 8, 3, 3, 2, 1),
         (2, 5, 2, 3, 1, 0),
+        (2, 4, 3, 7, 1, 3),
         (40, 9, 37, 3, 2, 1),
         (64, 15, 70, 3, 2, 1),
     ] {

@@ -621,6 +621,20 @@ fn k7_stride4_like_the_stem() {
 }
 
 #[test]
+fn k7_window_wider_than_the_input() {
+    // Every window overhangs both sides of the 4×5 input: padding on the left and
+    // the right of the same patch row.
+    check_conv(ConvCase {
+        c: 5,
+        o: 8,
+        h: 4,
+        w: 5,
+        seed: 10,
+        ..case(7, 1, 3)
+    });
+}
+
+#[test]
 fn depthwise_and_grouped() {
     check_conv(ConvCase {
         c: 16,

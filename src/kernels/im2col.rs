@@ -145,6 +145,13 @@ impl ConvGeometry {
                 }
                 let i = (idx / kw) % kh;
                 let j = idx % kw;
+                // Output columns whose tap falls inside the input row (ox·sw + j − pw
+                // in 0..in_w): the rest read the padding.
+                let lo = pw.saturating_sub(j).div_ceil(sw).min(self.out_w);
+                let hi = (self.in_w + pw)
+                    .saturating_sub(j)
+                    .div_ceil(sw)
+                    .clamp(lo, self.out_w);
                 for oy in 0..self.out_h {
                     let row = &mut group[4 * oy * self.out_w..4 * (oy + 1) * self.out_w];
                     let y = (oy * sh + i) as isize - ph as isize;
@@ -155,13 +162,14 @@ impl ConvGeometry {
                         continue;
                     }
                     let src = &plane[y as usize * self.in_w..(y as usize + 1) * self.in_w];
-                    for ox in 0..self.out_w {
-                        let xx = (ox * sw + j) as isize - pw as isize;
-                        row[4 * ox + r] = if xx >= 0 && (xx as usize) < self.in_w {
-                            src[xx as usize] ^ flip
-                        } else {
-                            pad
-                        };
+                    for ox in (0..lo).chain(hi..self.out_w) {
+                        row[4 * ox + r] = pad;
+                    }
+                    if hi > lo {
+                        let taps = src[lo * sw + j - pw..].iter().step_by(sw);
+                        for (d, &v) in row[4 * lo..4 * hi].chunks_exact_mut(4).zip(taps) {
+                            d[r] = v ^ flip;
+                        }
                     }
                 }
             }
@@ -231,10 +239,12 @@ impl ConvGeometry {
                 after
                     .chunks_exact_mut(4)
                     .for_each(|w| w.copy_from_slice(&pad));
-                let first = lo * sw + j - pw;
-                for (k, w) in inside.chunks_exact_mut(4).enumerate() {
-                    let at = 4 * (first + k * sw);
-                    w.copy_from_slice(&src[at..at + 4]);
+                if hi > lo {
+                    let first = lo * sw + j - pw;
+                    for (k, w) in inside.chunks_exact_mut(4).enumerate() {
+                        let at = 4 * (first + k * sw);
+                        w.copy_from_slice(&src[at..at + 4]);
+                    }
                 }
             }
         }
