@@ -627,19 +627,78 @@ fn sgemm_bias_on_int8_weights_matches_definition_on_every_isa() {
     }
 }
 
-#[test]
-fn patch_conv_matches_reference_conv() {
-    use poolformer_edge::kernels::im2col::ConvGeometry;
-    use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
-    use std::sync::Arc;
+/// A square `k×k` conv of `ci` channels on an `n×n` image, stride `s`, padding `p`:
+/// its geometry and the f64 reference output of weights `w` (`[co, ci·k·k]`), bias `b`.
+fn square_conv(
+    (ci, n, co, k, s, p): (usize, usize, usize, usize, usize, usize),
+    x: &[f32],
+    w: &[f32],
+    b: &[f32],
+) -> (poolformer_edge::kernels::im2col::ConvGeometry, Vec<f64>) {
+    let out = (n + 2 * p - k) / s + 1;
+    let kernel = common::reference::ConvKernel {
+        out_channels: co,
+        in_channels: ci,
+        size: k,
+        weight: w.iter().map(|&v| v as f64).collect(),
+        bias: b.iter().map(|&v| v as f64).collect(),
+    };
+    let want = common::reference::conv2d(
+        &common::reference::Tensor::from_f32(ci, n, n, x),
+        &kernel,
+        s,
+        p,
+    );
+    let geometry = poolformer_edge::kernels::im2col::ConvGeometry {
+        in_channels: ci,
+        in_h: n,
+        in_w: n,
+        kernel: (k, k),
+        stride: (s, s),
+        pad: (p, p),
+        out_h: out,
+        out_w: out,
+    };
+    (geometry, want.data)
+}
+
+/// Runs `op` as a one-node tract model on `x` with `threads` threads.
+fn run_patch_conv(
+    op: poolformer_edge::ops::conv::PatchConv,
+    x: &[f32],
+    threads: usize,
+) -> Vec<f32> {
     use tract_linalg::multithread::{multithread_tract_scope, Executor};
     use tract_onnx::prelude::*;
+    let (g, co) = (op.geometry, op.out_channels);
+    let shape = [1, g.in_channels, g.in_h, g.in_w];
+    let mut model = TypedModel::default();
+    let src = model.add_source("x", f32::fact(shape)).unwrap();
+    let y = model.wire_node("conv", op, &[src]).unwrap();
+    model.select_output_outlets(&y).unwrap();
+    let plan = model.into_runnable().unwrap();
+    let executor = if threads > 1 {
+        Executor::multithread(threads)
+    } else {
+        Executor::SingleThread
+    };
+    let input = Tensor::from_shape(&shape, x).unwrap();
+    let got = multithread_tract_scope(executor, || plan.run(tvec!(input.into_tvalue()))).unwrap();
+    let got = got[0].to_plain_array_view::<f32>().unwrap();
+    assert_eq!(got.shape(), &[1, co, g.out_h, g.out_w]);
+    got.iter().copied().collect()
+}
+
+#[test]
+fn patch_conv_matches_reference_conv() {
+    use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
+    use std::sync::Arc;
     // (in channels, side, out channels, kernel, stride, pad): PoolFormer's stem and
     // downsampling shapes, shrunk, plus odd sides where the last window is partial, one
     // where a 7×7 window overhangs both sides of a 4-pixel row, and a wider one. The
     // packed op splits small weights by output pixels and large ones (above 512 KiB as
     // f32, the last shape) by weight panels.
-    for &(ci, n, co, k, s, p) in &[
+    for &shape in &[
         (3usize, 29usize, 5usize, 7usize, 4usize, 2usize),
         (4, 9, 6, 3, 2, 1),
         (5, 8, 3, 3, 2, 1),
@@ -650,7 +709,7 @@ fn patch_conv_matches_reference_conv() {
         (6, 9, 70, 3, 2, 1),
         (64, 9, 300, 3, 2, 1),
     ] {
-        let out = (n + 2 * p - k) / s + 1;
+        let (ci, n, co, k, s, p) = shape;
         let x = common::test_image(ci, n, n, (ci * n) as u64);
         // int8 weights with a scale and zero point per output channel; the f32 weights
         // are their dequantized values, so both forms of the op have one reference.
@@ -663,29 +722,7 @@ fn patch_conv_matches_reference_conv() {
             |o| (o % 3) as i32 - 1,
         );
         let b = noise(co, 8);
-        let kernel = common::reference::ConvKernel {
-            out_channels: co,
-            in_channels: ci,
-            size: k,
-            weight: w.iter().map(|&v| v as f64).collect(),
-            bias: b.iter().map(|&v| v as f64).collect(),
-        };
-        let want = common::reference::conv2d(
-            &common::reference::Tensor::from_f32(ci, n, n, &x),
-            &kernel,
-            s,
-            p,
-        );
-        let geometry = ConvGeometry {
-            in_channels: ci,
-            in_h: n,
-            in_w: n,
-            kernel: (k, k),
-            stride: (s, s),
-            pad: (p, p),
-            out_h: out,
-            out_w: out,
-        };
+        let (geometry, want) = square_conv(shape, &x, &w, &b);
         let variants = [
             ConvWeights::F32(Arc::new(w.clone())),
             ConvWeights::I8 {
@@ -704,30 +741,15 @@ fn patch_conv_matches_reference_conv() {
         };
         for weights in variants.into_iter().chain(packed) {
             let int8 = weights.is_int8();
-            let op = PatchConv {
-                geometry,
-                out_channels: co,
-                weights,
-                bias: Arc::new(b.clone()),
-            };
-            let mut model = TypedModel::default();
-            let src = model.add_source("x", f32::fact([1, ci, n, n])).unwrap();
-            let y = model.wire_node("conv", op, &[src]).unwrap();
-            model.select_output_outlets(&y).unwrap();
-            let plan = model.into_runnable().unwrap();
             for threads in [1, 3] {
-                let executor = if threads > 1 {
-                    Executor::multithread(threads)
-                } else {
-                    Executor::SingleThread
+                let op = PatchConv {
+                    geometry,
+                    out_channels: co,
+                    weights: weights.clone(),
+                    bias: Arc::new(b.clone()),
                 };
-                let input = Tensor::from_shape(&[1, ci, n, n], &x).unwrap();
-                let got =
-                    multithread_tract_scope(executor, || plan.run(tvec!(input.into_tvalue())))
-                        .unwrap();
-                let got = got[0].to_plain_array_view::<f32>().unwrap();
-                assert_eq!(got.shape(), &[1, co, out, out]);
-                for (g, e) in got.iter().zip(&want.data) {
+                let got = run_patch_conv(op, &x, threads);
+                for (g, e) in got.iter().zip(&want) {
                     assert!(
                         (*g as f64 - e).abs() <= 1e-5 * e.abs().max(1.0),
                         "int8 {int8}, {threads} threads, k{k} s{s} p{p}: {g} vs {e}"
@@ -746,15 +768,12 @@ fn patch_conv_matches_reference_conv() {
 /// `split16_pays`. A NaN in the input falls back to the float path, which carries it.
 #[test]
 fn patch_conv_split16_matches_reference_conv() {
-    use poolformer_edge::kernels::im2col::ConvGeometry;
     use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
     use std::sync::Arc;
-    use tract_linalg::multithread::{multithread_tract_scope, Executor};
-    use tract_onnx::prelude::*;
     // (in channels, side, out channels, kernel, stride, pad): channel counts that fill
     // the last group of 4 and ones that do not, partial last windows, 7×7/4 and 3×3/2,
     // a 7×7 window overhanging both sides of a 4-pixel row.
-    for &(ci, n, co, k, s, p) in &[
+    for &shape in &[
         (3usize, 29usize, 5usize, 7usize, 4usize, 2usize),
         (4, 9, 6, 3, 2, 1),
         (5, 8, 3, 3, 2, 1),
@@ -763,7 +782,7 @@ fn patch_conv_split16_matches_reference_conv() {
         (40, 9, 37, 3, 2, 1),
         (64, 15, 70, 3, 2, 1),
     ] {
-        let out = (n + 2 * p - k) / s + 1;
+        let (ci, n, co, k, s, p) = shape;
         let mut x = common::test_image(ci, n, n, (ci * n) as u64 + 3);
         // One large value, so that the grid is coarse for the others.
         x[ci * n * n / 2] = 9.0;
@@ -776,29 +795,7 @@ fn patch_conv_split16_matches_reference_conv() {
             |_| 0,
         );
         let b = noise(co, 8);
-        let kernel = common::reference::ConvKernel {
-            out_channels: co,
-            in_channels: ci,
-            size: k,
-            weight: w.iter().map(|&v| v as f64).collect(),
-            bias: b.iter().map(|&v| v as f64).collect(),
-        };
-        let want = common::reference::conv2d(
-            &common::reference::Tensor::from_f32(ci, n, n, &x),
-            &kernel,
-            s,
-            p,
-        );
-        let geometry = ConvGeometry {
-            in_channels: ci,
-            in_h: n,
-            in_w: n,
-            kernel: (k, k),
-            stride: (s, s),
-            pad: (p, p),
-            out_h: out,
-            out_w: out,
-        };
+        let (geometry, want) = square_conv(shape, &x, &w, &b);
         let int8 = ConvWeights::I8 {
             q: Arc::new(q),
             scale: Arc::new(scale),
@@ -806,43 +803,19 @@ fn patch_conv_split16_matches_reference_conv() {
         };
         let weights = int8.split16(&geometry, co).unwrap();
         assert!(matches!(weights, ConvWeights::Split16 { .. }));
-        let run = |weights: ConvWeights, x: &[f32], threads: usize| {
-            let op = PatchConv {
-                geometry,
-                out_channels: co,
-                weights,
-                bias: Arc::new(b.clone()),
-            };
-            let mut model = TypedModel::default();
-            let src = model.add_source("x", f32::fact([1, ci, n, n])).unwrap();
-            let y = model.wire_node("conv", op, &[src]).unwrap();
-            model.select_output_outlets(&y).unwrap();
-            let plan = model.into_runnable().unwrap();
-            let executor = if threads > 1 {
-                Executor::multithread(threads)
-            } else {
-                Executor::SingleThread
-            };
-            let input = Tensor::from_shape(&[1, ci, n, n], x).unwrap();
-            let got =
-                multithread_tract_scope(executor, || plan.run(tvec!(input.into_tvalue()))).unwrap();
-            got[0]
-                .to_plain_array_view::<f32>()
-                .unwrap()
-                .iter()
-                .copied()
-                .collect::<Vec<f32>>()
+        let op = |weights: &ConvWeights| PatchConv {
+            geometry,
+            out_channels: co,
+            weights: weights.clone(),
+            bias: Arc::new(b.clone()),
         };
         let half_step = 9.0 / 65534.0;
         let kk = ci * k * k;
         for threads in [1, 3] {
-            let got = run(weights.clone(), &x, threads);
-            assert_eq!(got.len(), co * out * out);
-            for (i, (g, e)) in got.iter().zip(&want.data).enumerate() {
-                let l1: f64 = w[(i / (out * out)) * kk..][..kk]
-                    .iter()
-                    .map(|v| v.abs() as f64)
-                    .sum();
+            let got = run_patch_conv(op(&weights), &x, threads);
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                let row = &w[(i / geometry.out_pixels()) * kk..][..kk];
+                let l1: f64 = row.iter().map(|v| v.abs() as f64).sum();
                 let tol = l1 * half_step * 1.001 + 1e-5 * e.abs().max(1.0);
                 assert!(
                     (*g as f64 - e).abs() <= tol,
@@ -852,9 +825,9 @@ fn patch_conv_split16_matches_reference_conv() {
         }
         // A NaN in the input: the float path's result, NaN wherever the tap reads it.
         x[1] = f32::NAN;
-        let plain = run(int8.clone(), &x, 1);
+        let plain = run_patch_conv(op(&int8), &x, 1);
         for threads in [1, 3] {
-            let got = run(weights.clone(), &x, threads);
+            let got = run_patch_conv(op(&weights), &x, threads);
             assert!(got.iter().any(|v| v.is_nan()));
             for (g, e) in got.iter().zip(&plain) {
                 assert!(

@@ -24,6 +24,18 @@ impl ConvGeometry {
         self.out_h * self.out_w
     }
 
+    /// The output columns `lo..hi` whose kernel column `j` falls inside the input row
+    /// (`ox·sw + j − pw` in `0..in_w`); the others read the padding.
+    fn inside_cols(&self, j: usize) -> (usize, usize) {
+        let (sw, pw) = (self.stride.1, self.pad.1);
+        let lo = pw.saturating_sub(j).div_ceil(sw).min(self.out_w);
+        let hi = (self.in_w + pw)
+            .saturating_sub(j)
+            .div_ceil(sw)
+            .clamp(lo, self.out_w);
+        (lo, hi)
+    }
+
     /// Fills rows `first_row..first_row + rows.len()/out_pixels` of the patch matrix
     /// `[k, out_h·out_w]`: row `(c, i, j)` holds input channel `c` shifted by kernel
     /// tap `(i, j)` at every output position, zero where the tap falls in the padding.
@@ -50,12 +62,7 @@ impl ConvGeometry {
         let i = (row / kw) % kh;
         let j = row % kw;
         let plane = &x[c * self.in_h * self.in_w..(c + 1) * self.in_h * self.in_w];
-        // The output columns whose tap falls inside the row: ox·sw + j − pw in 0..in_w.
-        let lo = pw.saturating_sub(j).div_ceil(sw).min(self.out_w);
-        let hi = (self.in_w + pw)
-            .saturating_sub(j)
-            .div_ceil(sw)
-            .clamp(lo, self.out_w);
+        let (lo, hi) = self.inside_cols(j);
         let out = &mut out[..pixels.len()];
         let (mut oy, mut ox0) = (pixels.start / self.out_w, pixels.start % self.out_w);
         let mut done = 0;
@@ -145,13 +152,8 @@ impl ConvGeometry {
                 }
                 let i = (idx / kw) % kh;
                 let j = idx % kw;
-                // Output columns whose tap falls inside the input row (ox·sw + j − pw
-                // in 0..in_w): the rest read the padding.
-                let lo = pw.saturating_sub(j).div_ceil(sw).min(self.out_w);
-                let hi = (self.in_w + pw)
-                    .saturating_sub(j)
-                    .div_ceil(sw)
-                    .clamp(lo, self.out_w);
+                // Columns outside lo..hi read the padding.
+                let (lo, hi) = self.inside_cols(j);
                 for oy in 0..self.out_h {
                     let row = &mut group[4 * oy * self.out_w..4 * (oy + 1) * self.out_w];
                     let y = (oy * sh + i) as isize - ph as isize;
@@ -215,13 +217,7 @@ impl ConvGeometry {
             debug_assert!(i < kh);
             let src_plane = &x[c * plane..(c + 1) * plane];
             let group = &mut dst[gi * 4 * p..(gi + 1) * 4 * p];
-            // Output columns whose tap falls inside the input row: ox·sw + j − pw in
-            // 0..in_w.
-            let lo = pw.saturating_sub(j).div_ceil(sw).min(self.out_w);
-            let hi = (self.in_w + pw)
-                .saturating_sub(j)
-                .div_ceil(sw)
-                .clamp(lo, self.out_w);
+            let (lo, hi) = self.inside_cols(j);
             for oy in 0..self.out_h {
                 let row = &mut group[4 * oy * self.out_w..4 * (oy + 1) * self.out_w];
                 let y = (oy * sh + i) as isize - ph as isize;
