@@ -137,6 +137,24 @@ impl ConvGeometry {
         let pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
         for (gi, g) in groups.enumerate() {
             let group = &mut dst[gi * 4 * p..(gi + 1) * 4 * p];
+            if pointwise && 4 * g + 4 <= self.k() {
+                // A whole group of a 1×1 conv: four input planes interleaved, each
+                // token's 4 bytes built as one word (this vectorizes; a byte at a time
+                // does not).
+                let planes: [&[u8]; 4] =
+                    std::array::from_fn(|r| &x[(4 * g + r) * plane_len..][..plane_len]);
+                let flip4 = u32::from_ne_bytes([flip; 4]);
+                for (n, d) in group.chunks_exact_mut(4).enumerate() {
+                    let w = u32::from_le_bytes([
+                        planes[0][n],
+                        planes[1][n],
+                        planes[2][n],
+                        planes[3][n],
+                    ]);
+                    d.copy_from_slice(&(w ^ flip4).to_le_bytes());
+                }
+                continue;
+            }
             for r in 0..4 {
                 let idx = 4 * g + r;
                 if idx >= self.k() {
