@@ -823,6 +823,17 @@ fn patch_conv_split16_matches_reference_conv() {
                 );
             }
         }
+        // Magnitudes so small that the grid's step would underflow: the float path
+        // (without a bias, which would hide the products).
+        let tiny: Vec<f32> = x.iter().map(|v| v * 1e-36).collect();
+        let unbiased = |weights: &ConvWeights| PatchConv {
+            bias: Arc::new(vec![0.0; co]),
+            ..op(weights)
+        };
+        let plain = run_patch_conv(unbiased(&int8), &tiny, 1);
+        let got = run_patch_conv(unbiased(&weights), &tiny, 1);
+        assert!(plain.iter().any(|&v| v != 0.0));
+        assert_eq!(got, plain, "tiny input");
         // A NaN in the input: the float path's result, NaN wherever the tap reads it.
         x[1] = f32::NAN;
         let plain = run_patch_conv(op(&int8), &x, 1);

@@ -263,9 +263,12 @@ impl EvalOp for PatchConv {
         let os = view.as_slice_mut::<f32>()?;
         ensure!(os.len() == self.out_channels * p && self.bias.len() == self.out_channels);
         if let ConvWeights::Split16 { q, scale, .. } = &self.weights {
-            // A NaN or an infinity has no 16-bit code: such inputs take the float path,
-            // which carries them through as the graph does.
-            if let Some(max) = split16::max_abs(Isa::best(), xs) {
+            // A NaN or an infinity has no 16-bit code, and a largest magnitude so small
+            // that the grid's step underflows has no grid: such inputs take the float
+            // path, which carries them through as the graph does.
+            let max = split16::max_abs(Isa::best(), xs)
+                .filter(|&m| m == 0.0 || (split16::Q16_MAX / m).is_finite());
+            if let Some(max) = max {
                 self.eval_split16(q, scale, xs, max, os, &executor, threads);
                 return Ok(tvec!(out.into_tvalue()));
             }
@@ -386,9 +389,10 @@ impl PatchConv {
     }
 
     /// The op on [`ConvWeights::Split16`] weights for an input whose largest magnitude
-    /// is `max` (finite): the input as two byte planes in the c4 layout, their patch
-    /// matrices in the k4 layout, then per block of output rows the two u8 × i8 products and their sum
-    /// into `os`. Threads split the patch rows, then the output rows.
+    /// is `max` (finite, and 0 or large enough for `32767 / max` to be finite): the
+    /// input as two byte planes in the c4 layout, their patch matrices in the k4 layout,
+    /// then per block of output rows the two u8 × i8 products and their sum into `os`.
+    /// Threads split the patch rows, then the output rows.
     #[allow(clippy::too_many_arguments)]
     fn eval_split16(
         &self,
@@ -412,7 +416,12 @@ impl PatchConv {
         let (channels, pixels) = (g.in_channels, g.in_h * g.in_w);
         let len = g.c4_channels() * pixels;
         let (mut hi, mut lo) = (vec![0u8; len], vec![0u8; len]);
-        split16::split_bytes_c4(isa, xs, channels, pixels, 1.0 / s, &mut hi, &mut lo);
+        let inv = if max > 0.0 {
+            split16::Q16_MAX / max
+        } else {
+            1.0
+        };
+        split16::split_bytes_c4(isa, xs, channels, pixels, inv, &mut hi, &mut lo);
         // Padding taps read the bytes of 0: h + 128 = 128 and l = 0.
         let groups = g.c4_k() / 4;
         let (mut ph, mut pl) = (vec![0u8; groups * 4 * p], vec![0u8; groups * 4 * p]);
