@@ -221,9 +221,20 @@ pub const ERF_A: [f32; 6] = [
 /// it vectorizes: `1 − 1/(1 + a₁|x| + … + a₆|x|⁶)¹⁶` with the sign of `x`.
 #[inline(always)]
 pub fn erf(x: f32) -> f32 {
+    erf_with::<false>(x)
+}
+
+/// [`erf`] with its polynomial's multiply-adds fused when `FMA` (see [`super::madd`]).
+#[inline(always)]
+pub fn erf_with<const FMA: bool>(x: f32) -> f32 {
+    use super::madd;
     const A: [f32; 6] = ERF_A;
     let t = x.abs();
-    let p = 1.0 + t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * (A[4] + t * A[5])))));
+    let mut p = A[5];
+    for &c in A[..5].iter().rev() {
+        p = madd::<FMA>(p, t, c);
+    }
+    let p = madd::<FMA>(p, t, 1.0);
     let p2 = p * p;
     let p4 = p2 * p2;
     let p8 = p4 * p4;
@@ -234,21 +245,9 @@ pub fn erf(x: f32) -> f32 {
 /// and products fused into multiply-adds with `FMA` (see [`super::madd`]).
 #[inline(always)]
 pub fn scaled_gelu<const FMA: bool>(a: f32, s: f32) -> f32 {
-    use super::madd;
-    const A: [f32; 6] = ERF_A;
-    let z = a * std::f32::consts::FRAC_1_SQRT_2;
-    let t = z.abs();
-    let mut p = A[5];
-    for &c in A[..5].iter().rev() {
-        p = madd::<FMA>(p, t, c);
-    }
-    let p = madd::<FMA>(p, t, 1.0);
-    let p2 = p * p;
-    let p4 = p2 * p2;
-    let p8 = p4 * p4;
-    let erf = (1.0 - 1.0 / (p8 * p8)).copysign(z);
+    let erf = erf_with::<FMA>(a * std::f32::consts::FRAC_1_SQRT_2);
     let h = a * (0.5 * s);
-    madd::<FMA>(h, erf, h)
+    super::madd::<FMA>(h, erf, h)
 }
 
 /// The exact GELU, `0.5·a·(1 + erf(a/√2))`, with [`erf`]'s approximation.
