@@ -12,8 +12,9 @@
 //! accumulator ([`crate::ops::requant::Requant`], `acc·mult[c] + offset[c]`, to f32 or
 //! onto a grid and back). Every step keeps the graph's arithmetic: the only
 //! differences from running the graph op by op are f32 rounding in the norm
-//! statistics and in erf, which can move a value that sits within ~1e-6 of a rounding
-//! boundary to the neighbouring quantization step.
+//! statistics, in erf and in the SIMD builds' fused multiply-adds, which can move a
+//! value that sits within ~1e-6 of a rounding boundary to the neighbouring
+//! quantization step.
 //!
 //! Tokens are processed in blocks of columns; the quantized activations of a block are
 //! written straight into the k4 layout the matrix kernel reads, and the i32
