@@ -300,8 +300,8 @@ pub unsafe fn run_block(
     let (c, h) = (w.channels, w.hidden);
     let cols = j1 - j0;
     debug_assert!(j0 < j1 && j1 <= hw);
-    scratch.centered.resize(c * cols, 0.0);
-    scratch.hidden.resize(h * cols, 0.0);
+    super::scratch_of(&mut scratch.centered, c * cols);
+    super::scratch_of(&mut scratch.hidden, h * cols);
     // The columns of x this block reads, as one slice from (0, j0) to (c−1, j1).
     let span = (c - 1) * hw + cols;
     let xs = std::slice::from_raw_parts(x.add(j0), span);

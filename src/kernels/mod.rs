@@ -151,6 +151,16 @@ macro_rules! multiversion_fma {
 }
 pub(crate) use multiversion_fma;
 
+/// Makes `v` a buffer of `n` elements whose contents do not matter (the caller
+/// overwrites them): a buffer too small is replaced rather than grown, since growing
+/// copies the old contents.
+pub(crate) fn scratch_of<T: Copy + Default>(v: &mut Vec<T>, n: usize) {
+    if v.capacity() < n {
+        *v = Vec::new();
+    }
+    v.resize(n, T::default());
+}
+
 /// `a·b + c`, fused into one rounding with `FMA`.
 #[inline(always)]
 pub fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {

@@ -28,7 +28,7 @@ use anyhow::{ensure, Result};
 use super::mlp::{column_blocks, scaled_gelu};
 use super::qgemm::{gemm_u8i8, k4_len, PackedI8};
 use super::quant::{round_small, round_to_low_byte, ClampTo, Grid};
-use super::{madd, multiversion, multiversion_fma, Isa};
+use super::{madd, multiversion, multiversion_fma, scratch_of, Isa};
 
 /// How an i32 accumulator row becomes f32: `v = (acc + corr)·mult + offset`, and
 /// optionally quantized onto a grid and dequantized again.
@@ -370,10 +370,10 @@ pub unsafe fn run_block(
 ) {
     let cols = j1 - j0;
     let (c, h) = (w.channels, w.hidden);
-    scratch.q1.resize(k4_len(c, cols), 0);
-    scratch.q2.resize(k4_len(h, cols), 0);
-    scratch.acc1.resize(h * cols, 0);
-    scratch.acc2.resize(c * cols, 0);
+    scratch_of(&mut scratch.q1, k4_len(c, cols));
+    scratch_of(&mut scratch.q2, k4_len(h, cols));
+    scratch_of(&mut scratch.acc1, h * cols);
+    scratch_of(&mut scratch.acc2, c * cols);
     let span = (c - 1) * hw + cols;
     let xs = std::slice::from_raw_parts(x.add(j0), span);
     quantize_input(isa, w, xs, hw, cols, stats, &mut scratch.q1);
