@@ -2,80 +2,150 @@
 //! image (ONNX AveragePool with `count_include_pad = 0`), computed exactly as tract's
 //! generic `SumPool` kernel does: the taps in row-major order summed from the value an
 //! empty `f32` sum starts at, then multiplied by the reciprocal of their count. Same
-//! operations in the same order, so the same bits; interior rows run as one loop over
-//! the columns that the compiler vectorizes (each lane keeps that order).
+//! operations in the same order, so the same bits, over a bordered copy of the rows so
+//! that edges and interior run as one loop the compiler vectorizes.
 
-/// Pooled values of positions `start..start + out.len()` of one `h×w` plane.
-#[inline(always)]
-pub fn avg_pool3x3(plane: &[f32], h: usize, w: usize, start: usize, out: &mut [f32]) {
-    debug_assert!(plane.len() == h * w && start + out.len() <= h * w);
-    let zero: f32 = std::iter::empty::<f32>().sum();
-    let mut p = start;
-    let mut done = 0;
-    while done < out.len() {
-        let (y, x0) = (p / w, p % w);
-        let x1 = w.min(x0 + out.len() - done);
-        pool_row(plane, h, w, y, x0, x1, zero, &mut out[done..done + x1 - x0]);
-        done += x1 - x0;
-        p += x1 - x0;
+/// Values [`avg_pool3x3_rows`] needs beside the plane: the reciprocal tap count of
+/// every position, in rows of `w + 2` (the padded width; the two extra columns unused).
+pub fn tap_reciprocals(h: usize, w: usize) -> Vec<f32> {
+    let span = |i: usize, n: usize| (i + 1).min(n - 1) - i.saturating_sub(1) + 1;
+    let mut r = vec![0.0; h * (w + 2)];
+    for y in 0..h {
+        for x in 0..w {
+            r[y * (w + 2) + x] = ((span(y, h) * span(x, w)) as f32).recip();
+        }
     }
+    r
 }
 
-/// Columns `x0..x1` of output row `y`.
-#[allow(clippy::too_many_arguments)]
+/// Scratch values [`avg_pool3x3_rows`] needs for `rows` rows of width `w`.
+pub fn scratch_len(rows: usize, w: usize) -> usize {
+    (2 * rows + 2) * (w + 2)
+}
+
+/// Pooled values of rows `y0..y0 + out.len() / w` of one `h×w` plane.
+///
+/// The rows and their neighbours are copied into a buffer `w + 2` wide with a border of
+/// `−0.0`, so every position sums nine taps in one loop over the buffer that the
+/// compiler vectorizes whatever the width. `s + (−0.0) = s` exactly for every `s`
+/// (`+0.0` included), so a border tap changes no bit of the sum: the result is the
+/// in-image taps summed in row-major order, as tract computes it. `recip` comes from
+/// [`tap_reciprocals`], `scratch` holds [`scratch_len`] values.
 #[inline(always)]
-fn pool_row(
+pub fn avg_pool3x3_rows(
     plane: &[f32],
     h: usize,
     w: usize,
-    y: usize,
-    x0: usize,
-    x1: usize,
-    zero: f32,
+    y0: usize,
     out: &mut [f32],
+    recip: &[f32],
+    scratch: &mut [f32],
 ) {
-    let interior = if y >= 1 && y + 1 < h && w >= 3 {
-        x0.max(1)..x1.min(w - 1).max(x0.max(1))
-    } else {
-        x0..x0
-    };
-    for x in (x0..interior.start).chain(interior.end..x1) {
-        out[x - x0] = edge(plane, h, w, y, x, zero);
-    }
-    if interior.is_empty() {
+    let rows = out.len() / w;
+    let pw = w + 2;
+    debug_assert!(out.len() == rows * w && y0 + rows <= h && plane.len() == h * w);
+    debug_assert!(recip.len() == h * pw && scratch.len() >= scratch_len(rows, w));
+    if rows == 0 {
         return;
     }
-    let r0 = &plane[(y - 1) * w..y * w];
-    let r1 = &plane[y * w..(y + 1) * w];
-    let r2 = &plane[(y + 1) * w..(y + 2) * w];
-    let ninth = 9f32.recip();
-    let dst = &mut out[interior.start - x0..interior.end - x0];
-    for (i, o) in dst.iter_mut().enumerate() {
-        let x = interior.start + i;
-        let s = zero
-            + r0[x - 1]
-            + r0[x]
-            + r0[x + 1]
-            + r1[x - 1]
-            + r1[x]
-            + r1[x + 1]
-            + r2[x - 1]
-            + r2[x]
-            + r2[x + 1];
-        *o = s * ninth;
+    let (padded, sums) = scratch.split_at_mut((rows + 2) * pw);
+    for (r, dst) in padded.chunks_exact_mut(pw).enumerate() {
+        let y = (y0 + r).wrapping_sub(1);
+        if y < h {
+            dst[0] = -0.0;
+            dst[1..=w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+            dst[w + 1] = -0.0;
+        } else {
+            dst.fill(-0.0);
+        }
+    }
+    // Output (r, x) sits at r·pw + x; its taps at that index plus the nine offsets.
+    let n = rows * pw - 2;
+    let sums = &mut sums[..n];
+    let zero: f32 = std::iter::empty::<f32>().sum();
+    let tap = |row: usize, col: usize| &padded[row * pw + col..row * pw + col + n];
+    let (t00, t01, t02) = (tap(0, 0), tap(0, 1), tap(0, 2));
+    let (t10, t11, t12) = (tap(1, 0), tap(1, 1), tap(1, 2));
+    let (t20, t21, t22) = (tap(2, 0), tap(2, 1), tap(2, 2));
+    let recip = &recip[y0 * pw..y0 * pw + n];
+    for i in 0..n {
+        let s =
+            zero + t00[i] + t01[i] + t02[i] + t10[i] + t11[i] + t12[i] + t20[i] + t21[i] + t22[i];
+        sums[i] = s * recip[i];
+    }
+    for (o, s) in out.chunks_exact_mut(w).zip(sums.chunks(pw)) {
+        o.copy_from_slice(&s[..w]);
     }
 }
 
-/// One output at `(y, x)`, any position.
-#[inline(always)]
-fn edge(plane: &[f32], h: usize, w: usize, y: usize, x: usize, zero: f32) -> f32 {
-    let (ya, yb) = (y.saturating_sub(1), (y + 1).min(h - 1));
-    let (xa, xb) = (x.saturating_sub(1), (x + 1).min(w - 1));
-    let mut s = zero;
-    for yy in ya..=yb {
-        for xx in xa..=xb {
-            s += plane[yy * w + xx];
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One output the way tract's generic `SumPool` computes it.
+    fn tract_order(plane: &[f32], h: usize, w: usize, y: usize, x: usize) -> f32 {
+        let (ya, yb) = (y.saturating_sub(1), (y + 1).min(h - 1));
+        let (xa, xb) = (x.saturating_sub(1), (x + 1).min(w - 1));
+        let mut s: f32 = std::iter::empty::<f32>().sum();
+        for yy in ya..=yb {
+            for xx in xa..=xb {
+                s += plane[yy * w + xx];
+            }
+        }
+        s * (((yb - ya + 1) * (xb - xa + 1)) as f32).recip()
+    }
+
+    #[test]
+    fn rows_match_tract_bit_for_bit() {
+        for (h, w) in [
+            (1, 1),
+            (1, 5),
+            (4, 1),
+            (2, 2),
+            (7, 7),
+            (5, 13),
+            (14, 14),
+            (9, 56),
+        ] {
+            // Values of mixed magnitude (sums round), signed zeros included.
+            let plane: Vec<f32> = (0..h * w)
+                .map(|i| match i % 7 {
+                    0 => -0.0,
+                    3 => 0.0,
+                    k => ((i * 37 % 101) as f32 - 50.0) * 10f32.powi(k as i32 - 3),
+                })
+                .collect();
+            let recip = tap_reciprocals(h, w);
+            for rows in 1..=h {
+                for y0 in (0..h).step_by(rows) {
+                    let rows = rows.min(h - y0);
+                    let mut out = vec![f32::NAN; rows * w];
+                    let mut scratch = vec![f32::NAN; scratch_len(rows, w)];
+                    avg_pool3x3_rows(&plane, h, w, y0, &mut out, &recip, &mut scratch);
+                    for (i, &got) in out.iter().enumerate() {
+                        let (y, x) = (y0 + i / w, i % w);
+                        let want = tract_order(&plane, h, w, y, x);
+                        assert_eq!(got.to_bits(), want.to_bits(), "{h}×{w} at ({y}, {x})");
+                    }
+                }
+            }
         }
     }
-    s * (((yb - ya + 1) * (xb - xa + 1)) as f32).recip()
+
+    #[test]
+    fn all_negative_zeros_stay_negative() {
+        let plane = vec![-0.0f32; 12];
+        let mut out = vec![0.0; 12];
+        let mut scratch = vec![0.0; scratch_len(3, 4)];
+        avg_pool3x3_rows(
+            &plane,
+            3,
+            4,
+            0,
+            &mut out,
+            &tap_reciprocals(3, 4),
+            &mut scratch,
+        );
+        assert!(out.iter().all(|v| v.to_bits() == (-0.0f32).to_bits()));
+    }
 }

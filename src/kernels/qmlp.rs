@@ -27,7 +27,7 @@ use anyhow::{ensure, Result};
 
 use super::mlp::{column_blocks, scaled_gelu};
 use super::qgemm::{gemm_u8i8, k4_len, PackedI8};
-use super::quant::{round_small, round_to_low_byte, ClampTo, Grid};
+use super::quant::{round_shifted, round_to_low_byte, ClampTo, Grid};
 use super::{madd, multiversion, multiversion_fma, scratch_of, Isa};
 
 /// How an i32 accumulator row becomes f32: `v = (acc + corr)·mult + offset`, and
@@ -217,7 +217,7 @@ fn dequant_with<const FMA: bool>(acc: i32, corr: i32, mult: f32, offset: f32, ho
         } => {
             let lo = (grid.lo - grid.zero_point) as f32;
             let hi = (grid.hi - grid.zero_point) as f32;
-            (round_small(v.clamp_to(lo, hi)) + (grid.zero_point - dq_zero_point) as f32) * dq_scale
+            round_shifted(v.clamp_to(lo, hi), (grid.zero_point - dq_zero_point) as f32) * dq_scale
         }
     }
 }

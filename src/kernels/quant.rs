@@ -7,12 +7,14 @@
 //! (whose bounds are integers, so clamping before rounding gives the same result
 //! as after), then rounded with the 1.5·2²³ trick, exact for |v| < 2²².
 
-/// Rounds to the nearest integer, ties to even, for |v| < 2²²; `v` must already be
-/// clamped to such a range.
+/// `round(v) + shift` for |v| < 2²² (already clamped) and a small integer `shift`, in
+/// two operations: `v + 1.5·2²³` holds `1.5·2²³ + round(v)` exactly, and subtracting
+/// `1.5·2²³ − shift` (exact too) leaves the exact sum, `+0.0` when it is zero, the
+/// same bits as rounding first and adding `shift` after.
 #[inline(always)]
-pub(crate) fn round_small(v: f32) -> f32 {
+pub(crate) fn round_shifted(v: f32, shift: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-    (v + MAGIC) - MAGIC
+    (v + MAGIC) - (MAGIC - shift)
 }
 
 /// Rounds `v` (|v| < 2²², already clamped) to nearest-even and returns
@@ -155,7 +157,7 @@ pub fn requant_to_grid_row(
     let shift = (grid.zero_point - dq_zero_point) as f32;
     for (o, &a) in out.iter_mut().zip(acc) {
         let v = (a as f32 * mult + offset).clamp_to(lo, hi);
-        *o = (round_small(v) + shift) * dq_scale;
+        *o = round_shifted(v, shift) * dq_scale;
     }
 }
 
@@ -174,7 +176,7 @@ pub fn requant_to_grid_cols(
     let shift = (grid.zero_point - dq_zero_point) as f32;
     for (((o, &a), &m), &c) in out.iter_mut().zip(acc).zip(mult).zip(offset) {
         let v = (a as f32 * m + c).clamp_to(lo, hi);
-        *o = (round_small(v) + shift) * dq_scale;
+        *o = round_shifted(v, shift) * dq_scale;
     }
 }
 
@@ -237,7 +239,7 @@ impl FakeQuantOne {
     #[inline(always)]
     fn apply(self, v: f32) -> f32 {
         let v = (v * self.inv_scale).clamp_to(self.lo, self.hi);
-        (round_small(v) + self.shift) * self.dq_scale
+        round_shifted(v, self.shift) * self.dq_scale
     }
 }
 
@@ -249,5 +251,25 @@ pub fn quantize<T: QuantInt>(x: &[f32], out: &mut [T], inv_scale: f32, grid: Gri
     for (o, &v) in out.iter_mut().zip(x) {
         let v = (v * inv_scale).clamp_to(lo, hi);
         *o = T::from_low_byte(round_to_low_byte(v, zp));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_shifted_is_round_then_add() {
+        for shift in -256..=256 {
+            let shift = shift as f32;
+            for i in -2_000..=2_000 {
+                // Steps of 1/8 hit every tie and both signed zeros.
+                for v in [i as f32 / 8.0, -(i as f32 / 8.0), i as f32 * 0.37] {
+                    let want = v.round_ties_even() + shift;
+                    let got = round_shifted(v, shift);
+                    assert_eq!(got.to_bits(), want.to_bits(), "v {v} shift {shift}");
+                }
+            }
+        }
     }
 }

@@ -157,6 +157,12 @@ pub struct Bound<'a> {
     inner: usize,
     /// The last axis (pooling's row length).
     width: usize,
+    /// Elements per slice: [`SLICE`], or for a pooling head whole rows.
+    slice: usize,
+    /// Scratch values per slice beside the chain's values.
+    scratch: usize,
+    /// A pooling head's reciprocal tap counts ([`pool::tap_reciprocals`]).
+    pool_recip: Vec<f32>,
     /// A step reads the head's value again ([`ElementwiseChain::saves_head`]).
     saves_head: bool,
     erf: Option<Box<dyn tract_linalg::element_wise::ElementWise<f32>>>,
@@ -255,12 +261,28 @@ impl EvalOp for ElementwiseChain {
             }
             operands.push(o);
         }
+        let width = *shape.last().unwrap_or(&1);
+        let (slice, scratch, pool_recip) = if let Head::AvgPool3x3 = self.head {
+            // Empty planes are never sliced; the max keeps the sizes defined.
+            let rows = (SLICE / width.max(1)).min(shape[2]).max(1);
+            let scratch = (rows * width).max(pool::scratch_len(rows, width));
+            (
+                rows * width,
+                scratch,
+                pool::tap_reciprocals(shape[2], width),
+            )
+        } else {
+            (SLICE.min(inner), SLICE.min(inner), vec![])
+        };
         let bound = Bound {
             x_f32,
             x_i32,
             operands,
             inner,
-            width: *shape.last().unwrap_or(&1),
+            width,
+            slice,
+            scratch,
+            pool_recip,
             saves_head: self.saves_head(),
             erf,
         };
@@ -297,8 +319,8 @@ impl EvalOp for ElementwiseChain {
 
 impl ElementwiseChain {
     /// Calls `slice(channel, offset, out_slice, scratch)` on every slice of at most
-    /// [`SLICE`] elements of every channel plane of `out`, split over the threads by
-    /// groups of planes. `scratch` holds twice [`SLICE`] f32 (or twice the plane).
+    /// `b.slice` elements of every channel plane of `out`, split over the threads by
+    /// groups of planes. `scratch` holds `b.slice + b.scratch` f32.
     fn run<T: Send>(
         b: &Bound,
         out: &mut [T],
@@ -310,11 +332,11 @@ impl ElementwiseChain {
             inner,
             PARALLEL_MIN,
             |first, planes, buf: &mut Vec<f32>| {
-                buf.resize(2 * SLICE.min(inner), 0.0);
+                buf.resize(b.slice + b.scratch, 0.0);
                 for (i, o) in planes.chunks_mut(inner).enumerate() {
                     let ch = first + i;
-                    for (j, part) in o.chunks_mut(SLICE).enumerate() {
-                        slice(ch, ch * inner + j * SLICE, part, buf)?;
+                    for (j, part) in o.chunks_mut(b.slice).enumerate() {
+                        slice(ch, ch * inner + j * b.slice, part, buf)?;
                     }
                 }
                 Ok(())
@@ -322,8 +344,8 @@ impl ElementwiseChain {
         )
     }
 
-    /// [`Self::run`] with a quantizing tail: the chain into the first half of the
-    /// scratch, then `quantize` into `out`.
+    /// [`Self::run`] with a quantizing tail: the chain into the first `b.slice` values
+    /// of the scratch, then `quantize` into `out`.
     fn run_quantized<T: Send>(
         &self,
         isa: Isa,
@@ -333,7 +355,7 @@ impl ElementwiseChain {
         quantize: fn(Isa, &[f32], &mut [T], f32, Grid),
     ) -> TractResult<()> {
         Self::run(b, out, |ch, at, o, buf| {
-            let (v, head) = buf.split_at_mut(buf.len() / 2);
+            let (v, head) = buf.split_at_mut(b.slice);
             let v = &mut v[..o.len()];
             apply_slice(isa, self, b, ch, at, v, head)?;
             quantize(isa, v, o, q.inv_scale, q.grid);
@@ -359,7 +381,8 @@ crate::kernels::multiversion! {
             Head::AvgPool3x3 => {
                 let plane = &b.x_f32[ch * b.inner..(ch + 1) * b.inner];
                 let w = b.width;
-                pool::avg_pool3x3(plane, b.inner / w, w, at - ch * b.inner, v);
+                let y0 = (at - ch * b.inner) / w;
+                pool::avg_pool3x3_rows(plane, b.inner / w, w, y0, v, &b.pool_recip, head);
             }
             Head::Requant(r) => {
                 let acc = &b.x_i32[at..at + len];
