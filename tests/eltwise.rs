@@ -441,3 +441,111 @@ fn report_names_the_fused_nodes() {
         );
     }
 }
+
+/// A GELU chain after a quantized conv, as the S12's are: a requantized head on an 8-bit
+/// grid, per-tensor operands, the head's value read again. Built once with one-value
+/// operands (its output a function of the head's level: the table path) and once with
+/// the same value repeated per channel (the element path); both must agree bit for bit,
+/// for every tail, on one thread and on three.
+#[test]
+fn level_table_matches_the_element_path() {
+    use poolformer_edge::kernels::quant::Grid;
+    use poolformer_edge::ops::requant::{FakeQuant, Quantize, Requant, RequantOut};
+    use std::sync::Arc;
+
+    let (c, h, w) = (6, 17, 23);
+    let shape = [1, c, h, w];
+    // Accumulators spread so that some requantize below and above the grid.
+    let acc: Vec<i32> = values(c * h * w, 9)
+        .iter()
+        .map(|v| (v * 9000.0) as i32)
+        .collect();
+    let acc = Tensor::from_shape(&shape, &acc).unwrap();
+    let fq = |scale: f32, zp: i32| {
+        Step::FakeQuant(FakeQuant {
+            inv_scale: scale.recip(),
+            grid: Grid::of::<u8>(zp),
+            dq_zero_point: zp,
+            dq_scale: scale,
+        })
+    };
+    let chain = |per_channel: bool, tail: Tail| {
+        let k = |v: f32| Operand::Const(Arc::new(vec![v; if per_channel { c } else { 1 }]));
+        ElementwiseChain {
+            head: Head::Requant(Requant {
+                axis: 1,
+                mult: Arc::new((0..c).map(|i| 0.011 + 0.003 * i as f32).collect()),
+                offset: Arc::new((0..c).map(|i| 120.0 + i as f32).collect()),
+                out: RequantOut::Grid {
+                    grid: Grid::of::<u8>(128),
+                    dq_zero_point: 128,
+                    dq_scale: 0.03,
+                },
+            }),
+            steps: vec![
+                Step::Scalar(Arith::Mul, k(std::f32::consts::FRAC_1_SQRT_2)),
+                Step::Erf,
+                fq(1.0 / 127.0, 128),
+                Step::Scalar(Arith::Add, k(1.0)),
+                fq(2.0 / 255.0, 0),
+                Step::TensorHead(Arith::Mul),
+                fq(0.05, 64),
+                Step::Scalar(Arith::Mul, k(0.5)),
+            ],
+            tail,
+            fused: vec![],
+        }
+    };
+    let eval = |op: ElementwiseChain, threads: usize| -> Tensor {
+        let mut m = TypedModel::default();
+        let x = m.add_source("acc", i32::fact(shape)).unwrap();
+        let y = m.wire_node("chain", op, &[x]).unwrap();
+        m.select_output_outlets(&y).unwrap();
+        let plan = m.into_runnable().unwrap();
+        let executor = if threads > 1 {
+            Executor::multithread(threads)
+        } else {
+            Executor::SingleThread
+        };
+        let out = multithread_tract_scope(executor, || plan.run(tvec!(acc.clone().into_tvalue())))
+            .unwrap();
+        out[0].clone().into_tensor()
+    };
+    let tails = [
+        Tail::F32,
+        Tail::Quantize(Quantize {
+            inv_scale: 1.0 / 0.025,
+            grid: Grid::of::<u8>(64),
+            dt: u8::datum_type(),
+        }),
+        Tail::Quantize(Quantize {
+            inv_scale: 1.0 / 0.02,
+            grid: Grid::of::<i8>(-3),
+            dt: i8::datum_type(),
+        }),
+    ];
+    for tail in tails {
+        for threads in [1, 3] {
+            let table = eval(chain(false, tail.clone()), threads);
+            let element = eval(chain(true, tail.clone()), threads);
+            assert_eq!(table.datum_type(), element.datum_type());
+            let floats = |t: &Tensor| -> Vec<f32> {
+                let t = t.cast_to::<f32>().unwrap();
+                t.to_plain_array_view::<f32>()
+                    .unwrap()
+                    .iter()
+                    .copied()
+                    .collect()
+            };
+            let (a, b) = (&floats(&table), &floats(&element));
+            assert_eq!(differing_bits(a, b), 0, "{tail:?}, {threads} threads");
+            // Not a degenerate output: the grid's levels are all reached.
+            let distinct: std::collections::BTreeSet<u32> = a.iter().map(|v| v.to_bits()).collect();
+            assert!(
+                distinct.len() > 40,
+                "{tail:?}: {} distinct values",
+                distinct.len()
+            );
+        }
+    }
+}

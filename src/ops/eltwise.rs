@@ -11,6 +11,13 @@
 //! `crate::kernels::quant` for the quantization steps, tract-linalg's erf), so the
 //! output is bit-identical to the unfused graph. The pass that builds chains is
 //! `crate::passes::eltwise`.
+//!
+//! A chain that starts at a requantization onto an 8-bit grid and reads nothing else
+//! per element (per-tensor operands, the head's own value) is a function of the head's
+//! integer level alone, as an erf GELU after a quantized conv is: the chain runs once
+//! on the grid's 256 values to fill a table, and each element is its level's entry
+//! ([`ElementwiseChain::levels`]). The table holds the chain's own results, so the
+//! output keeps the same bits.
 
 use std::sync::Arc;
 
@@ -138,6 +145,109 @@ impl ElementwiseChain {
             Tail::F32 => f32::datum_type(),
             Tail::Quantize(q) => q.dt,
         }
+    }
+
+    /// The grid a requantized head lands on and the f32 value of each of its levels,
+    /// where the chain's output depends on that level alone (see the module doc).
+    fn levels(&self, b: &Bound) -> Option<(Grid, Vec<f32>)> {
+        let Head::Requant(r) = &self.head else {
+            return None;
+        };
+        let RequantOut::Grid {
+            grid,
+            dq_zero_point,
+            dq_scale,
+        } = r.out
+        else {
+            return None;
+        };
+        let per_level = self
+            .steps
+            .iter()
+            .zip(&b.operands)
+            .all(|(step, operand)| match step {
+                Step::Scalar(..) => operand.len() == 1,
+                Step::Tensor(..) => false,
+                Step::TensorHead(_) | Step::FakeQuant(_) | Step::Square | Step::Erf => true,
+            });
+        if !per_level || grid.lo > grid.hi || grid.hi - grid.lo >= 256 {
+            return None;
+        }
+        // The head's value for level q: (round(v) + zp − dzp)·dscale with round(v) =
+        // q − zp, the same exact integer sum and the same product as the head computes.
+        let shift = (grid.zero_point - dq_zero_point) as f32;
+        let values = (grid.lo..=grid.hi)
+            .map(|q| ((q - grid.zero_point) as f32 + shift) * dq_scale)
+            .collect();
+        Some((grid, values))
+    }
+
+    /// The chain's output for each level: the chain itself (head read as is) on
+    /// `values`, then `tail` into a 256-entry table.
+    fn table<T: Copy + Default>(
+        &self,
+        isa: Isa,
+        b: &Bound,
+        values: &[f32],
+        tail: impl Fn(&[f32], &mut [T]),
+    ) -> TractResult<Box<[T; 256]>> {
+        let n = values.len();
+        let plain = ElementwiseChain {
+            head: Head::F32,
+            steps: self.steps.clone(),
+            tail: Tail::F32,
+            fused: vec![],
+        };
+        let on_levels = Bound {
+            x_f32: values,
+            x_i32: &[],
+            operands: b.operands.clone(),
+            inner: n,
+            width: n,
+            slice: n,
+            scratch: n,
+            pool_recip: vec![],
+            saves_head: b.saves_head,
+            erf: match b.erf {
+                Some(_) => Some(tract_linalg::Func::Erf.ew_f32()?),
+                None => None,
+            },
+        };
+        let (mut v, mut head) = (vec![0f32; n], vec![0f32; n]);
+        apply_slice(isa, &plain, &on_levels, 0, 0, &mut v, &mut head)?;
+        let mut table = Box::new([T::default(); 256]);
+        tail(&v, &mut table[..n]);
+        Ok(table)
+    }
+
+    /// [`Self::run`] for a chain with a table: each accumulator requantized to its
+    /// level's index, then looked up.
+    fn run_table<T: Copy + Send + Sync>(
+        isa: Isa,
+        b: &Bound,
+        r: &Requant,
+        grid: Grid,
+        table: &[T; 256],
+        out: &mut [T],
+    ) -> TractResult<()> {
+        // Indices 0..=hi − lo: the same clamp and rounding with the zero point moved.
+        let index = Grid {
+            zero_point: grid.zero_point - grid.lo,
+            lo: 0,
+            hi: grid.hi - grid.lo,
+        };
+        Self::run(b, out, |ch, at, o, _| {
+            let mut idx = [0u8; 256];
+            let acc = &b.x_i32[at..at + o.len()];
+            for (a, o) in acc.chunks(256).zip(o.chunks_mut(256)) {
+                let idx = &mut idx[..a.len()];
+                level_indices(isa, a, idx, r.mult[ch], r.offset[ch], index);
+                for (o, &i) in o.iter_mut().zip(idx.iter()) {
+                    *o = table[i as usize];
+                }
+            }
+            Ok(())
+        })
     }
 
     fn in_dt(&self) -> DatumType {
@@ -288,7 +398,30 @@ impl EvalOp for ElementwiseChain {
         };
         let isa = Isa::best();
         let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt(), shape)? };
-        {
+        if let (Some((grid, values)), Head::Requant(r)) = (self.levels(&bound), &self.head) {
+            let mut plain = out.try_as_plain_ram_mut()?;
+            match &self.tail {
+                Tail::F32 => {
+                    let table = self.table(isa, &bound, &values, |v, t| t.copy_from_slice(v))?;
+                    Self::run_table(isa, &bound, r, grid, &table, plain.as_slice_mut::<f32>()?)?
+                }
+                Tail::Quantize(q) => match q.dt {
+                    DatumType::U8 => {
+                        let table = self.table(isa, &bound, &values, |v, t| {
+                            quantize_u8(isa, v, t, q.inv_scale, q.grid)
+                        })?;
+                        Self::run_table(isa, &bound, r, grid, &table, plain.as_slice_mut::<u8>()?)?
+                    }
+                    DatumType::I8 => {
+                        let table = self.table(isa, &bound, &values, |v, t| {
+                            quantize_i8(isa, v, t, q.inv_scale, q.grid)
+                        })?;
+                        Self::run_table(isa, &bound, r, grid, &table, plain.as_slice_mut::<i8>()?)?
+                    }
+                    dt => bail!("element-wise chain: cannot quantize to {dt:?}"),
+                },
+            }
+        } else {
             let mut plain = out.try_as_plain_ram_mut()?;
             match &self.tail {
                 Tail::F32 => Self::run(&bound, plain.as_slice_mut::<f32>()?, |ch, at, o, buf| {
@@ -428,6 +561,13 @@ crate::kernels::multiversion! {
             }
         }
         Ok(())
+    }
+}
+
+crate::kernels::multiversion! {
+    /// [`k::requant_row`] to u8 indices, built for each instruction set.
+    pub fn level_indices(acc: &[i32], out: &mut [u8], mult: f32, offset: f32, grid: Grid) {
+        k::requant_row(acc, out, mult, offset, grid)
     }
 }
 
