@@ -1,5 +1,7 @@
 //! Patch extraction for convolutions as matrix products.
 
+use super::Isa;
+
 /// Geometry of a 2-D convolution over one NCHW image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ConvGeometry {
@@ -120,7 +122,7 @@ impl ConvGeometry {
     /// `dst[((g − groups.start)·P + n)·4 + r]` for `k = 4g + r`. Values are `x ^ flip`
     /// (`flip = 0x80` reads i8 input as u8 shifted by 128); taps in the padding hold
     /// `pad`, the activation zero point, so that they add nothing once the zero point
-    /// is subtracted. Rows past `k` (the last group's padding) are left as they are.
+    /// is subtracted. Rows past `k` (the last group's padding) hold 0.
     pub fn fill_k4_groups(
         &self,
         x: &[u8],
@@ -135,65 +137,139 @@ impl ConvGeometry {
         let p = self.out_pixels();
         let plane_len = self.in_h * self.in_w;
         let pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+        let isa = Isa::best();
+        let mut runs = vec![0u8; if pointwise { 0 } else { 4 * p }];
         for (gi, g) in groups.enumerate() {
             let group = &mut dst[gi * 4 * p..(gi + 1) * 4 * p];
             if pointwise && 4 * g + 4 <= self.k() {
                 // A whole group of a 1×1 conv: four input planes interleaved, each
                 // token's 4 bytes built as one word (this vectorizes; a byte at a time
                 // does not).
-                let planes: [&[u8]; 4] =
-                    std::array::from_fn(|r| &x[(4 * g + r) * plane_len..][..plane_len]);
-                let flip4 = u32::from_ne_bytes([flip; 4]);
-                for (n, d) in group.chunks_exact_mut(4).enumerate() {
-                    let w = u32::from_le_bytes([
-                        planes[0][n],
-                        planes[1][n],
-                        planes[2][n],
-                        planes[3][n],
-                    ]);
-                    d.copy_from_slice(&(w ^ flip4).to_le_bytes());
+                let plane = |r: usize| &x[(4 * g + r) * plane_len..][..plane_len];
+                let planes = [plane(0), plane(1), plane(2), plane(3)];
+                interleave4(isa, planes, flip, group);
+                continue;
+            }
+            if pointwise {
+                for r in 0..4 {
+                    let idx = 4 * g + r;
+                    let plane = x.get(idx * plane_len..(idx + 1) * plane_len);
+                    for (n, d) in group.chunks_exact_mut(4).enumerate() {
+                        d[r] = plane.map_or(0, |p| p[n] ^ flip);
+                    }
                 }
                 continue;
             }
-            for r in 0..4 {
-                let idx = 4 * g + r;
-                if idx >= self.k() {
-                    break;
-                }
-                let c = idx / (kh * kw);
-                let plane = &x[c * plane_len..(c + 1) * plane_len];
-                if pointwise {
-                    for (n, &v) in plane.iter().enumerate() {
-                        group[4 * n + r] = v ^ flip;
-                    }
+            fill_group(isa, self, x, flip, pad, g, group, &mut runs);
+        }
+    }
+}
+
+crate::kernels::multiversion! {
+    /// Group `g` of a k×k conv's patch matrix (see [`ConvGeometry::fill_k4_groups`]),
+    /// built for each instruction set; `runs` holds `4·out_pixels` bytes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fill_group(
+        geo: &ConvGeometry,
+        x: &[u8],
+        flip: u8,
+        pad: u8,
+        g: usize,
+        group: &mut [u8],
+        runs: &mut [u8],
+    ) {
+        let (kh, kw) = geo.kernel;
+        let (sh, sw) = geo.stride;
+        let (ph, pw) = geo.pad;
+        let plane_len = geo.in_h * geo.in_w;
+        // Each of the group's four patch rows gathered into its own run of bytes,
+        // then the four runs interleaved as words. Padding taps hold `pad` and rows
+        // past `k` hold 0 after the flip.
+        // Per patch row: its channel, tap (i, j) and the columns lo..hi whose tap
+        // is inside the image; None past k.
+        type Tap = (usize, usize, usize, usize, usize);
+        let taps: [Option<Tap>; 4] = [0, 1, 2, 3].map(|r| {
+            let idx = 4 * g + r;
+            (idx < geo.k()).then(|| {
+                let (i, j) = ((idx / kw) % kh, idx % kw);
+                let (lo, hi) = geo.inside_cols(j);
+                (idx / (kh * kw), i, j, lo, hi)
+            })
+        });
+        let p = geo.out_pixels();
+        for (run, tap) in runs.chunks_exact_mut(p).zip(taps) {
+            let Some((c, i, j, lo, hi)) = tap else {
+                run.fill(flip);
+                continue;
+            };
+            for (oy, run) in run.chunks_exact_mut(geo.out_w).enumerate() {
+                let y = (oy * sh + i) as isize - ph as isize;
+                if y < 0 || y >= geo.in_h as isize {
+                    run.fill(pad ^ flip);
                     continue;
                 }
-                let i = (idx / kw) % kh;
-                let j = idx % kw;
+                let row = c * plane_len + y as usize * geo.in_w;
+                let src = &x[row..row + geo.in_w];
                 // Columns outside lo..hi read the padding.
-                let (lo, hi) = self.inside_cols(j);
-                for oy in 0..self.out_h {
-                    let row = &mut group[4 * oy * self.out_w..4 * (oy + 1) * self.out_w];
-                    let y = (oy * sh + i) as isize - ph as isize;
-                    if y < 0 || y >= self.in_h as isize {
-                        for ox in 0..self.out_w {
-                            row[4 * ox + r] = pad;
-                        }
-                        continue;
-                    }
-                    let src = &plane[y as usize * self.in_w..(y as usize + 1) * self.in_w];
-                    for ox in (0..lo).chain(hi..self.out_w) {
-                        row[4 * ox + r] = pad;
-                    }
-                    if hi > lo {
-                        let taps = src[lo * sw + j - pw..].iter().step_by(sw);
-                        for (d, &v) in row[4 * lo..4 * hi].chunks_exact_mut(4).zip(taps) {
-                            d[r] = v ^ flip;
-                        }
-                    }
+                run[..lo].fill(pad ^ flip);
+                run[hi.max(lo)..].fill(pad ^ flip);
+                if hi > lo {
+                    gather(sw, &src[lo * sw + j - pw..], &mut run[lo..hi]);
                 }
             }
         }
+        let (r0, rest) = runs.split_at(p);
+        let (r1, rest) = rest.split_at(p);
+        let (r2, r3) = rest.split_at(p);
+        interleave4_body([r0, r1, r2, r3], flip, group);
+    }
+}
+
+/// `dst[n] = src[n·stride]`, with the common strides as constants so that the
+/// compiler turns the loop into vector shuffles.
+#[inline(always)]
+fn gather(stride: usize, src: &[u8], dst: &mut [u8]) {
+    #[inline(always)]
+    fn strided<const S: usize>(src: &[u8], dst: &mut [u8]) {
+        let n = dst.len();
+        if n == 0 {
+            return;
+        }
+        let src = &src[..(n - 1) * S + 1];
+        for (k, d) in dst.iter_mut().enumerate() {
+            *d = src[k * S];
+        }
+    }
+    match stride {
+        1 => dst.copy_from_slice(&src[..dst.len()]),
+        2 => strided::<2>(src, dst),
+        4 => strided::<4>(src, dst),
+        _ => {
+            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+                *d = v;
+            }
+        }
+    }
+}
+
+/// `dst[4n + r] = planes[r][n] ^ flip`: each token's 4 bytes built as one word,
+/// which vectorizes (a byte at a time does not).
+#[inline(always)]
+fn interleave4_body(planes: [&[u8]; 4], flip: u8, dst: &mut [u8]) {
+    let flip4 = u32::from_ne_bytes([flip; 4]);
+    let [p0, p1, p2, p3] = planes;
+    let n = dst.len() / 4;
+    let (p0, p1, p2, p3) = (&p0[..n], &p1[..n], &p2[..n], &p3[..n]);
+    for (i, d) in dst.chunks_exact_mut(4).enumerate() {
+        let w = u32::from_le_bytes([p0[i], p1[i], p2[i], p3[i]]);
+        d.copy_from_slice(&(w ^ flip4).to_le_bytes());
+    }
+}
+
+crate::kernels::multiversion! {
+    /// [`interleave4_body`], built for each instruction set.
+    pub fn interleave4(planes: [&[u8]; 4], flip: u8, dst: &mut [u8]) {
+        interleave4_body(planes, flip, dst)
     }
 }
 
