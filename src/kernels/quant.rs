@@ -254,9 +254,106 @@ pub fn quantize<T: QuantInt>(x: &[f32], out: &mut [T], inv_scale: f32, grid: Gri
     }
 }
 
+/// A 256-entry table indexed by bytes: `out[i] = table[idx[i]]`.
+pub trait ByteTable: Copy + Default + Send + Sync + 'static {
+    fn lookup(isa: super::Isa, idx: &[u8], table: &[Self; 256], out: &mut [Self]);
+}
+
+impl ByteTable for f32 {
+    fn lookup(_: super::Isa, idx: &[u8], table: &[f32; 256], out: &mut [f32]) {
+        for (o, &i) in out.iter_mut().zip(idx) {
+            *o = table[i as usize];
+        }
+    }
+}
+
+impl ByteTable for u8 {
+    fn lookup(isa: super::Isa, idx: &[u8], table: &[u8; 256], out: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if isa == super::Isa::Avx512 && x86::has_vbmi() {
+            // SAFETY: AVX-512 F/BW and VBMI are present (checked).
+            return unsafe { x86::lookup_vbmi(idx, table, out) };
+        }
+        let _ = isa;
+        for (o, &i) in out.iter_mut().zip(idx) {
+            *o = table[i as usize];
+        }
+    }
+}
+
+impl ByteTable for i8 {
+    fn lookup(isa: super::Isa, idx: &[u8], table: &[i8; 256], out: &mut [i8]) {
+        let table: &[u8; 256] = &table.map(|v| v as u8);
+        // SAFETY: i8 and u8 have the same size and alignment, and every bit pattern
+        // is valid for both.
+        let out = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr() as *mut u8, out.len()) };
+        u8::lookup(isa, idx, table, out)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// AVX-512 VBMI (`vpermi2b`): Ice Lake, Zen 4 and later.
+    pub fn has_vbmi() -> bool {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vbmi")
+    }
+
+    /// 64 lookups per step: two 128-entry byte permutes (index bits 0–6), the
+    /// index's bit 7 picking between them.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub unsafe fn lookup_vbmi(idx: &[u8], table: &[u8; 256], out: &mut [u8]) {
+        let n = idx.len().min(out.len());
+        unsafe {
+            let t = |k: usize| _mm512_loadu_si512(table.as_ptr().add(64 * k) as *const _);
+            let (t0, t1, t2, t3) = (t(0), t(1), t(2), t(3));
+            let look = |x: __m512i| {
+                let lo = _mm512_permutex2var_epi8(t0, x, t1);
+                let hi = _mm512_permutex2var_epi8(t2, x, t3);
+                _mm512_mask_blend_epi8(_mm512_movepi8_mask(x), lo, hi)
+            };
+            let mut i = 0;
+            while i + 64 <= n {
+                let x = _mm512_loadu_si512(idx.as_ptr().add(i) as *const _);
+                _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, look(x));
+                i += 64;
+            }
+            if i < n {
+                let m: __mmask64 = (1u64 << (n - i)) - 1;
+                let x = _mm512_maskz_loadu_epi8(m, idx.as_ptr().add(i) as *const i8);
+                _mm512_mask_storeu_epi8(out.as_mut_ptr().add(i) as *mut i8, m, look(x));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every index, tails of every length 0..=130: the same as indexing.
+    #[test]
+    fn byte_lookup_matches_indexing() {
+        use super::super::Isa;
+        let table: [u8; 256] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) ^ 0x5a);
+        let itable: [i8; 256] = table.map(|v| v as i8);
+        let idx: Vec<u8> = (0..1000u32).map(|i| (i * 97 % 256) as u8).collect();
+        for isa in Isa::available() {
+            for len in (0..=130).chain([256, 1000]) {
+                let idx = &idx[..len];
+                let mut out = vec![0u8; len];
+                u8::lookup(isa, idx, &table, &mut out);
+                let want: Vec<u8> = idx.iter().map(|&i| table[i as usize]).collect();
+                assert_eq!(out, want, "{isa:?}, {len} values");
+                let mut out = vec![0i8; len];
+                i8::lookup(isa, idx, &itable, &mut out);
+                assert!(out.iter().zip(&want).all(|(&a, &b)| a as u8 == b));
+            }
+        }
+    }
 
     #[test]
     fn round_shifted_is_round_then_add() {

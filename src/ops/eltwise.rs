@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use tract_core::internal::*;
 
-use crate::kernels::quant::{self as k, Grid};
+use crate::kernels::quant::{self as k, ByteTable, Grid};
 use crate::kernels::{pool, Isa};
 
 use super::for_runs;
@@ -222,7 +222,7 @@ impl ElementwiseChain {
 
     /// [`Self::run`] for a chain with a table: each accumulator requantized to its
     /// level's index, then looked up.
-    fn run_table<T: Copy + Send + Sync>(
+    fn run_table<T: ByteTable>(
         isa: Isa,
         b: &Bound,
         r: &Requant,
@@ -242,9 +242,7 @@ impl ElementwiseChain {
             for (a, o) in acc.chunks(256).zip(o.chunks_mut(256)) {
                 let idx = &mut idx[..a.len()];
                 level_indices(isa, a, idx, r.mult[ch], r.offset[ch], index);
-                for (o, &i) in o.iter_mut().zip(idx.iter()) {
-                    *o = table[i as usize];
-                }
+                T::lookup(isa, idx, table, o);
             }
             Ok(())
         })
