@@ -58,6 +58,18 @@ impl Arith {
             .for_each(|(x, &y)| *x = self.apply(*x, y));
     }
 
+    /// `out[i] = x[i] ∘ o`.
+    #[inline(always)]
+    fn by_scalar_into(self, x: &[f32], out: &mut [f32], o: f32) {
+        let pairs = out.iter_mut().zip(x);
+        match self {
+            Arith::Add => pairs.for_each(|(v, &x)| *v = x + o),
+            Arith::Sub => pairs.for_each(|(v, &x)| *v = x - o),
+            Arith::SubFrom => pairs.for_each(|(v, &x)| *v = o - x),
+            Arith::Mul => pairs.for_each(|(v, &x)| *v = x * o),
+        }
+    }
+
     #[inline(always)]
     fn slice_by_scalar(self, xs: &mut [f32], o: f32) {
         match self {
@@ -507,8 +519,29 @@ crate::kernels::multiversion! {
         head: &mut [f32],
     ) -> TractResult<()> {
         let len = v.len();
+        // Steps already applied while reading the head.
+        let mut done = 0;
         match &chain.head {
-            Head::F32 => v.copy_from_slice(&b.x_f32[at..at + len]),
+            Head::F32 => {
+                let x = &b.x_f32[at..at + len];
+                let first = chain.steps.first().zip(b.operands.first());
+                done = match first {
+                    // The first step reads the input where it is instead of a copy.
+                    Some((Step::Scalar(op, _), o)) if !b.saves_head => {
+                        let o = if o.len() == 1 { o[0] } else { o[ch] };
+                        op.by_scalar_into(x, v, o);
+                        1
+                    }
+                    Some((Step::Square, _)) if !b.saves_head => {
+                        v.iter_mut().zip(x).for_each(|(v, &x)| *v = x * x);
+                        1
+                    }
+                    _ => {
+                        v.copy_from_slice(x);
+                        0
+                    }
+                };
+            }
             Head::AvgPool3x3 => {
                 let plane = &b.x_f32[ch * b.inner..(ch + 1) * b.inner];
                 let w = b.width;
@@ -535,7 +568,7 @@ crate::kernels::multiversion! {
         } else {
             &head[..0]
         };
-        for (step, operand) in chain.steps.iter().zip(&b.operands) {
+        for (step, operand) in chain.steps.iter().zip(&b.operands).skip(done) {
             match step {
                 Step::Scalar(op, _) => {
                     let o = if operand.len() == 1 {
