@@ -67,12 +67,18 @@ impl QuantConv {
         }
         let o = self.out_channels;
         let rows_per = if threads > 1 { o.div_ceil(threads) } else { o };
+        // Rows a block: their accumulators (at most ~256 KiB) still in cache when the
+        // correction is added.
+        let block = (65_536 / p).max(8) / 8 * 8;
         let run = |t: usize, chunk: &mut [i32]| {
-            let rows = t * rows_per..t * rows_per + chunk.len() / p;
-            gemm_u8i8(isa, &self.weights, rows.clone(), &patches, p, chunk, p);
-            for (acc, &c) in chunk.chunks_exact_mut(p).zip(&self.correction[rows]) {
-                for v in acc {
-                    *v = v.wrapping_add(c);
+            let first = t * rows_per;
+            for (b, part) in chunk.chunks_mut(block * p).enumerate() {
+                let rows = first + b * block..first + b * block + part.len() / p;
+                gemm_u8i8(isa, &self.weights, rows.clone(), &patches, p, part, p);
+                for (acc, &c) in part.chunks_exact_mut(p).zip(&self.correction[rows]) {
+                    for v in acc {
+                        *v = v.wrapping_add(c);
+                    }
                 }
             }
         };
