@@ -15,9 +15,8 @@
 //! A chain that starts at a requantization onto an 8-bit grid and reads nothing else
 //! per element (per-tensor operands, the head's own value) is a function of the head's
 //! integer level alone, as an erf GELU after a quantized conv is: the chain runs once
-//! on the grid's 256 values to fill a table, and each element is its level's entry
-//! ([`ElementwiseChain::levels`]). The table holds the chain's own results, so the
-//! output keeps the same bits.
+//! on the grid's 256 values to fill a table, and each element is its level's entry.
+//! The table holds the chain's own results, so the output keeps the same bits.
 
 use std::sync::Arc;
 
