@@ -17,7 +17,6 @@ mod common;
 use common::onnx::{attr_int, attr_ints, value_info};
 use poolformer_edge::ops::eltwise::{Arith, ElementwiseChain, Head, Operand, Step, Tail};
 use poolformer_edge::passes;
-use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::pb::{tensor_proto::DataType, AttributeProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
 
@@ -234,15 +233,7 @@ fn typed(onnx: &[u8], shape: &[usize]) -> TypedModel {
 }
 
 fn run(model: &TypedModel, input: &Tensor, threads: usize) -> Vec<f32> {
-    let plan = model.clone().into_runnable().unwrap();
-    let executor = if threads > 1 {
-        Executor::multithread(threads)
-    } else {
-        Executor::SingleThread
-    };
-    let out =
-        multithread_tract_scope(executor, || plan.run(tvec!(input.clone().into_tvalue()))).unwrap();
-    out[0]
+    common::run_model(model, input, threads)
         .to_plain_array_view::<f32>()
         .unwrap()
         .iter()
@@ -497,20 +488,9 @@ fn level_table_matches_the_element_path() {
         }
     };
     let eval = |op: ElementwiseChain, threads: usize| -> Tensor {
-        let mut m = TypedModel::default();
-        let x = m.add_source("acc", i32::fact(shape)).unwrap();
-        let y = m.wire_node("chain", op, &[x]).unwrap();
-        m.select_output_outlets(&y).unwrap();
-        let plan = m.into_runnable().unwrap();
-        let executor = if threads > 1 {
-            Executor::multithread(threads)
-        } else {
-            Executor::SingleThread
-        };
-        let out = multithread_tract_scope(executor, || plan.run(tvec!(acc.clone().into_tvalue())))
-            .unwrap();
-        out[0].clone().into_tensor()
+        common::run_model(&common::one_op_model(op, i32::fact(shape)), &acc, threads)
     };
+
     let tails = [
         Tail::F32,
         Tail::Quantize(Quantize {

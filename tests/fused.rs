@@ -668,23 +668,13 @@ fn run_patch_conv(
     x: &[f32],
     threads: usize,
 ) -> Vec<f32> {
-    use tract_linalg::multithread::{multithread_tract_scope, Executor};
     use tract_onnx::prelude::*;
     let (g, co) = (op.geometry, op.out_channels);
     let shape = [1, g.in_channels, g.in_h, g.in_w];
-    let mut model = TypedModel::default();
-    let src = model.add_source("x", f32::fact(shape)).unwrap();
-    let y = model.wire_node("conv", op, &[src]).unwrap();
-    model.select_output_outlets(&y).unwrap();
-    let plan = model.into_runnable().unwrap();
-    let executor = if threads > 1 {
-        Executor::multithread(threads)
-    } else {
-        Executor::SingleThread
-    };
+    let model = common::one_op_model(op, f32::fact(shape));
     let input = Tensor::from_shape(&shape, x).unwrap();
-    let got = multithread_tract_scope(executor, || plan.run(tvec!(input.into_tvalue()))).unwrap();
-    let got = got[0].to_plain_array_view::<f32>().unwrap();
+    let got = common::run_model(&model, &input, threads);
+    let got = got.to_plain_array_view::<f32>().unwrap();
     assert_eq!(got.shape(), &[1, co, g.out_h, g.out_w]);
     got.iter().copied().collect()
 }

@@ -9,6 +9,32 @@ pub mod reference;
 
 use std::path::Path;
 
+use tract_linalg::multithread::{multithread_tract_scope, Executor};
+use tract_onnx::prelude::*;
+
+/// Runs `model` on `input` with `threads` threads (tract's single-thread executor for
+/// one) and returns its first output.
+pub fn run_model(model: &TypedModel, input: &Tensor, threads: usize) -> Tensor {
+    let plan = model.clone().into_runnable().unwrap();
+    let executor = if threads > 1 {
+        Executor::multithread(threads)
+    } else {
+        Executor::SingleThread
+    };
+    let out =
+        multithread_tract_scope(executor, || plan.run(tvec!(input.clone().into_tvalue()))).unwrap();
+    out[0].clone().into_tensor()
+}
+
+/// A one-node model: `op` on one source of `fact`.
+pub fn one_op_model(op: impl Into<Box<dyn TypedOp>>, fact: TypedFact) -> TypedModel {
+    let mut model = TypedModel::default();
+    let src = model.add_source("x", fact).unwrap();
+    let y = model.wire_node("op", op, &[src]).unwrap();
+    model.select_output_outlets(&y).unwrap();
+    model
+}
+
 /// A deterministic image-like NCHW input of shape `[1, channels, height, width]`:
 /// smooth gradients and blobs plus small noise, roughly in [-2, 2] like an
 /// ImageNet-normalized photo. Identical for identical arguments on every platform
