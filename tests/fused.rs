@@ -235,6 +235,9 @@ const SGEMM_SHAPES: &[(usize, usize, usize)] = &[
     (9, 300, 20),
     (17, 521, 5),
     (11, 1100, 19),
+    // Four full panels and a narrow one of four tokens, over three stretches of the
+    // reduction (PoolFormer's 14×14 stage).
+    (10, 520, 196),
 ];
 
 /// `(Σ w·(x − shift), Σ |w·(x − shift)|)` in f64 for output `(i, j)`.

@@ -66,6 +66,10 @@ pub fn preferred(isa: Isa) -> bool {
     matches!(isa, Isa::Avx512 | Isa::Avx2) && isa.is_supported()
 }
 
+/// Most tokens of a one-vector panel that the narrow kernels (one matrix-vector
+/// product per token) run instead of a whole tile.
+pub const NARROW_COLS: usize = 4;
+
 /// Tokens of the widest column panel on `isa`.
 pub fn panel_cols(isa: Isa) -> usize {
     let (lanes, vectors) = geometry(isa);
@@ -312,7 +316,15 @@ impl PackedCols {
     /// kernel allows, of even widths (in whole vectors).
     pub fn set_layout(&mut self, isa: Isa, depth: usize, cols: usize) {
         let (lanes, max_vectors) = geometry(isa);
-        let vectors = cols.div_ceil(lanes);
+        // A last vector of at most `NARROW_COLS` tokens gets a panel of its own, which
+        // the narrow kernels run at a cost per token, not per vector: 49 tokens are a
+        // 48-token panel and one of a single token instead of two of 32.
+        let (full, rest) = (cols / lanes, cols % lanes);
+        let (vectors, narrow) = if full > 0 && (1..=NARROW_COLS).contains(&rest) {
+            (full, true)
+        } else {
+            (cols.div_ceil(lanes), false)
+        };
         let panels = vectors.div_ceil(max_vectors);
         self.starts.clear();
         self.starts.push(0);
@@ -320,9 +332,12 @@ impl PackedCols {
             let v = vectors / panels + usize::from(p < vectors % panels);
             self.starts.push(self.starts[p] + v * lanes);
         }
+        if narrow {
+            self.starts.push(self.starts[panels] + lanes);
+        }
         self.depth = depth;
         self.cols = cols;
-        self.data.resize(depth * self.starts[panels]);
+        self.data.resize(depth * self.starts[self.starts.len() - 1]);
     }
 
     /// The same panels as `other`, `depth` deep.
@@ -651,17 +666,21 @@ impl Strip<'_> {
     unsafe fn run(&self, isa: Isa, width: usize, epi: &Epilogue) {
         match isa {
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if isa.is_supported() => match width / 16 {
-                1 => x86::strip_avx512::<1>(self, epi),
-                2 => x86::strip_avx512::<2>(self, epi),
+            Isa::Avx512 if isa.is_supported() => match (width / 16, self.valid) {
+                (1, 1) => x86::strip_narrow::<8, 16, 1>(self, epi),
+                (1, 2) => x86::strip_narrow::<8, 16, 2>(self, epi),
+                (1, 3) => x86::strip_narrow::<8, 16, 3>(self, epi),
+                (1, 4) => x86::strip_narrow::<8, 16, 4>(self, epi),
+                (1, _) => x86::strip_avx512::<1>(self, epi),
+                (2, _) => x86::strip_avx512::<2>(self, epi),
                 _ => x86::strip_avx512::<3>(self, epi),
             },
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if isa.is_supported() => match (width / 8, self.valid) {
-                (1, 1) => x86::strip_avx2_narrow::<1>(self, epi),
-                (1, 2) => x86::strip_avx2_narrow::<2>(self, epi),
-                (1, 3) => x86::strip_avx2_narrow::<3>(self, epi),
-                (1, 4) => x86::strip_avx2_narrow::<4>(self, epi),
+                (1, 1) => x86::strip_narrow::<6, 8, 1>(self, epi),
+                (1, 2) => x86::strip_narrow::<6, 8, 2>(self, epi),
+                (1, 3) => x86::strip_narrow::<6, 8, 3>(self, epi),
+                (1, 4) => x86::strip_narrow::<6, 8, 4>(self, epi),
                 (1, _) => x86::strip_avx2::<1>(self, epi),
                 _ => x86::strip_avx2::<2>(self, epi),
             },
@@ -864,22 +883,26 @@ mod x86 {
         }
     }
 
-    /// AVX2, an 8-token panel with only `NV` ≤ 4 tokens in it (the end of a block whose
-    /// width is not a multiple of 8): one matrix-vector product per token, a weight
-    /// panel's 6 rows in the lanes of one vector (lanes 6 and 7 are ignored). Per step
-    /// of the reduction that is one load and `NV` broadcasts and FMAs, where the 6 × 8
-    /// tile spends 6 broadcasts and 6 FMAs on mostly padding.
+    /// A one-vector panel (`WIDTH` tokens) with only `NV` ≤ 4 tokens in it (the end of
+    /// a block whose width is not a multiple of the vector): one matrix-vector product
+    /// per token, a weight panel's `MR` rows (6 for AVX2, 8 for AVX-512) in the lanes of
+    /// one 256-bit vector (lanes past `MR` are ignored). Per step of the reduction that
+    /// is one load and `NV` broadcasts and FMAs, where a whole tile spends `MR`
+    /// broadcasts and FMAs on mostly padding.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn strip_avx2_narrow<const NV: usize>(s: &Strip, epi: &Epilogue) {
-        const MR: usize = 6;
-        const WIDTH: usize = 8;
+    pub(super) unsafe fn strip_narrow<const MR: usize, const WIDTH: usize, const NV: usize>(
+        s: &Strip,
+        epi: &Epilogue,
+    ) {
+        const { assert!(MR <= 8) };
         let w = s.w;
         debug_assert_eq!(w.mr, MR);
         debug_assert_eq!(s.valid, NV);
         let (k, k0, n) = (w.depth, s.depth.start, s.depth.len());
         let base = w.data.as_slice().as_ptr();
         let x0 = s.x.add(k0 * WIDTH);
-        let six = _mm256_setr_epi32(-1, -1, -1, -1, -1, -1, 0, 0);
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let head = _mm256_cmpgt_epi32(_mm256_set1_epi32(MR as i32), lane);
         for p in s.panels.clone() {
             let row0 = p * MR;
             let a = base.add((p * k + k0) * MR);
@@ -888,11 +911,12 @@ mod x86 {
             let chains = 4usize.div_ceil(NV);
             let mut partial = [[_mm256_setzero_ps(); 4]; NV];
             let step = |kk: usize, partial: &mut [[__m256; 4]; NV], j: usize| {
-                // 8 values from step kk's 6: the last step's load stops at the panel's end.
-                let wv = if kk + 1 < n {
+                // 8 values from step kk's `MR`: the last step's load stops at the panel's
+                // end.
+                let wv = if MR == 8 || kk + 1 < n {
                     _mm256_loadu_ps(a.add(kk * MR))
                 } else {
-                    _mm256_maskload_ps(a.add(kk * MR), six)
+                    _mm256_maskload_ps(a.add(kk * MR), head)
                 };
                 let xp = x0.add(kk * WIDTH);
                 for (c, p) in partial.iter_mut().enumerate() {
