@@ -994,6 +994,9 @@ mod x86 {
 
     /// AVX-512 VNNI: tiles of 8 rows × 48 tokens, the rows' weights (the tile's 8 × `kp`
     /// bytes, ≤ 16 KiB for `k` ≤ 2048) stay in L1 while the tile sweeps the tokens.
+    /// Up to [`TAIL_TOKENS`] tokens past the last whole register (49 = 48 + 1, 196 =
+    /// 4·48 + 4) are dot products of each row with the token's gathered column, at
+    /// a sixteenth of a register's cost per token.
     ///
     /// # Safety
     /// The CPU has AVX-512 F/BW/VNNI; `b.len() ≥ kp·cols`, `rows` within `w`, `acc`
@@ -1009,6 +1012,22 @@ mod x86 {
         ldc: usize,
     ) {
         let kp = w.kp;
+        // The last few tokens past whole registers, if any, are multiplied one at a
+        // time as dot products of byte runs (see `dots_512`): their columns first.
+        let rest = cols % 16;
+        let tail = if (1..=TAIL_TOKENS).contains(&rest) && kp >= TAIL_MIN_DEPTH {
+            rest
+        } else {
+            0
+        };
+        let full = cols - tail;
+        let mut columns = vec![0u8; tail * kp];
+        for (t, column) in columns.chunks_exact_mut(kp.max(1)).enumerate() {
+            for (g, dst) in column.chunks_exact_mut(4).enumerate() {
+                let at = (g * cols + full + t) * 4;
+                dst.copy_from_slice(&b[at..at + 4]);
+            }
+        }
         let mut r = rows.start;
         while r < rows.end {
             let mr = MR512.min(rows.end - r);
@@ -1016,9 +1035,14 @@ mod x86 {
             // in `acc` (checked by the caller).
             let wp = unsafe { w.data.as_ptr().add(r * kp) };
             let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
+            for (t, column) in columns.chunks_exact(kp.max(1)).enumerate() {
+                // SAFETY: `mr` rows of `kp` bytes at `wp`, a column of `kp` bytes, and
+                // output `full + t < cols` of each of the tile's rows.
+                unsafe { dots_512(mr, wp, kp, column.as_ptr(), out.add(full + t), ldc) };
+            }
             let mut n = 0;
-            while n < cols {
-                let nc = (16 * NV512).min(cols - n);
+            while n < full {
+                let nc = (16 * NV512).min(full - n);
                 let nv = nc.div_ceil(16);
                 let mask = tail_mask16(nc - 16 * (nv - 1));
                 // SAFETY: tokens n..n + nc of every group are inside `b` (`b.len() ≥
@@ -1036,6 +1060,81 @@ mod x86 {
                 n += nc;
             }
             r += mr;
+        }
+    }
+
+    /// Most tokens past whole registers that [`gemm_avx512vnni`] multiplies one at a
+    /// time: a register of 16 lanes costs `kp/4` `vpdpbusd` per row whatever the number
+    /// of tokens in it, a token alone `kp/64` and a sum across lanes.
+    const TAIL_TOKENS: usize = 4;
+    /// Shortest reduction for those tokens: below, the sums across lanes outweigh the
+    /// products saved.
+    const TAIL_MIN_DEPTH: usize = 256;
+
+    /// `out[i·ldc] = Σ_k w[i·kp + k]·column[k]` for `mr` (1..=8) rows.
+    ///
+    /// # Safety
+    /// As [`dots`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn dots_512(
+        mr: usize,
+        w: *const i8,
+        kp: usize,
+        column: *const u8,
+        out: *mut i32,
+        ldc: usize,
+    ) {
+        // SAFETY: the caller's contract, for `mr` rows.
+        unsafe {
+            match mr {
+                8 => dots::<8>(w, kp, column, out, ldc),
+                7 => dots::<7>(w, kp, column, out, ldc),
+                6 => dots::<6>(w, kp, column, out, ldc),
+                5 => dots::<5>(w, kp, column, out, ldc),
+                4 => dots::<4>(w, kp, column, out, ldc),
+                3 => dots::<3>(w, kp, column, out, ldc),
+                2 => dots::<2>(w, kp, column, out, ldc),
+                _ => dots::<1>(w, kp, column, out, ldc),
+            }
+        }
+    }
+
+    /// One token against `R` rows: the token's `kp` bytes (one per channel) and each
+    /// row's, 64 at a time into 16 partial sums per row, which are then added up.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW/VNNI; `w` points at `R` rows of `kp` bytes (stride `kp`), `column`
+    /// at `kp` bytes, `out` at `R` values `ldc` apart.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn dots<const R: usize>(
+        w: *const i8,
+        kp: usize,
+        column: *const u8,
+        out: *mut i32,
+        ldc: usize,
+    ) {
+        let mut c = [_mm512_setzero_si512(); R];
+        let mut k = 0;
+        while k < kp {
+            // The last run stops at `kp` (masked-off bytes are not read).
+            let mask: __mmask64 = if kp - k >= 64 {
+                !0
+            } else {
+                (1u64 << (kp - k)) - 1
+            };
+            // SAFETY: bytes k.. of the column and of each row, within `kp` by `mask`.
+            unsafe {
+                let t = _mm512_maskz_loadu_epi8(mask, column.add(k) as *const i8);
+                for (i, ci) in c.iter_mut().enumerate() {
+                    let wv = _mm512_maskz_loadu_epi8(mask, w.add(i * kp + k));
+                    *ci = _mm512_dpbusd_epi32(*ci, t, wv);
+                }
+            }
+            k += 64;
+        }
+        for (i, &ci) in c.iter().enumerate() {
+            // SAFETY: output row i < R.
+            unsafe { *out.add(i * ldc) = _mm512_reduce_add_epi32(ci) };
         }
     }
 
