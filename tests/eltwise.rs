@@ -16,6 +16,7 @@ mod common;
 
 use common::onnx::{attr_int, attr_ints, value_info};
 use poolformer_edge::ops::eltwise::{Arith, ElementwiseChain, Head, Operand, Step, Tail};
+use poolformer_edge::ops::qconv::QuantConvChain;
 use poolformer_edge::passes;
 use tract_onnx::pb::{tensor_proto::DataType, AttributeProto, NodeProto, TensorProto};
 use tract_onnx::prelude::*;
@@ -250,15 +251,21 @@ fn differing_bits(a: &[f32], b: &[f32]) -> usize {
         .count()
 }
 
+/// The model's chains, on their own or run by an int8 conv.
 fn chains(model: &TypedModel) -> Vec<&ElementwiseChain> {
     model
         .nodes()
         .iter()
-        .filter_map(|n| n.op_as::<ElementwiseChain>())
+        .filter_map(|n| {
+            n.op_as::<ElementwiseChain>()
+                .or_else(|| n.op_as::<QuantConvChain>().map(|c| &c.chain))
+        })
         .collect()
 }
 
-fn check_block(c: usize, h: usize, w: usize, seed: u64) {
+/// The block's chains against the unfused graph, bit for bit; with `against_tract`,
+/// also the bound against tract's own float path.
+fn check_block(c: usize, h: usize, w: usize, seed: u64, against_tract: bool) {
     let shape = [1, c, h, w];
     let onnx = block(c, h, w);
     let x: Vec<f32> = values(c * h * w, seed).iter().map(|v| 2.0 * v).collect();
@@ -320,17 +327,38 @@ fn check_block(c: usize, h: usize, w: usize, seed: u64) {
         "the second conv's requantization stays a node"
     );
 
-    let want = run(&unfused, &x, 1);
-    for threads in [1, 3] {
-        let got = run(&fused, &x, threads);
-        assert_eq!(got.len(), want.len());
-        let differ = differing_bits(&got, &want);
-        assert_eq!(
-            differ, 0,
-            "{c}×{h}×{w}, {threads} threads: {differ} outputs differ from the unfused graph"
-        );
+    // The chains a conv's requantization heads, run a block of the conv's output rows
+    // at a time right after its product.
+    let mut with_convs = fused.clone();
+    let mut report = passes::PassReport::default();
+    passes::qconv::fuse_chains(&mut with_convs, &mut report).unwrap();
+    let conv_chains = with_convs
+        .nodes()
+        .iter()
+        .filter(|n| n.op_is::<QuantConvChain>())
+        .count();
+    if passes::metaformer::FUSES_MLP {
+        // The first conv (its chain adds the residual) and the third (its GELU); the
+        // second's requantization is read twice.
+        assert_eq!(conv_chains, 2, "{:?}", report.rewrites);
     }
 
+    let want = run(&unfused, &x, 1);
+    for threads in [1, 3] {
+        for (model, what) in [(&fused, "chains"), (&with_convs, "convs with chains")] {
+            let got = run(model, &x, threads);
+            assert_eq!(got.len(), want.len());
+            let differ = differing_bits(&got, &want);
+            assert_eq!(
+                differ, 0,
+                "{c}×{h}×{w}, {what}, {threads} threads: {differ} outputs differ from the unfused graph"
+            );
+        }
+    }
+
+    if !against_tract {
+        return;
+    }
     // tract alone (fake quantization in its own f32 ops): where its rounding lands a
     // tensor one step away from the integer path's, the stacked quantized convs and the
     // GELU after them can carry that to a few output steps. Bound: at most 0.5 % of the
@@ -356,20 +384,29 @@ fn check_block(c: usize, h: usize, w: usize, seed: u64) {
 fn qdq_block_is_bit_exact() {
     // 2400 elements per plane: two slices, the second partial; 38 400 in all, above
     // the threshold where the op splits channels over threads.
-    check_block(16, 48, 50, 1);
+    check_block(16, 48, 50, 1, true);
 }
 
 #[test]
 fn qdq_block_small_odd_planes() {
     // 7 channels of 13×15 (1365 elements, just above the pass's 1024): one slice per
     // plane, below the threshold for threads, so it runs on the calling thread.
-    check_block(7, 13, 15, 2);
+    check_block(7, 13, 15, 2, true);
+}
+
+#[test]
+fn qdq_block_many_conv_row_blocks() {
+    // 4096 tokens: the int8 convs take 16 output rows at a time, so their chains run
+    // on three blocks of rows (two on each of three threads' shares). Not against
+    // tract's float path: 40-channel sums carry its rounding further (12 steps here)
+    // than the bound stated for the smaller blocks.
+    check_block(40, 64, 64, 4, false);
 }
 
 #[test]
 fn qdq_block_two_rows() {
     // Two rows: every pooled value is on an edge (no interior row).
-    check_block(4, 2, 600, 3);
+    check_block(4, 2, 600, 3, true);
 }
 
 /// AveragePool then a per-channel scale, no quantization: the pooled bits reach the

@@ -151,7 +151,7 @@ impl ElementwiseChain {
         self.steps.iter().any(|s| matches!(s, Step::TensorHead(_)))
     }
 
-    fn out_dt(&self) -> DatumType {
+    pub fn out_dt(&self) -> DatumType {
         match &self.tail {
             Tail::F32 => f32::datum_type(),
             Tail::Quantize(q) => q.dt,
@@ -212,6 +212,7 @@ impl ElementwiseChain {
         let on_levels = Bound {
             x_f32: values,
             x_i32: &[],
+            x_base: 0,
             operands: b.operands.clone(),
             inner: n,
             width: n,
@@ -240,6 +241,7 @@ impl ElementwiseChain {
         grid: Grid,
         table: &[T; 256],
         out: &mut [T],
+        first: Option<usize>,
     ) -> TractResult<()> {
         // Indices 0..=hi − lo: the same clamp and rounding with the zero point moved.
         let index = Grid {
@@ -247,9 +249,9 @@ impl ElementwiseChain {
             lo: 0,
             hi: grid.hi - grid.lo,
         };
-        Self::run(b, out, |ch, at, o, _| {
+        Self::run(b, out, first, |ch, at, o, _| {
             let mut idx = [0u8; 256];
-            let acc = &b.x_i32[at..at + o.len()];
+            let acc = &b.x_i32[at - b.x_base..][..o.len()];
             for (a, o) in acc.chunks(256).zip(o.chunks_mut(256)) {
                 let idx = &mut idx[..a.len()];
                 level_indices(isa, a, idx, r.mult[ch], r.offset[ch], index);
@@ -270,7 +272,9 @@ impl ElementwiseChain {
 /// Inputs resolved to slices for one evaluation.
 pub struct Bound<'a> {
     x_f32: &'a [f32],
+    /// A requantized head's accumulators, from element `x_base` of the stream on.
     x_i32: &'a [i32],
+    x_base: usize,
     /// Per step: the per-channel / per-tensor operand, or the tensor operand.
     operands: Vec<&'a [f32]>,
     inner: usize,
@@ -310,41 +314,85 @@ impl EvalOp for ElementwiseChain {
         let x = &inputs[0];
         let shape = x.shape();
         ensure!(
-            shape.len() >= 2 && shape[0] == 1,
-            "element-wise chain takes [1, C, …], got {shape:?}"
-        );
-        ensure!(
             x.datum_type() == self.in_dt(),
             "element-wise chain: input is {:?}, expected {:?}",
             x.datum_type(),
             self.in_dt()
         );
-        let c = shape[1];
-        let inner: usize = shape[2..].iter().product();
-        let x_plain = x.try_as_plain_ram()?;
-        let (x_f32, x_i32): (&[f32], &[i32]) = match self.head {
-            Head::F32 => (x_plain.as_slice::<f32>()?, &[]),
-            Head::AvgPool3x3 => {
-                ensure!(
-                    shape.len() == 4,
-                    "element-wise chain: pooling takes [1, C, H, W], got {shape:?}"
-                );
-                (x_plain.as_slice::<f32>()?, &[])
-            }
-            Head::Requant(ref r) => {
-                ensure!(
-                    r.axis == 1 && r.mult.len() == c && r.offset.len() == c,
-                    "element-wise chain: requantization for {} channels on axis {}, input {shape:?}",
-                    r.mult.len(),
-                    r.axis
-                );
-                (&[], x_plain.as_slice::<i32>()?)
-            }
-        };
         let plains: Vec<_> = inputs
             .iter()
             .map(|t| t.try_as_plain_ram())
             .collect::<TractResult<_>>()?;
+        let (x_f32, x_i32): (&[f32], &[i32]) = match self.head {
+            Head::F32 | Head::AvgPool3x3 => (plains[0].as_slice::<f32>()?, &[]),
+            Head::Requant(_) => (&[], plains[0].as_slice::<i32>()?),
+        };
+        let isa = Isa::best();
+        let bound = self.bind(shape, x_f32, x_i32, 0, &inputs, &plains)?;
+        let table = self.level_table(isa, &bound)?;
+        let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt(), shape)? };
+        {
+            let mut plain = out.try_as_plain_ram_mut()?;
+            let out = match self.out_dt() {
+                DatumType::F32 => OutSlice::F32(plain.as_slice_mut::<f32>()?),
+                DatumType::U8 => OutSlice::U8(plain.as_slice_mut::<u8>()?),
+                DatumType::I8 => OutSlice::I8(plain.as_slice_mut::<i8>()?),
+                dt => bail!("element-wise chain: cannot write {dt:?}"),
+            };
+            self.write(isa, &bound, table.as_ref(), out, None)?;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+/// The output of a chain, typed as its tail writes it.
+pub enum OutSlice<'a> {
+    F32(&'a mut [f32]),
+    U8(&'a mut [u8]),
+    I8(&'a mut [i8]),
+}
+
+/// A chain's table of outputs per level of its head (see the module doc), typed as its
+/// tail writes them.
+pub enum LevelTable {
+    F32(Grid, Box<[f32; 256]>),
+    U8(Grid, Box<[u8; 256]>),
+    I8(Grid, Box<[i8; 256]>),
+}
+
+impl ElementwiseChain {
+    /// The chain's inputs resolved for one evaluation over a stream of shape `shape`:
+    /// `x_f32` the stream for an f32 or pooling head, `x_i32` a requantized head's
+    /// accumulators from element `x_base` on (a block of channel planes, or all of
+    /// them); `plains` the views of `inputs`, whose indices the steps name.
+    pub fn bind<'a, 'p: 'a>(
+        &'a self,
+        shape: &[usize],
+        x_f32: &'a [f32],
+        x_i32: &'a [i32],
+        x_base: usize,
+        inputs: &[TValue],
+        plains: &'a [PlainView<'p>],
+    ) -> TractResult<Bound<'a>> {
+        ensure!(
+            shape.len() >= 2 && shape[0] == 1,
+            "element-wise chain takes [1, C, …], got {shape:?}"
+        );
+        let c = shape[1];
+        let inner: usize = shape[2..].iter().product();
+        match self.head {
+            Head::F32 => {}
+            Head::AvgPool3x3 => ensure!(
+                shape.len() == 4,
+                "element-wise chain: pooling takes [1, C, H, W], got {shape:?}"
+            ),
+            Head::Requant(ref r) => ensure!(
+                r.axis == 1 && r.mult.len() == c && r.offset.len() == c,
+                "element-wise chain: requantization for {} channels on axis {}, input {shape:?}",
+                r.mult.len(),
+                r.axis
+            ),
+        }
         let mut operands: Vec<&[f32]> = Vec::with_capacity(self.steps.len());
         let mut erf = None;
         for step in &self.steps {
@@ -393,9 +441,10 @@ impl EvalOp for ElementwiseChain {
         } else {
             (SLICE.min(inner), SLICE.min(inner), vec![])
         };
-        let bound = Bound {
+        Ok(Bound {
             x_f32,
             x_i32,
+            x_base,
             operands,
             inner,
             width,
@@ -404,86 +453,100 @@ impl EvalOp for ElementwiseChain {
             pool_recip,
             saves_head: self.saves_head(),
             erf,
-        };
-        let isa = Isa::best();
-        let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt(), shape)? };
-        if let (Some((grid, values)), Head::Requant(r)) = (self.levels(&bound), &self.head) {
-            let mut plain = out.try_as_plain_ram_mut()?;
-            match &self.tail {
-                Tail::F32 => {
-                    let table = self.table(isa, &bound, &values, |v, t| t.copy_from_slice(v))?;
-                    Self::run_table(isa, &bound, r, grid, &table, plain.as_slice_mut::<f32>()?)?
-                }
-                Tail::Quantize(q) => match q.dt {
-                    DatumType::U8 => {
-                        let table = self.table(isa, &bound, &values, |v, t| {
-                            quantize_u8(isa, v, t, q.inv_scale, q.grid)
-                        })?;
-                        Self::run_table(isa, &bound, r, grid, &table, plain.as_slice_mut::<u8>()?)?
-                    }
-                    DatumType::I8 => {
-                        let table = self.table(isa, &bound, &values, |v, t| {
-                            quantize_i8(isa, v, t, q.inv_scale, q.grid)
-                        })?;
-                        Self::run_table(isa, &bound, r, grid, &table, plain.as_slice_mut::<i8>()?)?
-                    }
-                    dt => bail!("element-wise chain: cannot quantize to {dt:?}"),
-                },
-            }
-        } else {
-            let mut plain = out.try_as_plain_ram_mut()?;
-            match &self.tail {
-                Tail::F32 => Self::run(&bound, plain.as_slice_mut::<f32>()?, |ch, at, o, buf| {
-                    apply_slice(isa, self, &bound, ch, at, o, buf)
-                })?,
-                Tail::Quantize(q) => match q.dt {
-                    DatumType::U8 => self.run_quantized(
-                        isa,
-                        &bound,
-                        plain.as_slice_mut::<u8>()?,
-                        q,
-                        quantize_u8,
-                    )?,
-                    DatumType::I8 => self.run_quantized(
-                        isa,
-                        &bound,
-                        plain.as_slice_mut::<i8>()?,
-                        q,
-                        quantize_i8,
-                    )?,
-                    dt => bail!("element-wise chain: cannot quantize to {dt:?}"),
-                },
-            }
-        }
-        Ok(tvec!(out.into_tvalue()))
+        })
     }
-}
 
-impl ElementwiseChain {
+    /// The chain's [`LevelTable`], where its output depends on its head's level alone.
+    pub fn level_table(&self, isa: Isa, b: &Bound) -> TractResult<Option<LevelTable>> {
+        let Some((grid, values)) = self.levels(b) else {
+            return Ok(None);
+        };
+        Ok(Some(match &self.tail {
+            Tail::F32 => LevelTable::F32(
+                grid,
+                self.table(isa, b, &values, |v, t| t.copy_from_slice(v))?,
+            ),
+            Tail::Quantize(q) => match q.dt {
+                DatumType::U8 => LevelTable::U8(
+                    grid,
+                    self.table(isa, b, &values, |v, t| {
+                        quantize_u8(isa, v, t, q.inv_scale, q.grid)
+                    })?,
+                ),
+                DatumType::I8 => LevelTable::I8(
+                    grid,
+                    self.table(isa, b, &values, |v, t| {
+                        quantize_i8(isa, v, t, q.inv_scale, q.grid)
+                    })?,
+                ),
+                dt => bail!("element-wise chain: cannot quantize to {dt:?}"),
+            },
+        }))
+    }
+
+    /// The chain over `b` into `out`: every channel plane, split over the threads, with
+    /// `first` `None`; otherwise on this thread the planes from channel `first` on that
+    /// `out` holds (and `b`'s accumulators, from element `first·inner` on).
+    pub fn write(
+        &self,
+        isa: Isa,
+        b: &Bound,
+        table: Option<&LevelTable>,
+        out: OutSlice,
+        first: Option<usize>,
+    ) -> TractResult<()> {
+        if let (Some(table), Head::Requant(r)) = (table, &self.head) {
+            return match (table, out) {
+                (LevelTable::F32(g, t), OutSlice::F32(o)) => {
+                    Self::run_table(isa, b, r, *g, t, o, first)
+                }
+                (LevelTable::U8(g, t), OutSlice::U8(o)) => {
+                    Self::run_table(isa, b, r, *g, t, o, first)
+                }
+                (LevelTable::I8(g, t), OutSlice::I8(o)) => {
+                    Self::run_table(isa, b, r, *g, t, o, first)
+                }
+                _ => bail!("element-wise chain: table and output of different types"),
+            };
+        }
+        match (&self.tail, out) {
+            (Tail::F32, OutSlice::F32(o)) => Self::run(b, o, first, |ch, at, o, buf| {
+                apply_slice(isa, self, b, ch, at, o, buf)
+            }),
+            (Tail::Quantize(q), OutSlice::U8(o)) => {
+                self.run_quantized(isa, b, o, first, q, quantize_u8)
+            }
+            (Tail::Quantize(q), OutSlice::I8(o)) => {
+                self.run_quantized(isa, b, o, first, q, quantize_i8)
+            }
+            _ => bail!("element-wise chain: output of another type than its tail"),
+        }
+    }
     /// Calls `slice(channel, offset, out_slice, scratch)` on every slice of at most
     /// `b.slice` elements of every channel plane of `out`, split over the threads by
     /// groups of planes. `scratch` holds `b.slice + b.scratch` f32.
     fn run<T: Send>(
         b: &Bound,
         out: &mut [T],
+        first: Option<usize>,
         slice: impl Fn(usize, usize, &mut [T], &mut [f32]) -> TractResult<()> + Sync,
     ) -> TractResult<()> {
         let inner = b.inner;
-        for_runs(
-            out,
-            inner,
-            PARALLEL_MIN,
-            |first, planes, buf: &mut Vec<f32>| {
-                buf.resize(b.slice + b.scratch, 0.0);
-                for (i, o) in planes.chunks_mut(inner).enumerate() {
-                    let ch = first + i;
-                    for (j, part) in o.chunks_mut(b.slice).enumerate() {
-                        slice(ch, ch * inner + j * b.slice, part, buf)?;
-                    }
+        let planes = |first: usize, planes: &mut [T], buf: &mut Vec<f32>| {
+            buf.resize(b.slice + b.scratch, 0.0);
+            for (i, o) in planes.chunks_mut(inner).enumerate() {
+                let ch = first + i;
+                for (j, part) in o.chunks_mut(b.slice).enumerate() {
+                    slice(ch, ch * inner + j * b.slice, part, buf)?;
                 }
-                Ok(())
-            },
-        )
+            }
+            Ok(())
+        };
+        match first {
+            None => for_runs(out, inner, PARALLEL_MIN, planes),
+            Some(first) if inner > 0 => planes(first, out, &mut Vec::new()),
+            Some(_) => Ok(()),
+        }
     }
 
     /// [`Self::run`] with a quantizing tail: the chain into the first `b.slice` values
@@ -493,10 +556,11 @@ impl ElementwiseChain {
         isa: Isa,
         b: &Bound,
         out: &mut [T],
+        first: Option<usize>,
         q: &Quantize,
         quantize: fn(Isa, &[f32], &mut [T], f32, Grid),
     ) -> TractResult<()> {
-        Self::run(b, out, |ch, at, o, buf| {
+        Self::run(b, out, first, |ch, at, o, buf| {
             let (v, head) = buf.split_at_mut(b.slice);
             let v = &mut v[..o.len()];
             apply_slice(isa, self, b, ch, at, v, head)?;
@@ -548,7 +612,7 @@ crate::kernels::multiversion! {
                 pool::avg_pool3x3_rows(plane, b.inner / w, w, y0, v, &b.pool_recip, head);
             }
             Head::Requant(r) => {
-                let acc = &b.x_i32[at..at + len];
+                let acc = &b.x_i32[at - b.x_base..][..len];
                 let (m, o) = (r.mult[ch], r.offset[ch]);
                 match r.out {
                     RequantOut::F32 => k::dequant_row(acc, v, m, o),

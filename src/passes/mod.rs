@@ -5,8 +5,9 @@
 //! Order: `int8` sees the graph as it comes out of the ONNX importer (before tract
 //! constant-folds the Q/DQ structure away); `metaformer` sees the decluttered graph,
 //! then `qconv` takes the integer convolutions it left and `conv` the float ones;
-//! `eltwise` runs last, on tract's optimized graph, and fuses the element-wise
-//! chains left between them. Large constants with a unit axis are pinned
+//! `eltwise` runs on tract's optimized graph and fuses the element-wise chains left
+//! between them; last, `qconv::fuse_chains` hands each chain that alone reads an
+//! integer conv's output to that conv, to run on its output rows as they are made. Large constants with a unit axis are pinned
 //! ([`crate::ops::konst`]) while tract declutters, which spares a copy of every
 //! 1×1 conv weight on each declutter round.
 
@@ -35,6 +36,7 @@ pub fn optimize(model: TypedModel, fuse: bool) -> Result<(TypedModel, PassReport
     let (mut model, mut report) = optimize_graph(model, fuse)?;
     if fuse {
         eltwise::rewrite(&mut model, &mut report)?;
+        qconv::fuse_chains(&mut model, &mut report)?;
     }
     Ok((model, report))
 }

@@ -18,7 +18,8 @@ use super::metaformer::{i8_weights, int_pointwise, konst, scalar_is, FUSES_MLP};
 use super::PassReport;
 use crate::kernels::im2col::ConvGeometry;
 use crate::kernels::qgemm::PackedI8;
-use crate::ops::qconv::QuantConv;
+use crate::ops::eltwise::{ElementwiseChain, Head};
+use crate::ops::qconv::{QuantConv, QuantConvChain};
 
 pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
     if !FUSES_MLP {
@@ -52,6 +53,55 @@ pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
         report
             .rewrites
             .push(format!("int8 convolution on u8×i8 kernels ×{count}"));
+    }
+    Ok(())
+}
+
+/// [`QuantConv`] → [`ElementwiseChain`] with a requantizing head, the chain the conv's
+/// only reader, on one image → [`QuantConvChain`]. Runs after the element-wise pass.
+pub fn fuse_chains(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
+    let mut count = 0;
+    for id in model.eval_order()? {
+        let node = model.node(id);
+        let Some(chain) = node.op_as::<ElementwiseChain>() else {
+            continue;
+        };
+        let Head::Requant(_) = chain.head else {
+            continue;
+        };
+        let source = node.inputs[0];
+        let producer = model.node(source.node);
+        let Some(conv) = producer.op_as::<QuantConv>() else {
+            continue;
+        };
+        let readers = &producer.outputs[source.slot].successors;
+        if conv.input_shape.first() != Some(&1)
+            || readers.len() != 1
+            || model.output_outlets()?.contains(&source)
+            || node.inputs[1..].contains(&source)
+        {
+            continue;
+        }
+        let op = QuantConvChain {
+            conv: conv.clone(),
+            chain: chain.clone(),
+        };
+        let mut patch = TypedModelPatch::new("int8 convolution with its chain");
+        let mut inputs = vec![patch.tap_model(model, producer.inputs[0])?];
+        for &i in &node.inputs[1..] {
+            inputs.push(patch.tap_model(model, i)?);
+        }
+        let name = format!("{}.pfe_quant_conv_chain", node.name);
+        let y = patch.wire_node(name, op, &inputs)?[0];
+        patch.shunt_outside(model, OutletId::new(id, 0), y)?;
+        patch.apply(model)?;
+        count += 1;
+    }
+    if count > 0 {
+        model.compact()?;
+        report.rewrites.push(format!(
+            "int8 convolution with its element-wise chain ×{count}"
+        ));
     }
     Ok(())
 }
