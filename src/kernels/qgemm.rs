@@ -633,6 +633,10 @@ mod x86 {
     ) {
         let kp = w.kp;
         let groups = kp / 4;
+        // The last few tokens past whole registers, if any, as dot products (see
+        // `dots_256`), after the tiles.
+        let tail = tail_tokens(cols, 8, kp);
+        let full = cols - tail;
         // Blocks of at least 16 groups; with more tokens than that allows, none.
         let block = match KC_BYTES256 / (4 * cols) {
             g if g >= 16 => g,
@@ -651,8 +655,8 @@ mod x86 {
                 // SAFETY: the output rows of r..r + mr exist in `acc` (checked by the caller).
                 let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
                 let mut n = 0;
-                while n < cols {
-                    let nt = 8.min(cols - n);
+                while n < full {
+                    let nt = 8.min(full - n);
                     let mask = _mm256_cmpgt_epi32(
                         _mm256_set1_epi32(nt as i32),
                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7),
@@ -684,6 +688,71 @@ mod x86 {
                 r += mr;
             }
             g0 += gc;
+        }
+        let columns = tail_columns(b, cols, kp, tail);
+        let mut r = rows.start;
+        while r < rows.end {
+            let mr = MR256.min(rows.end - r);
+            for (t, column) in columns.chunks_exact(kp.max(1)).enumerate() {
+                // SAFETY: rows r..r + mr of `w` (`kp` bytes each), a column of `kp`
+                // bytes, output `full + t < cols` of those rows inside `acc`.
+                unsafe {
+                    let wp = w.data.as_ptr().add(r * kp);
+                    let out = acc.as_mut_ptr().add((r - rows.start) * ldc + full + t);
+                    match mr {
+                        4 => dots_256::<4>(wp, kp, column.as_ptr(), out, ldc),
+                        3 => dots_256::<3>(wp, kp, column.as_ptr(), out, ldc),
+                        2 => dots_256::<2>(wp, kp, column.as_ptr(), out, ldc),
+                        _ => dots_256::<1>(wp, kp, column.as_ptr(), out, ldc),
+                    }
+                }
+            }
+            r += mr;
+        }
+    }
+
+    /// One token against `R` rows on AVX2: the token's `kp` bytes and each row's, 16
+    /// at a time widened to i16 and multiplied in pairs into 8 partial sums per row
+    /// (`vpmaddwd`, exact: no product of a u8 and an i8 nears its limits), the last
+    /// `kp % 16` one by one.
+    ///
+    /// # Safety
+    /// AVX2; `w` points at `R` rows of `kp` bytes (stride `kp`), `column` at `kp` bytes,
+    /// `out` at `R` values `ldc` apart.
+    #[target_feature(enable = "avx2")]
+    unsafe fn dots_256<const R: usize>(
+        w: *const i8,
+        kp: usize,
+        column: *const u8,
+        out: *mut i32,
+        ldc: usize,
+    ) {
+        let mut c = [_mm256_setzero_si256(); R];
+        let mut k = 0;
+        while k + 16 <= kp {
+            // SAFETY: bytes k..k + 16 of the column and of each row, inside `kp`.
+            unsafe {
+                let t = _mm256_cvtepu8_epi16(_mm_loadu_si128(column.add(k) as *const __m128i));
+                for (i, ci) in c.iter_mut().enumerate() {
+                    let wv =
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(i * kp + k) as *const __m128i));
+                    *ci = _mm256_add_epi32(*ci, _mm256_madd_epi16(t, wv));
+                }
+            }
+            k += 16;
+        }
+        for (i, &ci) in c.iter().enumerate() {
+            let mut lanes = [0i32; 8];
+            // SAFETY: 8 i32 into an array of 8.
+            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, ci) };
+            let mut sum = lanes.iter().fold(0i32, |s, &v| s.wrapping_add(v));
+            for kk in k..kp {
+                // SAFETY: byte kk < kp of row i and of the column.
+                sum = sum
+                    .wrapping_add(unsafe { *w.add(i * kp + kk) as i32 * *column.add(kk) as i32 });
+            }
+            // SAFETY: output row i < R.
+            unsafe { *out.add(i * ldc) = sum };
         }
     }
 
@@ -1014,20 +1083,9 @@ mod x86 {
         let kp = w.kp;
         // The last few tokens past whole registers, if any, are multiplied one at a
         // time as dot products of byte runs (see `dots_512`): their columns first.
-        let rest = cols % 16;
-        let tail = if (1..=TAIL_TOKENS).contains(&rest) && kp >= TAIL_MIN_DEPTH {
-            rest
-        } else {
-            0
-        };
+        let tail = tail_tokens(cols, 16, kp);
         let full = cols - tail;
-        let mut columns = vec![0u8; tail * kp];
-        for (t, column) in columns.chunks_exact_mut(kp.max(1)).enumerate() {
-            for (g, dst) in column.chunks_exact_mut(4).enumerate() {
-                let at = (g * cols + full + t) * 4;
-                dst.copy_from_slice(&b[at..at + 4]);
-            }
-        }
+        let columns = tail_columns(b, cols, kp, tail);
         let mut r = rows.start;
         while r < rows.end {
             let mr = MR512.min(rows.end - r);
@@ -1063,13 +1121,39 @@ mod x86 {
         }
     }
 
-    /// Most tokens past whole registers that [`gemm_avx512vnni`] multiplies one at a
-    /// time: a register of 16 lanes costs `kp/4` `vpdpbusd` per row whatever the number
-    /// of tokens in it, a token alone `kp/64` and a sum across lanes.
+    /// Most tokens past whole registers that [`gemm_avx512vnni`] and [`gemm_avx2`]
+    /// multiply one at a time: a register of tokens costs the same per row whatever
+    /// the number of tokens in it (`kp/4` `vpdpbusd` for 16 lanes), a token alone a
+    /// sixteenth of that (`kp/64`) and a sum across lanes.
     const TAIL_TOKENS: usize = 4;
     /// Shortest reduction for those tokens: below, the sums across lanes outweigh the
     /// products saved.
     const TAIL_MIN_DEPTH: usize = 256;
+
+    /// How many of `cols` tokens, past whole registers of `lanes`, are multiplied one
+    /// at a time: 0, or 1..=[`TAIL_TOKENS`].
+    fn tail_tokens(cols: usize, lanes: usize, kp: usize) -> usize {
+        let rest = cols % lanes;
+        if (1..=TAIL_TOKENS).contains(&rest) && kp >= TAIL_MIN_DEPTH {
+            rest
+        } else {
+            0
+        }
+    }
+
+    /// The last `tail` tokens' columns of the k4 buffer `b` (`cols` tokens, `kp` deep),
+    /// each as `kp` consecutive bytes.
+    fn tail_columns(b: &[u8], cols: usize, kp: usize, tail: usize) -> Vec<u8> {
+        let full = cols - tail;
+        let mut columns = vec![0u8; tail * kp];
+        for (t, column) in columns.chunks_exact_mut(kp.max(1)).enumerate() {
+            for (g, dst) in column.chunks_exact_mut(4).enumerate() {
+                let at = (g * cols + full + t) * 4;
+                dst.copy_from_slice(&b[at..at + 4]);
+            }
+        }
+        columns
+    }
 
     /// `out[i·ldc] = Σ_k w[i·kp + k]·column[k]` for `mr` (1..=8) rows.
     ///
