@@ -40,15 +40,23 @@ impl Isa {
             .collect()
     }
 
-    /// Whether this CPU runs code built for `self`.
+    /// Whether this CPU runs code built for `self` (detected once; the kernels'
+    /// dispatch asks on every call).
     pub fn is_supported(self) -> bool {
+        static SUPPORTED: std::sync::OnceLock<[bool; 3]> = std::sync::OnceLock::new();
+        SUPPORTED.get_or_init(|| {
+            [Isa::Portable, Isa::Avx2, Isa::Avx512].map(|isa| isa.detect())
+        })[self as usize]
+    }
+
+    fn detect(self) -> bool {
         match self {
             Isa::Portable => true,
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => {
-                Isa::Avx2.is_supported()
+                Isa::Avx2.detect()
                     && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512vl")
                     && is_x86_feature_detected!("avx512bw")
