@@ -44,9 +44,8 @@ impl Isa {
     /// dispatch asks on every call).
     pub fn is_supported(self) -> bool {
         static SUPPORTED: std::sync::OnceLock<[bool; 3]> = std::sync::OnceLock::new();
-        SUPPORTED.get_or_init(|| {
-            [Isa::Portable, Isa::Avx2, Isa::Avx512].map(|isa| isa.detect())
-        })[self as usize]
+        SUPPORTED.get_or_init(|| [Isa::Portable, Isa::Avx2, Isa::Avx512].map(|isa| isa.detect()))
+            [self as usize]
     }
 
     fn detect(self) -> bool {
