@@ -644,7 +644,8 @@ mod x86 {
         };
         let mut wide = vec![0i16; MR256 * 4 * block.min(groups)];
         let mut g0 = 0;
-        while g0 < groups {
+        // Only tail tokens (`full` 0): no tiles, no weights to widen.
+        while full > 0 && g0 < groups {
             let gc = block.min(groups - g0);
             let accumulate = g0 > 0;
             let mut r = rows.start;
