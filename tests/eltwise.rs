@@ -396,8 +396,9 @@ fn qdq_block_small_odd_planes() {
 
 #[test]
 fn qdq_block_many_conv_row_blocks() {
-    // 4096 tokens: the int8 convs take 16 output rows at a time, so their chains run
-    // on three blocks of rows (two on each of three threads' shares). Not against
+    // 4096 tokens: the int8 convs take 16 output rows at a time, so on one thread their
+    // chains run on three blocks of rows (16, 16, 8), on three threads on one block of
+    // 13–14 rows per share. Not against
     // tract's float path: 40-channel sums carry its rounding further (12 steps here)
     // than the bound stated for the smaller blocks.
     check_block(40, 64, 64, 4, false);

@@ -362,9 +362,10 @@ pub enum LevelTable {
 
 impl ElementwiseChain {
     /// The chain's inputs resolved for one evaluation over a stream of shape `shape`:
-    /// `x_f32` the stream for an f32 or pooling head, `x_i32` a requantized head's
-    /// accumulators from element `x_base` on (a block of channel planes, or all of
-    /// them); `plains` the views of `inputs`, whose indices the steps name.
+    /// `x_f32` the stream for an f32 or pooling head (whole: `x_base` must be 0),
+    /// `x_i32` a requantized head's accumulators from element `x_base` on (a block of
+    /// channel planes, or all of them); `plains` the views of `inputs`, whose indices
+    /// the steps name.
     pub fn bind<'a, 'p: 'a>(
         &'a self,
         shape: &[usize],
@@ -380,6 +381,10 @@ impl ElementwiseChain {
         );
         let c = shape[1];
         let inner: usize = shape[2..].iter().product();
+        ensure!(
+            x_base == 0 || matches!(self.head, Head::Requant(_)),
+            "element-wise chain: only a requantized head reads a block of the stream"
+        );
         match self.head {
             Head::F32 => {}
             Head::AvgPool3x3 => ensure!(

@@ -78,7 +78,6 @@ pub fn fuse_chains(model: &mut TypedModel, report: &mut PassReport) -> Result<()
         if conv.input_shape.first() != Some(&1)
             || readers.len() != 1
             || model.output_outlets()?.contains(&source)
-            || node.inputs[1..].contains(&source)
         {
             continue;
         }
