@@ -63,6 +63,8 @@ struct ConvCase {
     act: Act,
     /// Trailing QuantizeLinear → DequantizeLinear on the conv output, of this type.
     out_q: Option<Act>,
+    /// The weights' zero point (every channel's).
+    w_zp: i8,
     seed: u64,
 }
 
@@ -198,6 +200,7 @@ struct QConv {
     w_q: Vec<i8>,
     w_scale: Vec<f32>,
     b_q: Vec<i32>,
+    w_zp: i8,
 }
 
 fn make_qconv(case: &ConvCase, rng: &mut Rng) -> QConv {
@@ -212,7 +215,12 @@ fn make_qconv(case: &ConvCase, rng: &mut Rng) -> QConv {
         vec![rng.uniform(0.002, 0.02) as f32]
     };
     let b_q = (0..case.o).map(|_| rng.int(-3000, 3000) as i32).collect();
-    QConv { w_q, w_scale, b_q }
+    QConv {
+        w_q,
+        w_scale,
+        b_q,
+        w_zp: case.w_zp,
+    }
 }
 
 impl QConv {
@@ -253,7 +261,7 @@ impl QConv {
             &format!("{name}.w_zp"),
             &sdims,
             DataType::Int8,
-            vec![0; self.w_scale.len()],
+            vec![self.w_zp as u8; self.w_scale.len()],
         ));
         let b_scale: Vec<f32> = (0..case.o).map(|o| sx * self.sw(o)).collect();
         inits.push(tensor(
@@ -338,9 +346,8 @@ impl QConv {
                                     continue;
                                 }
                                 let xv = x[(c * case.h + yy as usize) * case.w + xx as usize];
-                                let wv = self.w_q[((o * cg + ci) * case.k + ki) * case.k + kj]
-                                    as f64
-                                    * sw;
+                                let wq = self.w_q[((o * cg + ci) * case.k + ki) * case.k + kj];
+                                let wv = (wq as i32 - self.w_zp as i32) as f64 * sw;
                                 acc += xv * wv;
                             }
                         }
@@ -549,6 +556,7 @@ fn case(k: usize, stride: usize, pad: usize) -> ConvCase {
         per_channel: true,
         act: Act::U8,
         out_q: Some(Act::U8),
+        w_zp: 0,
         seed: 1,
     }
 }
@@ -605,6 +613,20 @@ fn k3_padded_per_tensor_s8() {
         act: Act::I8,
         seed: 6,
         ..case(3, 1, 1)
+    });
+}
+
+#[test]
+fn k3_strided_weight_zero_point_odd_channels() {
+    // A weight zero point: each token's correction sums its patch column, padding
+    // taps and the channels that round 5 up to 8 included.
+    check_conv(ConvCase {
+        c: 5,
+        per_channel: false,
+        act: Act::I8,
+        w_zp: 3,
+        seed: 12,
+        ..case(3, 2, 1)
     });
 }
 

@@ -131,12 +131,9 @@ impl ConvGeometry {
         groups: std::ops::Range<usize>,
         dst: &mut [u8],
     ) {
-        let (kh, kw) = self.kernel;
-        let (sh, sw) = self.stride;
-        let (ph, pw) = self.pad;
         let p = self.out_pixels();
         let plane_len = self.in_h * self.in_w;
-        let pointwise = kh == 1 && kw == 1 && sh == 1 && sw == 1 && ph == 0 && pw == 0;
+        let pointwise = self.is_pointwise();
         let isa = Isa::best();
         let mut runs = vec![0u8; if pointwise { 0 } else { 4 * p }];
         for (gi, g) in groups.enumerate() {
@@ -285,6 +282,63 @@ impl ConvGeometry {
         self.kernel.0 * self.kernel.1 * self.c4_channels()
     }
 
+    /// Whether the conv is 1×1, stride 1, unpadded: a matrix product over the pixels.
+    pub fn is_pointwise(&self) -> bool {
+        self.kernel == (1, 1) && self.stride == (1, 1) && self.pad == (0, 0)
+    }
+
+    /// Weight rows `[rows, k]` in the (channel, tap) order of `w`, reordered to the
+    /// (tap, channel) order of the c4 patch rows (`[rows, c4_k]`), 0 for the channels
+    /// past `in_channels`.
+    pub fn c4_weights(&self, rows: usize, w: &[i8]) -> Vec<i8> {
+        let (k, taps, cp) = (self.k(), self.kernel.0 * self.kernel.1, self.c4_channels());
+        assert_eq!(
+            w.len(),
+            rows * k,
+            "c4 weights: {} values for {rows}×{k}",
+            w.len()
+        );
+        let mut reordered = vec![0i8; rows * self.c4_k()];
+        for (dst, src) in reordered
+            .chunks_exact_mut(self.c4_k())
+            .zip(w.chunks_exact(k))
+        {
+            for (c, src) in src.chunks_exact(taps).enumerate() {
+                for (t, &v) in src.iter().enumerate() {
+                    dst[t * cp + c] = v;
+                }
+            }
+        }
+        reordered
+    }
+
+    /// The input `x` (`in_channels` planes of `in_h·in_w` bytes) in the c4 layout
+    /// (channel `c` of pixel `n` at `((c/4)·in_h·in_w + n)·4 + c%4`) into `dst`
+    /// (`c4_channels·in_h·in_w` bytes): values `x ^ flip`, channels past
+    /// `in_channels` holding `fill`.
+    pub fn to_c4(&self, isa: Isa, x: &[u8], flip: u8, fill: u8, dst: &mut [u8]) {
+        let plane = self.in_h * self.in_w;
+        let filler = vec![
+            fill ^ flip;
+            if self.in_channels.is_multiple_of(4) {
+                0
+            } else {
+                plane
+            }
+        ];
+        for (g, dst) in dst.chunks_exact_mut(4 * plane).enumerate() {
+            let planes = std::array::from_fn(|r| {
+                let c = 4 * g + r;
+                if c < self.in_channels {
+                    &x[c * plane..(c + 1) * plane]
+                } else {
+                    &filler[..]
+                }
+            });
+            interleave4(isa, planes, flip, dst);
+        }
+    }
+
     /// Fills k4 groups `groups` of the u8 patch matrix of an input in the **c4
     /// layout** (channel `c` of pixel `n` at byte `((c/4)·in_h·in_w + n)·4 + c%4`, as
     /// `split16::split_bytes_c4` writes it), with the rows ordered by tap, then channel:
@@ -300,41 +354,192 @@ impl ConvGeometry {
         dst: &mut [u8],
     ) {
         let (kh, kw) = self.kernel;
-        let (sh, sw) = self.stride;
-        let (ph, pw) = self.pad;
         let p = self.out_pixels();
         let cg = self.c4_channels() / 4;
         let plane = 4 * self.in_h * self.in_w;
+        let isa = Isa::best();
         for (gi, g) in groups.enumerate() {
             let (tap, c) = (g / cg, g % cg);
             let (i, j) = (tap / kw, tap % kw);
             debug_assert!(i < kh);
             let src_plane = &x[c * plane..(c + 1) * plane];
             let group = &mut dst[gi * 4 * p..(gi + 1) * 4 * p];
-            let (lo, hi) = self.inside_cols(j);
-            for oy in 0..self.out_h {
-                let row = &mut group[4 * oy * self.out_w..4 * (oy + 1) * self.out_w];
-                let y = (oy * sh + i) as isize - ph as isize;
-                if y < 0 || y >= self.in_h as isize {
-                    row.chunks_exact_mut(4)
-                        .for_each(|w| w.copy_from_slice(&pad));
-                    continue;
-                }
-                let src = &src_plane[4 * y as usize * self.in_w..4 * (y as usize + 1) * self.in_w];
-                let (before, rest) = row.split_at_mut(4 * lo);
-                let (inside, after) = rest.split_at_mut(4 * (hi - lo));
-                before
-                    .chunks_exact_mut(4)
-                    .for_each(|w| w.copy_from_slice(&pad));
-                after
-                    .chunks_exact_mut(4)
-                    .for_each(|w| w.copy_from_slice(&pad));
-                if hi > lo {
-                    let first = lo * sw + j - pw;
-                    for (k, w) in inside.chunks_exact_mut(4).enumerate() {
-                        let at = 4 * (first + k * sw);
-                        w.copy_from_slice(&src[at..at + 4]);
+            fill_c4_group(isa, self, src_plane, pad, (i, j), group);
+        }
+    }
+}
+
+crate::kernels::multiversion! {
+    /// One k4 group of a c4 patch matrix (see [`ConvGeometry::fill_k4_groups_c4`]):
+    /// tap `(i, j)` of one channel group, whose plane of 4-byte words is `src`.
+    pub fn fill_c4_group(
+        geo: &ConvGeometry,
+        src: &[u8],
+        pad: [u8; 4],
+        tap: (usize, usize),
+        group: &mut [u8],
+    ) {
+        let (i, j) = tap;
+        let (sh, sw) = geo.stride;
+        let (ph, pw) = geo.pad;
+        let (lo, hi) = geo.inside_cols(j);
+        let pad = u32::from_ne_bytes(pad);
+        let row_bytes = 4 * geo.in_w;
+        for (oy, row) in group.chunks_exact_mut(4 * geo.out_w).enumerate() {
+            let y = (oy * sh + i) as isize - ph as isize;
+            if y < 0 || y >= geo.in_h as isize {
+                fill_words(row, pad);
+                continue;
+            }
+            let src = &src[y as usize * row_bytes..(y as usize + 1) * row_bytes];
+            let (before, rest) = row.split_at_mut(4 * lo);
+            let (inside, after) = rest.split_at_mut(4 * (hi - lo));
+            fill_words(before, pad);
+            fill_words(after, pad);
+            if hi > lo {
+                let src = &src[4 * (lo * sw + j - pw)..];
+                match sw {
+                    1 => inside.copy_from_slice(&src[..inside.len()]),
+                    2 => copy_words::<2>(src, inside),
+                    4 => copy_words::<4>(src, inside),
+                    _ => {
+                        for (d, s) in inside.chunks_exact_mut(4).zip(src.chunks(4 * sw)) {
+                            d.copy_from_slice(&s[..4]);
+                        }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Every 4-byte word of `dst` set to `w`.
+#[inline(always)]
+fn fill_words(dst: &mut [u8], w: u32) {
+    for d in dst.chunks_exact_mut(4) {
+        d.copy_from_slice(&w.to_ne_bytes());
+    }
+}
+
+/// Word `k` of `dst` = word `k·S` of `src`.
+#[inline(always)]
+fn copy_words<const S: usize>(src: &[u8], dst: &mut [u8]) {
+    let n = dst.len() / 4;
+    if n == 0 {
+        return;
+    }
+    assert!(
+        4 * ((n - 1) * S + 1) <= src.len(),
+        "c4 patches: source row too short"
+    );
+    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+    for k in 0..n {
+        // SAFETY: word k·S ends within `src` (asserted for the last one), word k within
+        // `dst`; unaligned reads and writes of plain bytes.
+        unsafe {
+            let w = (s.add(4 * k * S) as *const u32).read_unaligned();
+            (d.add(4 * k) as *mut u32).write_unaligned(w);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Input byte of channel `c` at `(y, x)`, or `pad` outside the image, by the
+    /// definition of a padded convolution's patches.
+    fn tap(g: &ConvGeometry, x: &[u8], c: usize, y: isize, xx: isize, pad: u8) -> u8 {
+        if c >= g.in_channels || y < 0 || xx < 0 || y >= g.in_h as isize || xx >= g.in_w as isize {
+            return pad;
+        }
+        x[(c * g.in_h + y as usize) * g.in_w + xx as usize]
+    }
+
+    #[test]
+    fn c4_patches_match_the_definition() {
+        // (channels, in h, in w, kernel, stride, pad): the stem and downsampling convs
+        // of PoolFormer, every stride the copies special-case and one they do not, a
+        // window wider than the input, channels that are not a multiple of 4.
+        let cases = [
+            (3, 23, 19, 7, 4, 2),
+            (8, 12, 12, 3, 2, 1),
+            (5, 9, 11, 3, 1, 1),
+            (6, 10, 7, 3, 3, 1),
+            (5, 4, 5, 7, 1, 3),
+            (4, 6, 6, 1, 2, 0),
+        ];
+        for (c, h, w, k, s, p) in cases {
+            let g = ConvGeometry {
+                in_channels: c,
+                in_h: h,
+                in_w: w,
+                kernel: (k, k),
+                stride: (s, s),
+                pad: (p, p),
+                out_h: (h + 2 * p - k) / s + 1,
+                out_w: (w + 2 * p - k) / s + 1,
+            };
+            let x: Vec<u8> = (0..c * h * w).map(|i| (i * 37 + 11) as u8).collect();
+            let (flip, a0) = (0x80u8, 7u8);
+            let n = g.out_pixels();
+            let cp = g.c4_channels();
+            for isa in Isa::available() {
+                let mut c4 = vec![0u8; cp * h * w];
+                g.to_c4(isa, &x, flip, a0, &mut c4);
+                let groups = g.c4_k() / 4;
+                let mut got = vec![0u8; g.c4_k() * n];
+                for (gi, part) in got.chunks_exact_mut(4 * n).enumerate() {
+                    let (t, cg) = (gi / (cp / 4), gi % (cp / 4));
+                    let plane = &c4[cg * 4 * h * w..(cg + 1) * 4 * h * w];
+                    fill_c4_group(isa, &g, plane, [a0; 4], (t / k, t % k), part);
+                }
+                let mut best = vec![0u8; got.len()];
+                g.fill_k4_groups_c4(&c4, [a0; 4], 0..groups, &mut best);
+                assert_eq!(got, best, "{isa:?} {g:?}");
+                for row in 0..g.c4_k() {
+                    let (t, ch) = (row / cp, row % cp);
+                    let (i, j) = (t / k, t % k);
+                    for oy in 0..g.out_h {
+                        for ox in 0..g.out_w {
+                            let y = (oy * s + i) as isize - p as isize;
+                            let xx = (ox * s + j) as isize - p as isize;
+                            // Image bytes flipped; padding (spatial or channel) a0.
+                            let v = tap(&g, &x, ch, y, xx, a0 ^ flip) ^ flip;
+                            let at = (((row / 4) * n) + oy * g.out_w + ox) * 4 + row % 4;
+                            assert_eq!(got[at], v, "{isa:?} {g:?}: row {row}, ({oy}, {ox})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn c4_weights_follow_the_patch_rows() {
+        let g = ConvGeometry {
+            in_channels: 3,
+            in_h: 8,
+            in_w: 8,
+            kernel: (2, 3),
+            stride: (1, 1),
+            pad: (0, 0),
+            out_h: 7,
+            out_w: 6,
+        };
+        let rows = 2;
+        let w: Vec<i8> = (0..rows * g.k()).map(|v| v as i8 + 1).collect();
+        let r = g.c4_weights(rows, &w);
+        assert_eq!(r.len(), rows * g.c4_k());
+        for o in 0..rows {
+            for t in 0..6 {
+                for c in 0..4 {
+                    let want = if c < 3 { w[o * g.k() + c * 6 + t] } else { 0 };
+                    assert_eq!(
+                        r[o * g.c4_k() + t * 4 + c],
+                        want,
+                        "row {o}, tap {t}, channel {c}"
+                    );
                 }
             }
         }

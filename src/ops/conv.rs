@@ -102,22 +102,14 @@ impl ConvWeights {
             zero.iter().all(|&z| z == 0),
             "16-bit input: the int8 weights must have zero points 0"
         );
-        let (k, taps, cp) = (g.k(), g.kernel.0 * g.kernel.1, g.c4_channels());
+        let k = g.k();
         ensure!(
             q.len() == rows * k,
             "conv weights: {} values for {rows}×{k}",
             q.len()
         );
-        let mut reordered = vec![0i8; rows * g.c4_k()];
-        for (dst, src) in reordered.chunks_exact_mut(g.c4_k()).zip(q.chunks_exact(k)) {
-            for (c, src) in src.chunks_exact(taps).enumerate() {
-                for (t, &v) in src.iter().enumerate() {
-                    dst[t * cp + c] = v;
-                }
-            }
-        }
         Ok(ConvWeights::Split16 {
-            q: Arc::new(PackedI8::new(rows, g.c4_k(), &reordered)?),
+            q: Arc::new(PackedI8::new(rows, g.c4_k(), &g.c4_weights(rows, q))?),
             scale: scale.clone(),
             channels: g.in_channels,
         })

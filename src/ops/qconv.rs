@@ -38,6 +38,12 @@ pub struct QuantConv {
     pub a0: u8,
     /// Whether the input is i8 (read as u8 after flipping the sign bit).
     pub signed_input: bool,
+    /// The patch rows in the (tap, channel) order of an input interleaved by 4
+    /// channels ([`ConvGeometry::fill_k4_groups_c4`]; `weights` in that order, see
+    /// [`ConvGeometry::c4_weights`]): a k4 group is then one 4-byte word per token,
+    /// copied whole. Otherwise the (channel, tap) order of the weights as given, for
+    /// 1×1 convs, whose patches are the input's planes interleaved.
+    pub c4: bool,
     /// Input and output shapes, batch first; channels on axis 1.
     pub input_shape: TVec<usize>,
     pub output_shape: TVec<usize>,
@@ -76,11 +82,22 @@ impl QuantConv {
     }
 
     /// One image's patch matrix in the k4 layout, filled by `threads` threads.
-    fn patches(&self, x: &[u8], threads: usize) -> Vec<u8> {
+    fn patches(&self, isa: Isa, x: &[u8], threads: usize) -> Vec<u8> {
         let g = &self.geometry;
         let p = g.out_pixels();
-        let groups = g.k().div_ceil(4);
+        let groups = self.patch_rows().div_ceil(4);
         let flip = if self.signed_input { 0x80 } else { 0 };
+        let c4 = self.c4.then(|| {
+            // The padding channels read a0 too: their weights are 0 and the
+            // correction of a weight zero point counts their rows.
+            let mut c4 = vec![0u8; g.c4_channels() * g.in_h * g.in_w];
+            g.to_c4(isa, x, flip, self.a0, &mut c4);
+            c4
+        });
+        let fill = |range: Range<usize>, part: &mut [u8]| match &c4 {
+            Some(c4) => g.fill_k4_groups_c4(c4, [self.a0; 4], range, part),
+            None => g.fill_k4_groups(x, flip, self.a0, range, part),
+        };
         let mut patches = vec![0u8; groups * 4 * p];
         if threads > 1 && groups >= 2 * threads {
             let per = groups.div_ceil(threads);
@@ -89,12 +106,22 @@ impl QuantConv {
                 .enumerate()
                 .for_each(|(t, part)| {
                     let first = t * per;
-                    g.fill_k4_groups(x, flip, self.a0, first..first + part.len() / (4 * p), part)
+                    fill(first..first + part.len() / (4 * p), part)
                 });
         } else {
-            g.fill_k4_groups(x, flip, self.a0, 0..groups, &mut patches);
+            fill(0..groups, &mut patches);
         }
         patches
+    }
+
+    /// Rows of the patch matrix whose bytes hold an activation or `a0`: `k`, or
+    /// `c4_k` in the c4 order.
+    fn patch_rows(&self) -> usize {
+        if self.c4 {
+            self.geometry.c4_k()
+        } else {
+            self.geometry.k()
+        }
     }
 
     /// With a weight zero point, each token's `−w0·Σ_k (x_k,p − a0)`, from the patch
@@ -105,7 +132,7 @@ impl QuantConv {
         }
         let g = &self.geometry;
         let p = g.out_pixels();
-        let mut sums = vec![-(g.k() as i64) * self.a0 as i64; p];
+        let mut sums = vec![-(self.patch_rows() as i64) * self.a0 as i64; p];
         for group in patches.chunks_exact(4 * p) {
             for (s, q) in sums.iter_mut().zip(group.chunks_exact(4)) {
                 *s += q.iter().map(|&v| v as i64).sum::<i64>();
@@ -150,7 +177,7 @@ impl QuantConv {
     /// Runs one image: `x` holds its `in_channels·in_h·in_w` bytes, `out` its
     /// `out_channels·out_pixels` accumulators.
     fn run_image(&self, isa: Isa, x: &[u8], out: &mut [i32], threads: usize) {
-        let patches = self.patches(x, threads);
+        let patches = self.patches(isa, x, threads);
         let fix = self.token_fix(&patches);
         let p = self.geometry.out_pixels();
         let rows_per = self.out_channels.div_ceil(threads.max(1));
@@ -305,7 +332,7 @@ impl QuantConvChain {
         let p = conv.geometry.out_pixels();
         let (executor, threads) = executor_threads();
         in_pool(&executor, || {
-            let patches = conv.patches(x, threads);
+            let patches = conv.patches(isa, x, threads);
             let fix = conv.token_fix(&patches);
             let rows_per = conv.out_channels.div_ceil(threads.max(1));
             let block = conv.block_rows();

@@ -146,7 +146,20 @@ fn quant_conv(
     let Ok(a0) = u8::try_from(a0) else {
         return Ok(None);
     };
-    let weights = PackedI8::new(out_channels, geometry.k(), weights)?;
+    // Strided and k×k convs take their patches from an input interleaved by 4
+    // channels, a word per token and tap (several times faster to gather than the
+    // bytes of the (channel, tap) order, for the 3-channel stem too, whose padding
+    // channel adds a third to its product).
+    let c4 = !geometry.is_pointwise();
+    let weights = if c4 {
+        PackedI8::new(
+            out_channels,
+            geometry.c4_k(),
+            &geometry.c4_weights(out_channels, weights),
+        )?
+    } else {
+        PackedI8::new(out_channels, geometry.k(), weights)?
+    };
     let correction: Option<Vec<i32>> = bias
         .iter()
         .zip(weights.row_sums())
@@ -163,6 +176,7 @@ fn quant_conv(
         weight_zero,
         a0,
         signed_input: signed,
+        c4,
         input_shape,
         output_shape,
     }))
