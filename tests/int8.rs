@@ -1351,15 +1351,18 @@ fn requant_loops_match_scalar_reference() {
             .collect();
         for grid in [Grid::of::<u8>(0), Grid::of::<u8>(131), Grid::of::<i8>(-5)] {
             let (m, c) = (0.5f32, 0.0f32);
+            // Added to every accumulator in i32 before the conversion (wrapping).
+            let add = 1_000_003i32;
+            let acc_add: Vec<i32> = acc.iter().map(|a| a.wrapping_add(add)).collect();
             let mut u = vec![0u8; len];
             let mut s = vec![0i8; len];
             let mut f = vec![0f32; len];
             if grid.lo == 0 {
-                kq::requant_row(&acc, &mut u, m, c, grid);
+                kq::requant_row(&acc, add, &mut u, m, c, grid);
                 for i in 0..len {
                     assert_eq!(
                         u[i] as i32,
-                        ref_q(acc[i] as f32 * m + c, grid),
+                        ref_q(acc_add[i] as f32 * m + c, grid),
                         "row {len} {i}"
                     );
                 }
@@ -1369,11 +1372,11 @@ fn requant_loops_match_scalar_reference() {
                     assert_eq!(u[i] as i32, want, "cols {len} {i}");
                 }
             } else {
-                kq::requant_row(&acc, &mut s, m, c, grid);
+                kq::requant_row(&acc, add, &mut s, m, c, grid);
                 for i in 0..len {
                     assert_eq!(
                         s[i] as i32,
-                        ref_q(acc[i] as f32 * m + c, grid),
+                        ref_q(acc_add[i] as f32 * m + c, grid),
                         "row {len} {i}"
                     );
                 }
@@ -1384,9 +1387,9 @@ fn requant_loops_match_scalar_reference() {
                 }
             }
             let (dzp, ds) = (grid.zero_point + 3, 0.25f32);
-            kq::requant_to_grid_row(&acc, &mut f, m, c, grid, dzp, ds);
+            kq::requant_to_grid_row(&acc, add, &mut f, m, c, grid, dzp, ds);
             for i in 0..len {
-                let want = (ref_q(acc[i] as f32 * m + c, grid) - dzp) as f32 * ds;
+                let want = (ref_q(acc_add[i] as f32 * m + c, grid) - dzp) as f32 * ds;
                 assert_eq!(f[i], want, "grid row {len} {i}");
             }
             kq::requant_to_grid_cols(&acc, &mut f, &mult, &offset, grid, dzp, ds);
@@ -1397,6 +1400,10 @@ fn requant_loops_match_scalar_reference() {
             kq::dequant_cols(&acc, &mut f, &mult, &offset);
             for i in 0..len {
                 assert_eq!(f[i], acc[i] as f32 * mult[i] + offset[i]);
+            }
+            kq::dequant_row(&acc, add, &mut f, m, c);
+            for i in 0..len {
+                assert_eq!(f[i], acc_add[i] as f32 * m + c, "dequant row {len} {i}");
             }
             let x: Vec<f32> = acc.iter().map(|&a| a as f32 * 1e-3).collect();
             kq::fake_quant(&x, &mut f, 7.0, grid, dzp, ds);

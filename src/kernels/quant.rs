@@ -98,13 +98,20 @@ impl Grid {
     }
 }
 
-/// `out[i] = clamp(round(acc[i]·mult + offset) + zp)` for one row sharing one
-/// multiplier and offset.
-pub fn requant_row<T: QuantInt>(acc: &[i32], out: &mut [T], mult: f32, offset: f32, grid: Grid) {
+/// `out[i] = clamp(round((acc[i] + add)·mult + offset) + zp)` for one row sharing
+/// one multiplier and offset (the sum in i32, wrapping).
+pub fn requant_row<T: QuantInt>(
+    acc: &[i32],
+    add: i32,
+    out: &mut [T],
+    mult: f32,
+    offset: f32,
+    grid: Grid,
+) {
     let (lo, hi) = grid.bounds();
     let zp = grid.zero_point;
     for (o, &a) in out.iter_mut().zip(acc) {
-        let v = (a as f32 * mult + offset).clamp_to(lo, hi);
+        let v = (a.wrapping_add(add) as f32 * mult + offset).clamp_to(lo, hi);
         *o = T::from_low_byte(round_to_low_byte(v, zp));
     }
 }
@@ -126,11 +133,11 @@ pub fn requant_cols<T: QuantInt>(
     }
 }
 
-/// `out[i] = acc[i]·mult + offset`.
+/// `out[i] = (acc[i] + add)·mult + offset` (the sum in i32, wrapping).
 #[inline]
-pub fn dequant_row(acc: &[i32], out: &mut [f32], mult: f32, offset: f32) {
+pub fn dequant_row(acc: &[i32], add: i32, out: &mut [f32], mult: f32, offset: f32) {
     for (o, &a) in out.iter_mut().zip(acc) {
-        *o = a as f32 * mult + offset;
+        *o = a.wrapping_add(add) as f32 * mult + offset;
     }
 }
 
@@ -142,10 +149,12 @@ pub fn dequant_cols(acc: &[i32], out: &mut [f32], mult: &[f32], offset: &[f32]) 
 }
 
 /// Requantizes onto `grid` and dequantizes with `(q − dq_zero_point)·dq_scale`
-/// in one pass: `out[i] = (clamp(round(acc[i]·mult + offset) + zp) − dzp)·dscale`.
+/// in one pass: `out[i] = (clamp(round((acc[i] + add)·mult + offset) + zp) − dzp)·dscale`.
 #[inline]
+#[allow(clippy::too_many_arguments)]
 pub fn requant_to_grid_row(
     acc: &[i32],
+    add: i32,
     out: &mut [f32],
     mult: f32,
     offset: f32,
@@ -156,7 +165,7 @@ pub fn requant_to_grid_row(
     let (lo, hi) = grid.bounds();
     let shift = (grid.zero_point - dq_zero_point) as f32;
     for (o, &a) in out.iter_mut().zip(acc) {
-        let v = (a as f32 * mult + offset).clamp_to(lo, hi);
+        let v = (a.wrapping_add(add) as f32 * mult + offset).clamp_to(lo, hi);
         *o = round_shifted(v, shift) * dq_scale;
     }
 }

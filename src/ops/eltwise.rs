@@ -213,6 +213,7 @@ impl ElementwiseChain {
             x_f32: values,
             x_i32: &[],
             x_base: 0,
+            x_add: &[],
             operands: b.operands.clone(),
             inner: n,
             width: n,
@@ -252,9 +253,10 @@ impl ElementwiseChain {
         Self::run(b, out, first, |ch, at, o, _| {
             let mut idx = [0u8; 256];
             let acc = &b.x_i32[at - b.x_base..][..o.len()];
+            let add = b.acc_offset(ch);
             for (a, o) in acc.chunks(256).zip(o.chunks_mut(256)) {
                 let idx = &mut idx[..a.len()];
-                level_indices(isa, a, idx, r.mult[ch], r.offset[ch], index);
+                level_indices(isa, a, add, idx, r.mult[ch], r.offset[ch], index);
                 T::lookup(isa, idx, table, o);
             }
             Ok(())
@@ -275,6 +277,9 @@ pub struct Bound<'a> {
     /// A requantized head's accumulators, from element `x_base` of the stream on.
     x_i32: &'a [i32],
     x_base: usize,
+    /// Per channel, an integer added to a requantized head's accumulators before
+    /// they are converted (empty: none); see [`Bound::with_acc_offsets`].
+    x_add: &'a [i32],
     /// Per step: the per-channel / per-tensor operand, or the tensor operand.
     operands: Vec<&'a [f32]>,
     inner: usize,
@@ -289,6 +294,27 @@ pub struct Bound<'a> {
     /// A step reads the head's value again ([`ElementwiseChain::saves_head`]).
     saves_head: bool,
     erf: Option<Box<dyn tract_linalg::element_wise::ElementWise<f32>>>,
+}
+
+impl<'a> Bound<'a> {
+    /// Adds `offsets[c]` to each accumulator of channel `c` of a requantized head,
+    /// in i32 before it is converted: a conv's per-channel correction folded into
+    /// the read of its accumulators (the same sums as adding it to them first).
+    pub fn with_acc_offsets(self, offsets: &'a [i32]) -> TractResult<Self> {
+        ensure!(
+            offsets.is_empty() || offsets.len() * self.inner >= self.x_base + self.x_i32.len(),
+            "element-wise chain: {} accumulator offsets for the channels read",
+            offsets.len()
+        );
+        Ok(Bound {
+            x_add: offsets,
+            ..self
+        })
+    }
+
+    fn acc_offset(&self, ch: usize) -> i32 {
+        self.x_add.get(ch).copied().unwrap_or(0)
+    }
 }
 
 impl Op for ElementwiseChain {
@@ -450,6 +476,7 @@ impl ElementwiseChain {
             x_f32,
             x_i32,
             x_base,
+            x_add: &[],
             operands,
             inner,
             width,
@@ -618,14 +645,14 @@ crate::kernels::multiversion! {
             }
             Head::Requant(r) => {
                 let acc = &b.x_i32[at - b.x_base..][..len];
-                let (m, o) = (r.mult[ch], r.offset[ch]);
+                let (m, o, add) = (r.mult[ch], r.offset[ch], b.acc_offset(ch));
                 match r.out {
-                    RequantOut::F32 => k::dequant_row(acc, v, m, o),
+                    RequantOut::F32 => k::dequant_row(acc, add, v, m, o),
                     RequantOut::Grid {
                         grid,
                         dq_zero_point,
                         dq_scale,
-                    } => k::requant_to_grid_row(acc, v, m, o, grid, dq_zero_point, dq_scale),
+                    } => k::requant_to_grid_row(acc, add, v, m, o, grid, dq_zero_point, dq_scale),
                     _ => bail!("element-wise chain: requantization to an integer type"),
                 }
             }
@@ -665,8 +692,15 @@ crate::kernels::multiversion! {
 
 crate::kernels::multiversion! {
     /// [`k::requant_row`] to u8 indices, built for each instruction set.
-    pub fn level_indices(acc: &[i32], out: &mut [u8], mult: f32, offset: f32, grid: Grid) {
-        k::requant_row(acc, out, mult, offset, grid)
+    pub fn level_indices(
+        acc: &[i32],
+        add: i32,
+        out: &mut [u8],
+        mult: f32,
+        offset: f32,
+        grid: Grid,
+    ) {
+        k::requant_row(acc, add, out, mult, offset, grid)
     }
 }
 

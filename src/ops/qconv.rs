@@ -160,8 +160,8 @@ impl QuantConv {
         rows: Range<usize>,
         acc: &mut [i32],
     ) {
+        self.raw_product(isa, patches, rows.clone(), acc);
         let p = self.geometry.out_pixels();
-        gemm_u8i8(isa, &self.weights, rows.clone(), patches, p, acc, p);
         for (acc, &c) in acc.chunks_exact_mut(p).zip(&self.correction[rows]) {
             match fix {
                 None => acc.iter_mut().for_each(|v| *v = v.wrapping_add(c)),
@@ -172,6 +172,12 @@ impl QuantConv {
                 }
             }
         }
+    }
+
+    /// The u8 × i8 product alone, without the correction (see [`Self::product`]).
+    fn raw_product(&self, isa: Isa, patches: &[u8], rows: Range<usize>, acc: &mut [i32]) {
+        let p = self.geometry.out_pixels();
+        gemm_u8i8(isa, &self.weights, rows, patches, p, acc, p);
     }
 
     /// Runs one image: `x` holds its `in_channels·in_h·in_w` bytes, `out` its
@@ -342,10 +348,21 @@ impl QuantConvChain {
                 for (b, part) in chunk.chunks_mut(block * p).enumerate() {
                     let rows = first + b * block..first + b * block + part.len() / p;
                     let acc = &mut acc[..part.len()];
-                    conv.product(isa, &patches, fix.as_deref(), rows.clone(), acc);
-                    let bound = self
-                        .chain
-                        .bind(shape, &[], acc, rows.start * p, inputs, plains)?;
+                    let bound = match fix.as_deref() {
+                        // The per-channel correction is added as the chain reads
+                        // the accumulators, not in a pass of its own.
+                        None => {
+                            conv.raw_product(isa, &patches, rows.clone(), acc);
+                            self.chain
+                                .bind(shape, &[], acc, rows.start * p, inputs, plains)?
+                                .with_acc_offsets(&conv.correction)?
+                        }
+                        Some(fix) => {
+                            conv.product(isa, &patches, Some(fix), rows.clone(), acc);
+                            self.chain
+                                .bind(shape, &[], acc, rows.start * p, inputs, plains)?
+                        }
+                    };
                     self.chain.write(
                         isa,
                         &bound,

@@ -78,21 +78,21 @@ impl Requant {
                 acc,
                 plain.as_slice_mut::<u8>()?,
                 inner,
-                |a, o, m, c| k::requant_row(a, o, m, c, Grid::of::<u8>(zero_point)),
+                |a, o, m, c| k::requant_row(a, 0, o, m, c, Grid::of::<u8>(zero_point)),
                 |a, o, m, c| k::requant_cols(a, o, m, c, Grid::of::<u8>(zero_point)),
             ),
             RequantOut::I8 { zero_point } => self.each(
                 acc,
                 plain.as_slice_mut::<i8>()?,
                 inner,
-                |a, o, m, c| k::requant_row(a, o, m, c, Grid::of::<i8>(zero_point)),
+                |a, o, m, c| k::requant_row(a, 0, o, m, c, Grid::of::<i8>(zero_point)),
                 |a, o, m, c| k::requant_cols(a, o, m, c, Grid::of::<i8>(zero_point)),
             ),
             RequantOut::F32 => self.each(
                 acc,
                 plain.as_slice_mut::<f32>()?,
                 inner,
-                k::dequant_row,
+                |a, o, m, c| k::dequant_row(a, 0, o, m, c),
                 k::dequant_cols,
             ),
             RequantOut::Grid {
@@ -103,7 +103,7 @@ impl Requant {
                 acc,
                 plain.as_slice_mut::<f32>()?,
                 inner,
-                |a, o, m, c| k::requant_to_grid_row(a, o, m, c, grid, dq_zero_point, dq_scale),
+                |a, o, m, c| k::requant_to_grid_row(a, 0, o, m, c, grid, dq_zero_point, dq_scale),
                 |a, o, m, c| k::requant_to_grid_cols(a, o, m, c, grid, dq_zero_point, dq_scale),
             ),
         }
