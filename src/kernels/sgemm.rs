@@ -112,6 +112,12 @@ impl AlignedBuf {
     }
 }
 
+impl PartialEq for AlignedBuf {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_slice() == other.as_slice()
+    }
+}
+
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "AlignedBuf({} f32)", self.len)
@@ -120,7 +126,7 @@ impl std::fmt::Debug for AlignedBuf {
 
 /// A constant `rows × depth` matrix packed for one instruction set, in panels of
 /// [`panel_rows`] rows.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct PackedWeights {
     isa: Isa,
     mr: usize,

@@ -197,7 +197,14 @@ fn eval_mlp(
     );
     let hw = h * w;
     let isa = Isa::best();
-    let packed = packed.filter(|p| p.isa() == isa);
+    if let Some(p) = packed {
+        // Packed where the engine was built, for the instruction set this process runs.
+        ensure!(
+            p.isa() == isa,
+            "channel MLP: weights packed for {:?}, running {isa:?}",
+            p.isa()
+        );
+    }
     let xs: &[f32] = x.try_as_plain_ram()?.as_slice::<f32>()?;
     let (executor, threads) = executor_threads();
     let stats = stats(isa, xs, eps, &executor, threads);
@@ -309,9 +316,14 @@ impl TypedOp for ChannelMlp {
         if !PackedMlp::preferred(Isa::best()) {
             return Ok(None);
         }
+        let packed = PackedMlp::new(Isa::best(), self.weights.clone());
+        // The unpacked matrices are not kept: the packed op reads the packed ones.
         let op = PackedChannelMlp {
-            mlp: self.clone(),
-            packed: Arc::new(PackedMlp::new(Isa::best(), self.weights.clone())),
+            mlp: ChannelMlp {
+                weights: packed.weights.clone(),
+                eps: self.eps,
+            },
+            packed: Arc::new(packed),
         };
         Ok(Some(TypedModelPatch::replace_single_op(
             model,
@@ -325,19 +337,15 @@ impl TypedOp for ChannelMlp {
 }
 
 /// [`ChannelMlp`] with its weights packed for the `sgemm` kernels (where
-/// `sgemm::preferred`: AVX-512 and AVX2).
-#[derive(Debug, Clone)]
+/// `sgemm::preferred`: AVX-512 and AVX2). `mlp` holds the sizes, biases and `eps`
+/// only (empty matrices, see [`PackedMlp::weights`]).
+#[derive(Debug, Clone, PartialEq)]
 pub struct PackedChannelMlp {
     pub mlp: ChannelMlp,
     pub packed: Arc<PackedMlp>,
 }
 
-// The packed weights are a function of the unpacked ones.
-impl PartialEq for PackedChannelMlp {
-    fn eq(&self, other: &Self) -> bool {
-        self.mlp == other.mlp
-    }
-}
+// Packed weights compare exactly; NaN weights never come out of the pass.
 impl Eq for PackedChannelMlp {}
 
 impl Op for PackedChannelMlp {
