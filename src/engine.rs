@@ -136,8 +136,9 @@ impl Engine {
             path.display()
         );
         with_compact_heap(|| {
-            let model = guard_panics(|| crate::onnx::loader().model_for_path(path))
-                .with_context(|| format!("loading model {}", path.display()))?;
+            let model =
+                guard_panics(|| crate::onnx::load::model_for_path(&crate::onnx::loader(), path))
+                    .with_context(|| format!("loading model {}", path.display()))?;
             Self::from_inference_model(model, options, start)
                 .with_context(|| format!("preparing model {}", path.display()))
         })

@@ -9,6 +9,7 @@
 //! (`QLinearConv`, `QLinearMatMul`, `ConvInteger` and `MatMulInteger` are tract's own.)
 //! tract looks operators up by type only, not by domain.
 
+pub mod load;
 mod qgemm;
 mod qlinear;
 mod qlinear_pool;
