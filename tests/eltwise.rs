@@ -405,6 +405,21 @@ fn qdq_block_many_conv_row_blocks() {
 }
 
 #[test]
+fn qdq_block_table_groups() {
+    // 45 channels of 14×14 (the S12's 14×14 stage): the GELU table takes 20 planes at
+    // a time (20 + 20 + 5), on one thread and split over three. Not against tract's
+    // float path, for the reason the 40-channel case gives.
+    check_block(45, 14, 14, 6, false);
+}
+
+#[test]
+fn qdq_block_planes_past_a_table_group() {
+    // 72×72 = 5184 values per plane, more than a table group: the lookup goes plane
+    // by plane, in slices.
+    check_block(4, 72, 72, 5, true);
+}
+
+#[test]
 fn qdq_block_two_rows() {
     // Two rows: every pooled value is on an edge (no interior row).
     check_block(4, 2, 600, 3, true);

@@ -145,6 +145,10 @@ const SLICE: usize = 2048;
 /// Below this many elements the chain runs on the calling thread.
 const PARALLEL_MIN: usize = 32_768;
 
+/// Values a table lookup takes at a time where planes are smaller: whole planes of one
+/// or more channels.
+const TABLE_GROUP: usize = 4096;
+
 impl ElementwiseChain {
     /// Whether a step reads the head's value again.
     pub fn saves_head(&self) -> bool {
@@ -250,17 +254,40 @@ impl ElementwiseChain {
             lo: 0,
             hi: grid.hi - grid.lo,
         };
-        Self::run(b, out, first, |ch, at, o, _| {
-            let mut idx = [0u8; 256];
-            let acc = &b.x_i32[at - b.x_base..][..o.len()];
-            let add = b.acc_offset(ch);
-            for (a, o) in acc.chunks(256).zip(o.chunks_mut(256)) {
-                let idx = &mut idx[..a.len()];
-                level_indices(isa, a, add, idx, r.mult[ch], r.offset[ch], index);
-                T::lookup(isa, idx, table, o);
+        let inner = b.inner;
+        if inner > TABLE_GROUP {
+            return Self::run(b, out, first, |ch, at, o, _| {
+                let mut idx = [0u8; 256];
+                let acc = &b.x_i32[at - b.x_base..][..o.len()];
+                let add = b.acc_offset(ch);
+                for (a, o) in acc.chunks(256).zip(o.chunks_mut(256)) {
+                    let idx = &mut idx[..a.len()];
+                    level_indices(isa, a, add, idx, r.mult[ch], r.offset[ch], index);
+                    T::lookup(isa, idx, table, o);
+                }
+                Ok(())
+            });
+        }
+        // Small planes (the 14×14 and 7×7 stages: 196 and 49 values per channel) are
+        // taken several at a time, so that the cost of a call is not paid per channel:
+        // the indices of a group of whole planes, then one lookup over them.
+        let per = TABLE_GROUP / inner.max(1);
+        let planes = |first: usize, planes: &mut [T], _: &mut Vec<f32>| -> TractResult<()> {
+            let mut idx = vec![0u8; per * inner];
+            for (g, group) in planes.chunks_mut(per * inner).enumerate() {
+                let ch = first + g * per;
+                let acc = &b.x_i32[ch * inner - b.x_base..][..group.len()];
+                let idx = &mut idx[..group.len()];
+                level_indices_planes(isa, acc, inner, ch, b.x_add, &r.mult, &r.offset, idx, index);
+                T::lookup(isa, idx, table, group);
             }
             Ok(())
-        })
+        };
+        match first {
+            None => for_runs(out, inner, PARALLEL_MIN, planes),
+            Some(first) if inner > 0 => planes(first, out, &mut Vec::new()),
+            Some(_) => Ok(()),
+        }
     }
 
     fn in_dt(&self) -> DatumType {
@@ -701,6 +728,29 @@ crate::kernels::multiversion! {
         grid: Grid,
     ) {
         k::requant_row(acc, add, out, mult, offset, grid)
+    }
+}
+
+crate::kernels::multiversion! {
+    /// [`level_indices`] of whole planes of `inner` accumulators from channel `first`
+    /// on, each with its channel's multiplier, offset and added integer (`adds`
+    /// empty: none).
+    #[allow(clippy::too_many_arguments)]
+    pub fn level_indices_planes(
+        acc: &[i32],
+        inner: usize,
+        first: usize,
+        adds: &[i32],
+        mult: &[f32],
+        offset: &[f32],
+        out: &mut [u8],
+        grid: Grid,
+    ) {
+        for (i, (a, o)) in acc.chunks(inner).zip(out.chunks_mut(inner)).enumerate() {
+            let ch = first + i;
+            let add = adds.get(ch).copied().unwrap_or(0);
+            k::requant_row(a, add, o, mult[ch], offset[ch], grid)
+        }
     }
 }
 
