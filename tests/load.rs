@@ -1,9 +1,10 @@
 //! Reading ONNX files with `onnx::load::model_for_path`, which hands large initializers
 //! to tract as external data pointing back into the file: the constants tract ends up
 //! with are the file's, checked by running `y = x + big + small` against the sums
-//! computed here, beside tract's own reader; tensors already stored in an external file;
-//! a model reached through a symlink from another directory; truncated and corrupt
-//! files (an error, no panic).
+//! computed here, beside tract's own reader; tensors already stored in an external file
+//! (tract's reader, found beside the path given, a symlink's too); a model reached
+//! through a symlink from another directory; truncated and corrupt files (an error, no
+//! panic).
 
 mod common;
 
@@ -100,7 +101,10 @@ fn inline_initializers_load_as_tract_reads_them() {
 
     // The framing tract decodes: `big` refers to its own bytes in the file, `small`
     // (12 bytes) and everything else are as written.
-    let framing = ModelProto::decode(&*externalize(&bytes, "m.onnx").unwrap()).unwrap();
+    let framing = externalize(&bytes, "m.onnx")
+        .unwrap()
+        .expect("no tensor stored outside");
+    let framing = ModelProto::decode(&*framing).unwrap();
     let original = ModelProto::decode(&*bytes).unwrap();
     let graph = framing.graph.as_ref().unwrap();
     let b = &graph.initializer[0];
@@ -127,10 +131,8 @@ fn inline_initializers_load_as_tract_reads_them() {
     assert_eq!(restored, original);
 }
 
-#[test]
-fn external_data_files_still_load() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("m.onnx.data"), raw(&big())).unwrap();
+/// `big` stored in `m.onnx.data` beside the model.
+fn external_big() -> TensorProto {
     let mut b = init("big", &[3, (N / 3) as i64], vec![]);
     b.data_location = Some(1);
     b.external_data = [
@@ -143,9 +145,33 @@ fn external_data_files_still_load() {
         value: v,
     })
     .collect();
+    b
+}
+
+#[test]
+fn external_data_files_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("m.onnx.data"), raw(&big())).unwrap();
     let path = dir.path().join("m.onnx");
-    std::fs::write(&path, model_with(b)).unwrap();
+    let bytes = model_with(external_big());
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(externalize(&bytes, "m.onnx").unwrap().is_none());
     assert_eq!(run(model_for_path(&loader(), &path).unwrap()), expected());
+}
+
+#[cfg(unix)]
+#[test]
+fn external_data_beside_a_symlink_loads() {
+    // As with tract's reader, a model's external files are found in the directory
+    // of the path given, here a symlink's.
+    let store = tempfile::tempdir().unwrap();
+    let models = tempfile::tempdir().unwrap();
+    let target = store.path().join("m.onnx");
+    std::fs::write(&target, model_with(external_big())).unwrap();
+    std::fs::write(models.path().join("m.onnx.data"), raw(&big())).unwrap();
+    let link = models.path().join("m.onnx");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    assert_eq!(run(model_for_path(&loader(), &link).unwrap()), expected());
 }
 
 #[cfg(unix)]

@@ -117,133 +117,42 @@ fn strided_any(src: &[f32], step: usize, dst: &mut [f32]) {
 
 impl ConvGeometry {
     /// Fills k4 groups `groups` (4 patch rows each, see [`crate::kernels::qgemm`])
-    /// of the u8 patch matrix `[k, out_h·out_w]` in the k4 layout into `dst`
-    /// (`groups.len()·4·out_pixels` bytes): row `(c, i, j)`, token `n` at
-    /// `dst[((g − groups.start)·P + n)·4 + r]` for `k = 4g + r`. Values are `x ^ flip`
-    /// (`flip = 0x80` reads i8 input as u8 shifted by 128); taps in the padding hold
-    /// `pad`, the activation zero point, so that they add nothing once the zero point
-    /// is subtracted. Rows past `k` (the last group's padding) hold 0.
+    /// of the u8 patch matrix `[k, out_h·out_w]` of a **1×1** conv (stride 1, no
+    /// padding) in the k4 layout into `dst` (`groups.len()·4·out_pixels` bytes): input
+    /// channel `c = 4g + r`, token `n` at `dst[((g − groups.start)·P + n)·4 + r]`.
+    /// Values are `x ^ flip` (`flip = 0x80` reads i8 input as u8 shifted by 128); rows
+    /// past `k` (the last group's padding) hold 0. Other convs take their patches from
+    /// an input in the c4 layout ([`Self::fill_k4_groups_c4`]).
     pub fn fill_k4_groups(
         &self,
         x: &[u8],
         flip: u8,
-        pad: u8,
         groups: std::ops::Range<usize>,
         dst: &mut [u8],
     ) {
+        assert!(
+            self.is_pointwise(),
+            "k4 patches of planar input: 1×1 convs only"
+        );
         let p = self.out_pixels();
         let plane_len = self.in_h * self.in_w;
-        let pointwise = self.is_pointwise();
         let isa = Isa::best();
-        let mut runs = vec![0u8; if pointwise { 0 } else { 4 * p }];
         for (gi, g) in groups.enumerate() {
             let group = &mut dst[gi * 4 * p..(gi + 1) * 4 * p];
-            if pointwise && 4 * g + 4 <= self.k() {
-                // A whole group of a 1×1 conv: four input planes interleaved, each
-                // token's 4 bytes built as one word (this vectorizes; a byte at a time
-                // does not).
+            if 4 * g + 4 <= self.k() {
+                // A whole group: four input planes interleaved, each token's 4 bytes
+                // built as one word (this vectorizes; a byte at a time does not).
                 let plane = |r: usize| &x[(4 * g + r) * plane_len..][..plane_len];
                 let planes = [plane(0), plane(1), plane(2), plane(3)];
                 interleave4(isa, planes, flip, group);
                 continue;
             }
-            if pointwise {
-                for r in 0..4 {
-                    let idx = 4 * g + r;
-                    let plane = x.get(idx * plane_len..(idx + 1) * plane_len);
-                    for (n, d) in group.chunks_exact_mut(4).enumerate() {
-                        d[r] = plane.map_or(0, |p| p[n] ^ flip);
-                    }
+            for r in 0..4 {
+                let idx = 4 * g + r;
+                let plane = x.get(idx * plane_len..(idx + 1) * plane_len);
+                for (n, d) in group.chunks_exact_mut(4).enumerate() {
+                    d[r] = plane.map_or(0, |p| p[n] ^ flip);
                 }
-                continue;
-            }
-            fill_group(isa, self, x, flip, pad, g, group, &mut runs);
-        }
-    }
-}
-
-crate::kernels::multiversion! {
-    /// Group `g` of a k×k conv's patch matrix (see [`ConvGeometry::fill_k4_groups`]),
-    /// built for each instruction set; `runs` holds `4·out_pixels` bytes.
-    #[allow(clippy::too_many_arguments)]
-    pub fn fill_group(
-        geo: &ConvGeometry,
-        x: &[u8],
-        flip: u8,
-        pad: u8,
-        g: usize,
-        group: &mut [u8],
-        runs: &mut [u8],
-    ) {
-        let (kh, kw) = geo.kernel;
-        let (sh, sw) = geo.stride;
-        let (ph, pw) = geo.pad;
-        let plane_len = geo.in_h * geo.in_w;
-        // Each of the group's four patch rows gathered into its own run of bytes,
-        // then the four runs interleaved as words. Padding taps hold `pad` and rows
-        // past `k` hold 0 after the flip.
-        // Per patch row: its channel, tap (i, j) and the columns lo..hi whose tap
-        // is inside the image; None past k.
-        type Tap = (usize, usize, usize, usize, usize);
-        let taps: [Option<Tap>; 4] = [0, 1, 2, 3].map(|r| {
-            let idx = 4 * g + r;
-            (idx < geo.k()).then(|| {
-                let (i, j) = ((idx / kw) % kh, idx % kw);
-                let (lo, hi) = geo.inside_cols(j);
-                (idx / (kh * kw), i, j, lo, hi)
-            })
-        });
-        let p = geo.out_pixels();
-        for (run, tap) in runs.chunks_exact_mut(p).zip(taps) {
-            let Some((c, i, j, lo, hi)) = tap else {
-                run.fill(flip);
-                continue;
-            };
-            for (oy, run) in run.chunks_exact_mut(geo.out_w).enumerate() {
-                let y = (oy * sh + i) as isize - ph as isize;
-                if y < 0 || y >= geo.in_h as isize {
-                    run.fill(pad ^ flip);
-                    continue;
-                }
-                let row = c * plane_len + y as usize * geo.in_w;
-                let src = &x[row..row + geo.in_w];
-                // Columns outside lo..hi read the padding.
-                run[..lo].fill(pad ^ flip);
-                run[hi.max(lo)..].fill(pad ^ flip);
-                if hi > lo {
-                    gather(sw, &src[lo * sw + j - pw..], &mut run[lo..hi]);
-                }
-            }
-        }
-        let (r0, rest) = runs.split_at(p);
-        let (r1, rest) = rest.split_at(p);
-        let (r2, r3) = rest.split_at(p);
-        interleave4_body([r0, r1, r2, r3], flip, group);
-    }
-}
-
-/// `dst[n] = src[n·stride]`, with the common strides as constants so that the
-/// compiler turns the loop into vector shuffles.
-#[inline(always)]
-fn gather(stride: usize, src: &[u8], dst: &mut [u8]) {
-    #[inline(always)]
-    fn strided<const S: usize>(src: &[u8], dst: &mut [u8]) {
-        let n = dst.len();
-        if n == 0 {
-            return;
-        }
-        let src = &src[..(n - 1) * S + 1];
-        for (k, d) in dst.iter_mut().enumerate() {
-            *d = src[k * S];
-        }
-    }
-    match stride {
-        1 => dst.copy_from_slice(&src[..dst.len()]),
-        2 => strided::<2>(src, dst),
-        4 => strided::<4>(src, dst),
-        _ => {
-            for (d, &v) in dst.iter_mut().zip(src.iter().step_by(stride)) {
-                *d = v;
             }
         }
     }

@@ -9,12 +9,15 @@
 //! then a few hundred KiB, and tract reads each initializer straight from the file into
 //! its tensor, one at a time.
 //!
-//! Only the message's framing is rewritten: field values are copied byte for byte, and
-//! what the walk does not understand is left to tract's own decoder, which reports it.
+//! Only the message's framing is rewritten: field values are copied byte for byte. A
+//! file the walk does not read (protobuf groups, a corrupt or truncated file), or whose
+//! tensors are already stored in other files, goes to tract's own reader instead.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
+use tract_onnx::data_resolver::ModelDataResolver;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
 use tract_onnx::Onnx;
@@ -35,43 +38,101 @@ const ENTRY_VALUE: u32 = 2;
 const LOCATION_EXTERNAL: u64 = 1;
 
 /// Loads an ONNX file with `onnx`, reading its large initializers directly from the
-/// file (see the module documentation). Files whose name or directory is not UTF-8
-/// go through tract's own reader.
+/// file (see the module documentation). Files whose name or directory is not UTF-8,
+/// files with tensors already stored in other files (found from the directory `path`
+/// names, as tract's reader does) and framing the walk does not read go through
+/// tract's own reader.
 pub fn model_for_path(onnx: &Onnx, path: &Path) -> Result<InferenceModel> {
-    let canonical = path
-        .canonicalize()
-        .with_context(|| format!("opening {}", path.display()))?;
-    let (Some(dir), Some(name)) = (
-        canonical.parent().and_then(|d| d.to_str()),
-        canonical.file_name().and_then(|n| n.to_str()),
-    ) else {
-        return onnx.model_for_path(path);
-    };
-    let file =
-        std::fs::File::open(&canonical).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: the mapping is read while this function runs and dropped before it
-    // returns; a file truncated meanwhile by another process is the caller's race, as
-    // with tract's own mapped reader.
-    let map = unsafe { memmap2::Mmap::map(&file) }
-        .with_context(|| format!("mapping {}", path.display()))?;
-    let framing = externalize(&map, name).context("reading the ONNX protobuf")?;
-    drop(map);
-    let proto =
-        <ModelProto as prost::Message>::decode(&*framing).context("decoding the ONNX protobuf")?;
-    drop(framing);
-    let parsed = onnx.parse(&proto, Some(dir))?;
-    ensure!(
-        parsed.unresolved_inputs.is_empty(),
-        "could not resolve the graph's inputs {:?}",
-        parsed.unresolved_inputs
-    );
-    Ok(parsed.model)
+    #[cfg(unix)]
+    {
+        let canonical = path
+            .canonicalize()
+            .with_context(|| format!("opening {}", path.display()))?;
+        if let (Some(dir), Some(name)) = (
+            canonical.parent().and_then(|d| d.to_str()),
+            canonical.file_name().and_then(|n| n.to_str()),
+        ) {
+            let file = std::fs::File::open(&canonical)
+                .with_context(|| format!("opening {}", path.display()))?;
+            // SAFETY: the mapping is only read, and dropped before the tensors are
+            // made; a file truncated meanwhile by another process is the caller's race,
+            // as with tract's own mapped reader.
+            let map = unsafe { memmap2::Mmap::map(&file) }
+                .with_context(|| format!("mapping {}", path.display()))?;
+            let framing = externalize(&map, name);
+            drop(map);
+            match framing {
+                Ok(Some(framing)) => {
+                    let proto = <ModelProto as prost::Message>::decode(&*framing)
+                        .context("decoding the ONNX protobuf")?;
+                    drop(framing);
+                    // The initializers are read from the file opened above, so that a
+                    // file replaced meanwhile cannot mix two files' bytes.
+                    let mut onnx = onnx.clone();
+                    onnx.provider = Arc::new(SameFile {
+                        path: canonical.clone(),
+                        file,
+                    });
+                    let parsed = onnx.parse(&proto, Some(dir))?;
+                    ensure!(
+                        parsed.unresolved_inputs.is_empty(),
+                        "could not resolve the graph's inputs {:?}",
+                        parsed.unresolved_inputs
+                    );
+                    return Ok(parsed.model);
+                }
+                Ok(None) => {}
+                // What the walk does not read is left to tract's decoder; where that
+                // fails too, both say why.
+                Err(walk) => {
+                    return onnx
+                        .model_for_path(path)
+                        .map_err(|e| e.context(format!("{walk:#}")))
+                }
+            }
+        }
+    }
+    onnx.model_for_path(path)
+}
+
+/// Serves the external-data ranges [`externalize`] made from the model file, opened
+/// once; no other file.
+#[cfg(unix)]
+struct SameFile {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+#[cfg(unix)]
+impl ModelDataResolver for SameFile {
+    fn read_bytes_from_path(
+        &self,
+        buf: &mut Vec<u8>,
+        p: &Path,
+        offset: usize,
+        length: Option<usize>,
+    ) -> TractResult<()> {
+        use std::os::unix::fs::FileExt;
+        ensure!(
+            p == self.path,
+            "external data in {}: only the model file itself is read here",
+            p.display()
+        );
+        let length = length.context("external data without a length")?;
+        let start = buf.len();
+        buf.resize(start + length, 0);
+        self.file
+            .read_exact_at(&mut buf[start..], offset as u64)
+            .with_context(|| format!("reading {length} bytes at {offset} of {}", p.display()))?;
+        Ok(())
+    }
 }
 
 /// The `ModelProto` bytes `file` with every top-level initializer's `raw_data` of at
 /// least [`EXTERNAL_MIN_BYTES`] replaced by an external-data reference to `location`
-/// (the file itself) at that data's offset.
-pub fn externalize(file: &[u8], location: &str) -> Result<Vec<u8>> {
+/// (the file itself) at that data's offset; `None` where an initializer is already
+/// stored outside the file.
+pub fn externalize(file: &[u8], location: &str) -> Result<Option<Vec<u8>>> {
     let mut out = Vec::new();
     for field in Fields::new(file, 0) {
         let field = field?;
@@ -80,7 +141,9 @@ pub fn externalize(file: &[u8], location: &str) -> Result<Vec<u8>> {
             for g in Fields::new(field.value, field.value_at) {
                 let g = g?;
                 if g.number == GRAPH_INITIALIZER && g.wire == 2 {
-                    let tensor = externalize_tensor(&g, location)?;
+                    let Some(tensor) = externalize_tensor(&g, location)? else {
+                        return Ok(None);
+                    };
                     put_bytes_field(&mut graph, GRAPH_INITIALIZER, &tensor);
                 } else {
                     graph.extend_from_slice(g.raw);
@@ -91,10 +154,12 @@ pub fn externalize(file: &[u8], location: &str) -> Result<Vec<u8>> {
             out.extend_from_slice(field.raw);
         }
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
-fn externalize_tensor(tensor: &Field, location: &str) -> Result<Vec<u8>> {
+/// One initializer's bytes with its `raw_data` moved out; `None` if it is stored
+/// outside the file already.
+fn externalize_tensor(tensor: &Field, location: &str) -> Result<Option<Vec<u8>>> {
     let mut out = Vec::with_capacity(256);
     let mut external = None;
     for f in Fields::new(tensor.value, tensor.value_at) {
@@ -103,15 +168,12 @@ fn externalize_tensor(tensor: &Field, location: &str) -> Result<Vec<u8>> {
             (TENSOR_RAW_DATA, 2) if f.value.len() >= EXTERNAL_MIN_BYTES => {
                 external = Some((f.value_at, f.value.len()));
             }
-            // A tensor already stored outside carries no raw_data to move.
-            (TENSOR_EXTERNAL_DATA | TENSOR_DATA_LOCATION, _) => {
-                return Ok(tensor.value.to_vec());
-            }
+            (TENSOR_EXTERNAL_DATA | TENSOR_DATA_LOCATION, _) => return Ok(None),
             _ => out.extend_from_slice(f.raw),
         }
     }
     let Some((offset, length)) = external else {
-        return Ok(tensor.value.to_vec());
+        return Ok(Some(tensor.value.to_vec()));
     };
     for (key, value) in [
         ("location", location.to_string()),
@@ -125,7 +187,7 @@ fn externalize_tensor(tensor: &Field, location: &str) -> Result<Vec<u8>> {
     }
     put_varint(&mut out, (TENSOR_DATA_LOCATION as u64) << 3);
     put_varint(&mut out, LOCATION_EXTERNAL);
-    Ok(out)
+    Ok(Some(out))
 }
 
 /// One field of a protobuf message.

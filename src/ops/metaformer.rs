@@ -197,13 +197,15 @@ fn eval_mlp(
     );
     let hw = h * w;
     let isa = Isa::best();
-    if let Some(p) = packed {
+    match packed {
         // Packed where the engine was built, for the instruction set this process runs.
-        ensure!(
+        Some(p) => ensure!(
             p.isa() == isa,
             "channel MLP: weights packed for {:?}, running {isa:?}",
             p.isa()
-        );
+        ),
+        // The unpacked path reads the matrices (a packed op's `mlp` has none).
+        None => wts.check()?,
     }
     let xs: &[f32] = x.try_as_plain_ram()?.as_slice::<f32>()?;
     let (executor, threads) = executor_threads();

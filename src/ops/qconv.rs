@@ -27,7 +27,8 @@ pub struct QuantConv {
     /// One image's geometry (a 1×1 stride-1 conv is a matrix product over the tokens).
     pub geometry: ConvGeometry,
     pub out_channels: usize,
-    /// `[out_channels, in_channels·kh·kw]`.
+    /// `[out_channels, in_channels·kh·kw]`, or `[out_channels, c4_k]` in the (tap,
+    /// channel) order where `c4`.
     pub weights: Arc<PackedI8>,
     /// Per output channel: `bias[o] − a0·Σ_k w[o, k]`, added to the raw u8 × i8 product.
     pub correction: Arc<Vec<i32>>,
@@ -96,7 +97,7 @@ impl QuantConv {
         });
         let fill = |range: Range<usize>, part: &mut [u8]| match &c4 {
             Some(c4) => g.fill_k4_groups_c4(c4, [self.a0; 4], range, part),
-            None => g.fill_k4_groups(x, flip, self.a0, range, part),
+            None => g.fill_k4_groups(x, flip, range, part),
         };
         let mut patches = vec![0u8; groups * 4 * p];
         if threads > 1 && groups >= 2 * threads {
