@@ -315,6 +315,12 @@ fn check_block(c: usize, h: usize, w: usize, seed: u64, against_tract: bool) {
     );
     assert!(fused.nodes().len() < unfused.nodes().len());
     assert!(
+        found
+            .iter()
+            .any(|ch| ch.tail == Tail::Sum && ch.steps.first() == Some(&Step::Square)),
+        "the variance's chain squares and sums"
+    );
+    assert!(
         found.iter().any(|ch| matches!(ch.head, Head::Requant(_))
             && ch
                 .steps
@@ -463,6 +469,65 @@ fn pooling_bits_match_tract() {
     let got = run(&fused, &x, 1);
     let differ = differing_bits(&got, &want);
     assert_eq!(differ, 0, "{differ} of {} pooled values differ", got.len());
+}
+
+/// A GroupNorm's variance as the quantized graphs compute it, the graph's output:
+/// `mean((q(q(x) − mean(q(x))))²)` with a round trip after each op. The square's chain
+/// ends in the sum (`Tail::Sum`), whose additions must come in the order tract's
+/// `Reduce<Sum>` makes them: the output is one f32 summed from thousands of values
+/// that are not dyadic, so another order would change its low bits. Planes of 49 and
+/// 2400 values, totals not a multiple of 8, and a rank-3 tensor.
+#[test]
+fn summing_chain_bits_match_tract() {
+    for (shape, seed) in [
+        (vec![1, 25, 7, 7], 21),
+        (vec![1, 16, 48, 50], 22),
+        (vec![1, 3, 1000, 3], 23),
+        (vec![1, 6, 333], 24),
+    ] {
+        let axes: Vec<i64> = (1..shape.len() as i64).collect();
+        let mut g = Graph::default();
+        let x = g.qdq("x", 0.02, 128);
+        let mean = g.op(
+            "ReduceMean",
+            &[&x],
+            vec![attr_ints("axes", &axes), attr_int("keepdims", 1)],
+        );
+        let centered = g.op("Sub", &[&x, &mean], vec![]);
+        let centered = g.qdq(&centered, 0.02, 128);
+        let squared = g.op("Mul", &[&centered, &centered], vec![]);
+        let squared = g.qdq(&squared, 0.004, 0);
+        let var = g.op(
+            "ReduceMean",
+            &[&squared],
+            vec![attr_ints("axes", &axes), attr_int("keepdims", 1)],
+        );
+        let onnx = g.bytes(&shape, &var);
+        let n: usize = shape.iter().product();
+        let x: Vec<f32> = values(n, seed).iter().map(|v| 1.5 * v + 0.3).collect();
+        let x = Tensor::from_shape(&shape, &x).unwrap();
+        let (unfused, _) = passes::optimize_graph(typed(&onnx, &shape), true).unwrap();
+        let mut fused = unfused.clone();
+        passes::eltwise::rewrite(&mut fused, &mut passes::PassReport::default()).unwrap();
+        let summing: Vec<_> = chains(&fused)
+            .into_iter()
+            .filter(|ch| ch.tail == Tail::Sum)
+            .collect();
+        assert_eq!(summing.len(), 1, "{shape:?}: the square's chain sums");
+        assert!(summing[0].steps.contains(&Step::Square));
+        let want = run(&unfused, &x, 1);
+        for threads in [1, 3] {
+            let got = run(&fused, &x, threads);
+            assert_eq!(got.len(), 1);
+            assert_eq!(
+                got[0].to_bits(),
+                want[0].to_bits(),
+                "{shape:?}, {threads} threads: variance {} against tract's {}",
+                got[0],
+                want[0]
+            );
+        }
+    }
 }
 
 #[test]

@@ -125,6 +125,11 @@ pub enum Tail {
     F32,
     /// Quantized to u8 / i8 by a [`Quantize`].
     Quantize(Quantize),
+    /// Summed into one value of shape `[1, 1, …]`, as tract's `Reduce<Sum>` over every
+    /// axis but the first adds a contiguous f32 tensor: ndarray's eightfold unrolled
+    /// fold over the elements in memory order (see [`OrderedSum`]). The chain's values
+    /// are never written out; the sum runs on the calling thread, as tract's does.
+    Sum,
 }
 
 /// A chain over tensors `[1, C, …]`: input 0 is the stream, the others the operands
@@ -157,7 +162,7 @@ impl ElementwiseChain {
 
     pub fn out_dt(&self) -> DatumType {
         match &self.tail {
-            Tail::F32 => f32::datum_type(),
+            Tail::F32 | Tail::Sum => f32::datum_type(),
             Tail::Quantize(q) => q.dt,
         }
     }
@@ -168,6 +173,9 @@ impl ElementwiseChain {
         let Head::Requant(r) = &self.head else {
             return None;
         };
+        if self.tail == Tail::Sum {
+            return None;
+        }
         let RequantOut::Grid {
             grid,
             dq_zero_point,
@@ -220,6 +228,7 @@ impl ElementwiseChain {
             x_add: &[],
             operands: b.operands.clone(),
             inner: n,
+            flat: false,
             width: n,
             slice: n,
             scratch: n,
@@ -310,6 +319,9 @@ pub struct Bound<'a> {
     /// Per step: the per-channel / per-tensor operand, or the tensor operand.
     operands: Vec<&'a [f32]>,
     inner: usize,
+    /// The chain treats every channel alike (an f32 head, operands of one value or
+    /// whole tensors): it runs over the stream in slices that ignore plane bounds.
+    flat: bool,
     /// The last axis (pooling's row length).
     width: usize,
     /// Elements per slice: [`SLICE`], or for a pooling head whole rows.
@@ -382,6 +394,11 @@ impl EvalOp for ElementwiseChain {
         };
         let isa = Isa::best();
         let bound = self.bind(shape, x_f32, x_i32, 0, &inputs, &plains)?;
+        if self.tail == Tail::Sum {
+            let sum = self.sum(isa, &bound, shape.iter().product())?;
+            let ones = vec![1; shape.len()];
+            return Ok(tvec!(tensor0(sum).into_shape(&ones)?.into_tvalue()));
+        }
         let table = self.level_table(isa, &bound)?;
         let mut out = unsafe { Tensor::uninitialized_dt(self.out_dt(), shape)? };
         {
@@ -486,6 +503,12 @@ impl ElementwiseChain {
             }
             operands.push(o);
         }
+        let flat = self.head == Head::F32
+            && self
+                .steps
+                .iter()
+                .zip(&operands)
+                .all(|(step, o)| !matches!(step, Step::Scalar(..)) || o.len() == 1);
         let width = *shape.last().unwrap_or(&1);
         let (slice, scratch, pool_recip) = if let Head::AvgPool3x3 = self.head {
             // Empty planes are never sliced; the max keeps the sizes defined.
@@ -496,6 +519,9 @@ impl ElementwiseChain {
                 scratch,
                 pool::tap_reciprocals(shape[2], width),
             )
+        } else if flat {
+            let len = c * inner;
+            (SLICE.min(len), SLICE.min(len), vec![])
         } else {
             (SLICE.min(inner), SLICE.min(inner), vec![])
         };
@@ -506,6 +532,7 @@ impl ElementwiseChain {
             x_add: &[],
             operands,
             inner,
+            flat,
             width,
             slice,
             scratch,
@@ -521,6 +548,7 @@ impl ElementwiseChain {
             return Ok(None);
         };
         Ok(Some(match &self.tail {
+            Tail::Sum => return Ok(None),
             Tail::F32 => LevelTable::F32(
                 grid,
                 self.table(isa, b, &values, |v, t| t.copy_from_slice(v))?,
@@ -578,9 +606,35 @@ impl ElementwiseChain {
             (Tail::Quantize(q), OutSlice::I8(o)) => {
                 self.run_quantized(isa, b, o, first, q, quantize_i8)
             }
+            (Tail::Sum, _) => bail!("element-wise chain: a summing chain writes no tensor"),
             _ => bail!("element-wise chain: output of another type than its tail"),
         }
     }
+
+    /// The sum of the chain's values over the `len` elements of the stream (a
+    /// [`Tail::Sum`] chain), plane by plane in memory order on this thread.
+    fn sum(&self, isa: Isa, b: &Bound, len: usize) -> TractResult<f32> {
+        let mut sum = OrderedSum::default();
+        if b.inner == 0 || len == 0 {
+            return Ok(0.0);
+        }
+        let mut buf = vec![0f32; b.slice + b.scratch];
+        let plane = if b.flat { len } else { b.inner };
+        for ch in 0..len / plane {
+            let mut at = ch * plane;
+            let end = at + plane;
+            while at < end {
+                let n = b.slice.min(end - at);
+                let (v, head) = buf.split_at_mut(b.slice);
+                let v = &mut v[..n];
+                apply_slice(isa, self, b, ch, at, v, head)?;
+                sum.feed(isa, v);
+                at += n;
+            }
+        }
+        Ok(sum.total())
+    }
+
     /// Calls `slice(channel, offset, out_slice, scratch)` on every slice of at most
     /// `b.slice` elements of every channel plane of `out`, split over the threads by
     /// groups of planes. `scratch` holds `b.slice + b.scratch` f32.
@@ -590,7 +644,13 @@ impl ElementwiseChain {
         first: Option<usize>,
         slice: impl Fn(usize, usize, &mut [T], &mut [f32]) -> TractResult<()> + Sync,
     ) -> TractResult<()> {
-        let inner = b.inner;
+        // A flat chain's "planes" are its slices: the channel index it is handed is
+        // then a slice index, which it never reads.
+        let inner = if b.flat && first.is_none() {
+            b.slice
+        } else {
+            b.inner
+        };
         let planes = |first: usize, planes: &mut [T], buf: &mut Vec<f32>| {
             buf.resize(b.slice + b.scratch, 0.0);
             for (i, o) in planes.chunks_mut(inner).enumerate() {
@@ -717,6 +777,66 @@ crate::kernels::multiversion! {
     }
 }
 
+/// A sum of f32 values fed in parts, added in the order of ndarray's `unrolled_fold`
+/// over the whole sequence (what `ArrayBase::sum` does on a contiguous array): value
+/// `i` goes to partial sum `i mod 8`, the partials are combined as
+/// `((((0 + (p0 + p4)) + (p1 + p5)) + (p2 + p6)) + (p3 + p7))`, and the last
+/// `len mod 8` values are added one by one. The same additions in the same order give
+/// the same bits.
+#[derive(Debug, Default, Clone)]
+pub struct OrderedSum {
+    lanes: [f32; 8],
+    pending: [f32; 8],
+    n_pending: usize,
+}
+
+impl OrderedSum {
+    pub fn feed(&mut self, isa: Isa, mut xs: &[f32]) {
+        if self.n_pending > 0 {
+            let take = (8 - self.n_pending).min(xs.len());
+            self.pending[self.n_pending..][..take].copy_from_slice(&xs[..take]);
+            self.n_pending += take;
+            xs = &xs[take..];
+            if self.n_pending < 8 {
+                return;
+            }
+            add_lanes(isa, &mut self.lanes, &self.pending);
+            self.n_pending = 0;
+        }
+        let whole = xs.len() / 8 * 8;
+        add_lanes(isa, &mut self.lanes, &xs[..whole]);
+        let rest = &xs[whole..];
+        self.pending[..rest.len()].copy_from_slice(rest);
+        self.n_pending = rest.len();
+    }
+
+    pub fn total(&self) -> f32 {
+        let p = &self.lanes;
+        let mut acc = 0f32;
+        acc += p[0] + p[4];
+        acc += p[1] + p[5];
+        acc += p[2] + p[6];
+        acc += p[3] + p[7];
+        self.pending[..self.n_pending]
+            .iter()
+            .fold(acc, |acc, &x| acc + x)
+    }
+}
+
+crate::kernels::multiversion! {
+    /// `lanes[j] += xs[8i + j]` for each whole group of eight, in order (eight
+    /// independent sums: one vector add per group).
+    pub fn add_lanes(lanes: &mut [f32; 8], xs: &[f32]) {
+        let mut p = *lanes;
+        for c in xs.chunks_exact(8) {
+            for j in 0..8 {
+                p[j] += c[j];
+            }
+        }
+        *lanes = p;
+    }
+}
+
 crate::kernels::multiversion! {
     /// [`k::requant_row`] to u8 indices, built for each instruction set.
     pub fn level_indices(
@@ -771,6 +891,10 @@ crate::kernels::multiversion! {
 impl TypedOp for ElementwiseChain {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         ensure!(inputs[0].datum_type == self.in_dt());
+        if self.tail == Tail::Sum {
+            let ones: TVec<usize> = tvec![1; inputs[0].rank()];
+            return Ok(tvec!(f32::fact(ones)));
+        }
         Ok(tvec!(self.out_dt().fact(inputs[0].shape.clone())))
     }
 
@@ -783,4 +907,46 @@ impl TypedOp for ElementwiseChain {
     }
 
     as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// [`OrderedSum`] fed in parts of every length against ndarray's own sum of the
+    /// whole sequence (the oracle: what tract's `Reduce<Sum>` calls), bit for bit.
+    /// Values span six decades so that another order of additions changes low bits.
+    #[test]
+    fn ordered_sum_matches_ndarray_in_any_parts() {
+        let mut s = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        for len in [0usize, 1, 7, 8, 9, 63, 1000, 4099] {
+            let xs: Vec<f32> = (0..len)
+                .map(|_| {
+                    let (a, b) = (next(), next());
+                    let m = (a >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                    m * 10f32.powi((b % 7) as i32 - 3)
+                })
+                .collect();
+            let want = tract_ndarray::Array1::from(xs.clone()).sum();
+            for isa in Isa::available() {
+                for part in [1, 3, 8, 13, 2048] {
+                    let mut sum = OrderedSum::default();
+                    for chunk in xs.chunks(part) {
+                        sum.feed(isa, chunk);
+                    }
+                    assert_eq!(
+                        sum.total().to_bits(),
+                        want.to_bits(),
+                        "{len} values in parts of {part}, {isa:?}"
+                    );
+                }
+            }
+        }
+    }
 }

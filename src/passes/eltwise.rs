@@ -11,7 +11,9 @@
 //! - steps: `FakeQuant`, `Square`, `Erf`, and `+ − ×` by a value or one per channel
 //!   (`OptBinByScalar`, the operand a constant or a computed tensor such as a
 //!   GroupNorm's mean) or by a tensor of the chain's shape (`OptBinUnicast`);
-//! - tail (optional): this crate's `Quantize` to u8 / i8.
+//! - tail (optional): this crate's `Quantize` to u8 / i8, or tract's `Reduce<Sum>` over
+//!   every axis but the first (a GroupNorm's variance: the squares are summed as they
+//!   are made, never written out).
 //!
 //! One exception to "only consumer": a `Requant` head whose readers are all in the chain
 //! (an erf GELU reads its input twice) is kept, and the later readers take the head's
@@ -29,7 +31,7 @@ use tract_core::internal::*;
 use tract_core::ops::binary::{OptBinByScalar, OptBinUnicast};
 use tract_core::ops::cnn::{OptSumPool, PaddingSpec};
 use tract_core::ops::element_wise::ElementWiseOp;
-use tract_core::ops::nn::DataFormat;
+use tract_core::ops::nn::{DataFormat, Reduce, Reducer};
 use tract_linalg::BinOp;
 
 use super::PassReport;
@@ -160,6 +162,12 @@ fn grow(
             _ => break,
         }
     }
+    if found.tail == Tail::F32 {
+        if let Some(reduce) = sum_reader(model, *found.nodes.last().unwrap(), &shape)? {
+            found.tail = Tail::Sum;
+            found.nodes.push(reduce);
+        }
+    }
     let head_out = OutletId::new(id, 0);
     let readers = model.outlet_successors(head_out);
     if readers.len() > 1 {
@@ -179,6 +187,28 @@ fn grow(
         }
     }
     Ok((found.nodes.len() >= 2).then_some(found))
+}
+
+/// The node that alone reads `id`'s output and sums it as [`Tail::Sum`] does: tract's
+/// `Reduce<Sum>` on f32, rank 3 or more, over axes `1..rank`, the path where tract sums
+/// the whole contiguous tensor with ndarray (a single last axis goes to tract-linalg's
+/// own kernel instead, leading axes to a blocked column sum).
+fn sum_reader(model: &TypedModel, id: usize, shape: &[usize]) -> TractResult<Option<usize>> {
+    let out = OutletId::new(id, 0);
+    let succ = model.outlet_successors(out);
+    if succ.len() != 1 || model.output_outlets()?.contains(&out) {
+        return Ok(None);
+    }
+    let reader = model.node(succ[0].node);
+    let Some(reduce) = reader.op_as::<Reduce>() else {
+        return Ok(None);
+    };
+    let ok = reduce.reducer == Reducer::Sum
+        && shape.len() >= 3
+        && reduce.axes.iter().copied().eq(1..shape.len())
+        && reader.inputs.len() == 1
+        && model.outlet_fact(out)?.datum_type == f32::datum_type();
+    Ok(ok.then_some(reader.id))
 }
 
 /// The stream's shape if a chain can run on it: concrete, `[1, C, …]`, large enough.

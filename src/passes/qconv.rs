@@ -18,7 +18,7 @@ use super::metaformer::{i8_weights, int_pointwise, konst, scalar_is, FUSES_MLP};
 use super::PassReport;
 use crate::kernels::im2col::ConvGeometry;
 use crate::kernels::qgemm::PackedI8;
-use crate::ops::eltwise::{ElementwiseChain, Head};
+use crate::ops::eltwise::{ElementwiseChain, Head, Tail};
 use crate::ops::qconv::{QuantConv, QuantConvChain};
 
 pub fn rewrite(model: &mut TypedModel, report: &mut PassReport) -> Result<()> {
@@ -66,9 +66,10 @@ pub fn fuse_chains(model: &mut TypedModel, report: &mut PassReport) -> Result<()
         let Some(chain) = node.op_as::<ElementwiseChain>() else {
             continue;
         };
-        let Head::Requant(_) = chain.head else {
+        // A summing chain writes no tensor for the conv's row blocks.
+        if !matches!(chain.head, Head::Requant(_)) || chain.tail == Tail::Sum {
             continue;
-        };
+        }
         let source = node.inputs[0];
         let producer = model.node(source.node);
         let Some(conv) = producer.op_as::<QuantConv>() else {
