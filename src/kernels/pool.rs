@@ -30,7 +30,9 @@ pub fn scratch_len(rows: usize, w: usize) -> usize {
 /// compiler vectorizes whatever the width. `s + (−0.0) = s` exactly for every `s`
 /// (`+0.0` included), so a border tap changes no bit of the sum: the result is the
 /// in-image taps summed in row-major order, as tract computes it. `recip` comes from
-/// [`tap_reciprocals`], `scratch` holds [`scratch_len`] values.
+/// [`tap_reciprocals`], `scratch` holds [`scratch_len`] values. `post` is applied to
+/// each pooled value as it is made (the step after the pooling, or nothing).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn avg_pool3x3_rows(
     plane: &[f32],
@@ -40,6 +42,7 @@ pub fn avg_pool3x3_rows(
     out: &mut [f32],
     recip: &[f32],
     scratch: &mut [f32],
+    post: impl Fn(f32) -> f32,
 ) {
     let rows = out.len() / w;
     let pw = w + 2;
@@ -71,7 +74,7 @@ pub fn avg_pool3x3_rows(
     for i in 0..n {
         let s =
             zero + t00[i] + t01[i] + t02[i] + t10[i] + t11[i] + t12[i] + t20[i] + t21[i] + t22[i];
-        sums[i] = s * recip[i];
+        sums[i] = post(s * recip[i]);
     }
     for (o, s) in out.chunks_exact_mut(w).zip(sums.chunks(pw)) {
         o.copy_from_slice(&s[..w]);
@@ -121,7 +124,7 @@ mod tests {
                     let rows = rows.min(h - y0);
                     let mut out = vec![f32::NAN; rows * w];
                     let mut scratch = vec![f32::NAN; scratch_len(rows, w)];
-                    avg_pool3x3_rows(&plane, h, w, y0, &mut out, &recip, &mut scratch);
+                    avg_pool3x3_rows(&plane, h, w, y0, &mut out, &recip, &mut scratch, |v| v);
                     for (i, &got) in out.iter().enumerate() {
                         let (y, x) = (y0 + i / w, i % w);
                         let want = tract_order(&plane, h, w, y, x);
@@ -145,6 +148,7 @@ mod tests {
             &mut out,
             &tap_reciprocals(3, 4),
             &mut scratch,
+            |v| v,
         );
         assert!(out.iter().all(|v| v.to_bits() == (-0.0f32).to_bits()));
     }

@@ -223,7 +223,7 @@ pub fn fake_quant_in_place(
 
 /// One quantize → dequantize round trip, its constants computed once.
 #[derive(Clone, Copy)]
-struct FakeQuantOne {
+pub struct FakeQuantOne {
     inv_scale: f32,
     lo: f32,
     hi: f32,
@@ -233,7 +233,7 @@ struct FakeQuantOne {
 
 impl FakeQuantOne {
     #[inline(always)]
-    fn new(inv_scale: f32, grid: Grid, dq_zero_point: i32, dq_scale: f32) -> FakeQuantOne {
+    pub fn new(inv_scale: f32, grid: Grid, dq_zero_point: i32, dq_scale: f32) -> FakeQuantOne {
         let (lo, hi) = grid.bounds();
         let shift = (grid.zero_point - dq_zero_point) as f32;
         FakeQuantOne {
@@ -246,7 +246,7 @@ impl FakeQuantOne {
     }
 
     #[inline(always)]
-    fn apply(self, v: f32) -> f32 {
+    pub fn apply(self, v: f32) -> f32 {
         let v = (v * self.inv_scale).clamp_to(self.lo, self.hi);
         round_shifted(v, self.shift) * self.dq_scale
     }

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use tract_core::internal::*;
 
-use crate::kernels::quant::{self as k, ByteTable, Grid};
+use crate::kernels::quant::{self as k, ByteTable, FakeQuantOne, Grid};
 use crate::kernels::{pool, Isa};
 
 use super::for_runs;
@@ -40,43 +40,98 @@ pub enum Arith {
 }
 
 impl Arith {
+    // Each loop applies `post` to the result, the step that follows folded into the
+    // same pass (a quantization round trip, or nothing). `for` loops with the match
+    // outside: they inline into the instruction-set builds of `apply_slice`, where an
+    // iterator's `fold` may be left out of line and built for the baseline instead.
+
     #[inline(always)]
-    fn apply(self, v: f32, o: f32) -> f32 {
+    fn slice_by_tensor(self, xs: &mut [f32], t: &[f32], post: impl Fn(f32) -> f32) {
+        let pairs = xs.iter_mut().zip(t);
         match self {
-            Arith::Add => v + o,
-            Arith::Sub => v - o,
-            Arith::SubFrom => o - v,
-            Arith::Mul => v * o,
+            Arith::Add => {
+                for (x, &y) in pairs {
+                    *x = post(*x + y);
+                }
+            }
+            Arith::Sub => {
+                for (x, &y) in pairs {
+                    *x = post(*x - y);
+                }
+            }
+            Arith::SubFrom => {
+                for (x, &y) in pairs {
+                    *x = post(y - *x);
+                }
+            }
+            Arith::Mul => {
+                for (x, &y) in pairs {
+                    *x = post(*x * y);
+                }
+            }
         }
     }
 
+    /// `out[i] = post(x[i] ∘ o)`.
     #[inline(always)]
-    fn slice_by_tensor(self, xs: &mut [f32], t: &[f32]) {
-        xs.iter_mut()
-            .zip(t)
-            .for_each(|(x, &y)| *x = self.apply(*x, y));
-    }
-
-    /// `out[i] = x[i] ∘ o`.
-    #[inline(always)]
-    fn by_scalar_into(self, x: &[f32], out: &mut [f32], o: f32) {
+    fn by_scalar_into(self, x: &[f32], out: &mut [f32], o: f32, post: impl Fn(f32) -> f32) {
         let pairs = out.iter_mut().zip(x);
         match self {
-            Arith::Add => pairs.for_each(|(v, &x)| *v = x + o),
-            Arith::Sub => pairs.for_each(|(v, &x)| *v = x - o),
-            Arith::SubFrom => pairs.for_each(|(v, &x)| *v = o - x),
-            Arith::Mul => pairs.for_each(|(v, &x)| *v = x * o),
+            Arith::Add => {
+                for (v, &x) in pairs {
+                    *v = post(x + o);
+                }
+            }
+            Arith::Sub => {
+                for (v, &x) in pairs {
+                    *v = post(x - o);
+                }
+            }
+            Arith::SubFrom => {
+                for (v, &x) in pairs {
+                    *v = post(o - x);
+                }
+            }
+            Arith::Mul => {
+                for (v, &x) in pairs {
+                    *v = post(x * o);
+                }
+            }
         }
     }
 
     #[inline(always)]
-    fn slice_by_scalar(self, xs: &mut [f32], o: f32) {
+    fn slice_by_scalar(self, xs: &mut [f32], o: f32, post: impl Fn(f32) -> f32) {
         match self {
-            Arith::Add => xs.iter_mut().for_each(|v| *v += o),
-            Arith::Sub => xs.iter_mut().for_each(|v| *v -= o),
-            Arith::SubFrom => xs.iter_mut().for_each(|v| *v = o - *v),
-            Arith::Mul => xs.iter_mut().for_each(|v| *v *= o),
+            Arith::Add => {
+                for v in xs.iter_mut() {
+                    *v = post(*v + o);
+                }
+            }
+            Arith::Sub => {
+                for v in xs.iter_mut() {
+                    *v = post(*v - o);
+                }
+            }
+            Arith::SubFrom => {
+                for v in xs.iter_mut() {
+                    *v = post(o - *v);
+                }
+            }
+            Arith::Mul => {
+                for v in xs.iter_mut() {
+                    *v = post(*v * o);
+                }
+            }
         }
+    }
+}
+
+/// `out[i] = post(x[i]²)`.
+#[inline(always)]
+fn square_into(x: &[f32], out: &mut [f32], post: impl Fn(f32) -> f32) {
+    for (v, &x) in out.iter_mut().zip(x) {
+        *v = post(x * x);
     }
 }
 
@@ -701,21 +756,38 @@ crate::kernels::multiversion! {
         head: &mut [f32],
     ) -> TractResult<()> {
         let len = v.len();
+        let steps = &chain.steps;
+        // The round trip right after step `i`, folded into that step's loop.
+        let fq_after = |i: usize| match steps.get(i + 1) {
+            Some(Step::FakeQuant(fq)) => Some(FakeQuantOne::new(
+                fq.inv_scale,
+                fq.grid,
+                fq.dq_zero_point,
+                fq.dq_scale,
+            )),
+            _ => None,
+        };
         // Steps already applied while reading the head.
         let mut done = 0;
         match &chain.head {
             Head::F32 => {
                 let x = &b.x_f32[at..at + len];
-                let first = chain.steps.first().zip(b.operands.first());
+                let first = steps.first().zip(b.operands.first());
                 done = match first {
                     // The first step reads the input where it is instead of a copy.
                     Some((Step::Scalar(op, _), o)) if !b.saves_head => {
                         let o = if o.len() == 1 { o[0] } else { o[ch] };
-                        op.by_scalar_into(x, v, o);
+                        match fq_after(0) {
+                            Some(q) => op.by_scalar_into(x, v, o, |v| q.apply(v)),
+                            None => op.by_scalar_into(x, v, o, |v| v),
+                        }
                         1
                     }
                     Some((Step::Square, _)) if !b.saves_head => {
-                        v.iter_mut().zip(x).for_each(|(v, &x)| *v = x * x);
+                        match fq_after(0) {
+                            Some(q) => square_into(x, v, |v| q.apply(v)),
+                            None => square_into(x, v, |v| v),
+                        }
                         1
                     }
                     _ => {
@@ -723,12 +795,25 @@ crate::kernels::multiversion! {
                         0
                     }
                 };
+                if done == 1 && fq_after(0).is_some() {
+                    done = 2;
+                }
             }
             Head::AvgPool3x3 => {
                 let plane = &b.x_f32[ch * b.inner..(ch + 1) * b.inner];
                 let w = b.width;
                 let y0 = (at - ch * b.inner) / w;
-                pool::avg_pool3x3_rows(plane, b.inner / w, w, y0, v, &b.pool_recip, head);
+                let (h, recip) = (b.inner / w, &b.pool_recip);
+                // A round trip first in the steps is applied to the pooled values as
+                // they are made.
+                match steps.first() {
+                    Some(Step::FakeQuant(fq)) => {
+                        let q = FakeQuantOne::new(fq.inv_scale, fq.grid, fq.dq_zero_point, fq.dq_scale);
+                        pool::avg_pool3x3_rows(plane, h, w, y0, v, recip, head, |v| q.apply(v));
+                        done = 1;
+                    }
+                    _ => pool::avg_pool3x3_rows(plane, h, w, y0, v, recip, head, |v| v),
+                }
             }
             Head::Requant(r) => {
                 let acc = &b.x_i32[at - b.x_base..][..len];
@@ -750,28 +835,59 @@ crate::kernels::multiversion! {
         } else {
             &head[..0]
         };
-        for (step, operand) in chain.steps.iter().zip(&b.operands).skip(done) {
-            match step {
+        let mut i = done;
+        while i < steps.len() {
+            let operand = b.operands[i];
+            // An arithmetic step and the round trip after it run as one loop.
+            let fq = match steps[i] {
+                Step::Scalar(..) | Step::Tensor(..) | Step::TensorHead(_) | Step::Square => {
+                    fq_after(i)
+                }
+                _ => None,
+            };
+            macro_rules! then {
+                ($post:ident => $body:expr) => {
+                    match fq {
+                        Some(q) => {
+                            let $post = move |v: f32| q.apply(v);
+                            $body
+                        }
+                        None => {
+                            let $post = |v: f32| v;
+                            $body
+                        }
+                    }
+                };
+            }
+            match &steps[i] {
                 Step::Scalar(op, _) => {
                     let o = if operand.len() == 1 {
                         operand[0]
                     } else {
                         operand[ch]
                     };
-                    op.slice_by_scalar(v, o);
+                    then!(post => op.slice_by_scalar(v, o, post));
                 }
-                Step::Tensor(op, _) => op.slice_by_tensor(v, &operand[at..at + len]),
-                Step::TensorHead(op) => op.slice_by_tensor(v, saved),
+                Step::Tensor(op, _) => {
+                    let t = &operand[at..at + len];
+                    then!(post => op.slice_by_tensor(v, t, post));
+                }
+                Step::TensorHead(op) => then!(post => op.slice_by_tensor(v, saved, post)),
                 Step::FakeQuant(fq) => {
                     k::fake_quant_in_place(v, fq.inv_scale, fq.grid, fq.dq_zero_point, fq.dq_scale)
                 }
-                Step::Square => v.iter_mut().for_each(|x| *x *= *x),
+                Step::Square => then!(post => {
+                    for x in v.iter_mut() {
+                        *x = post(*x * *x);
+                    }
+                }),
                 Step::Erf => {
                     if let Some(erf) = &b.erf {
                         erf.run(v)?;
                     }
                 }
             }
+            i += if fq.is_some() { 2 } else { 1 };
         }
         Ok(())
     }
