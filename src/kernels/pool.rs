@@ -81,6 +81,83 @@ pub fn avg_pool3x3_rows(
     }
 }
 
+/// [`tap_reciprocals`] for [`avg_pool3x3_planes`] on `planes` planes of `h×w`: each
+/// plane's rows, then one unused row for the separator between planes.
+pub fn tap_reciprocals_planes(planes: usize, h: usize, w: usize) -> Vec<f32> {
+    let one = tap_reciprocals(h, w);
+    let mut r = Vec::with_capacity(planes * (h + 1) * (w + 2));
+    for _ in 0..planes {
+        r.extend_from_slice(&one);
+        r.extend(std::iter::repeat_n(0.0, w + 2));
+    }
+    r
+}
+
+/// Scratch values [`avg_pool3x3_planes`] needs for `planes` planes of `h×w`.
+pub fn scratch_len_planes(planes: usize, h: usize, w: usize) -> usize {
+    (2 * planes * (h + 1) + 1) * (w + 2)
+}
+
+/// Pooled values of whole `h×w` planes, several at a time: `planes` holds them one
+/// after the other, `out` as many. The planes go into one bordered buffer with a row
+/// of `−0.0` above, below and between them, so that the loop of
+/// [`avg_pool3x3_rows`] runs once over all of them: the taps a position takes from a
+/// separator row add nothing, as the border's do, and the same bits come out. Small
+/// planes (7×7, 14×14) are then not a call each. `recip` comes from
+/// [`tap_reciprocals_planes`], `scratch` holds [`scratch_len_planes`] values.
+#[inline(always)]
+pub fn avg_pool3x3_planes(
+    planes: &[f32],
+    h: usize,
+    w: usize,
+    out: &mut [f32],
+    recip: &[f32],
+    scratch: &mut [f32],
+    post: impl Fn(f32) -> f32,
+) {
+    let plane = h * w;
+    let k = out.len() / plane.max(1);
+    let pw = w + 2;
+    debug_assert!(out.len() == k * plane && planes.len() == out.len());
+    if k == 0 {
+        return;
+    }
+    let rows = k * (h + 1) + 1;
+    debug_assert!(recip.len() >= (rows - 2) * pw && scratch.len() >= scratch_len_planes(k, h, w));
+    let (padded, sums) = scratch.split_at_mut(rows * pw);
+    padded[..pw].fill(-0.0);
+    for (src, dst) in planes
+        .chunks_exact(plane)
+        .zip(padded[pw..].chunks_exact_mut((h + 1) * pw))
+    {
+        for (row, d) in src.chunks_exact(w).zip(dst.chunks_exact_mut(pw)) {
+            d[0] = -0.0;
+            d[1..=w].copy_from_slice(row);
+            d[w + 1] = -0.0;
+        }
+        dst[h * pw..].fill(-0.0);
+    }
+    // As in avg_pool3x3_rows: output (r, x) of the stacked rows at r·pw + x.
+    let n = (rows - 2) * pw - 2;
+    let sums = &mut sums[..n];
+    let zero: f32 = std::iter::empty::<f32>().sum();
+    let tap = |row: usize, col: usize| &padded[row * pw + col..row * pw + col + n];
+    let (t00, t01, t02) = (tap(0, 0), tap(0, 1), tap(0, 2));
+    let (t10, t11, t12) = (tap(1, 0), tap(1, 1), tap(1, 2));
+    let (t20, t21, t22) = (tap(2, 0), tap(2, 1), tap(2, 2));
+    let recip = &recip[..n];
+    for i in 0..n {
+        let s =
+            zero + t00[i] + t01[i] + t02[i] + t10[i] + t11[i] + t12[i] + t20[i] + t21[i] + t22[i];
+        sums[i] = post(s * recip[i]);
+    }
+    for (o, s) in out.chunks_exact_mut(plane).zip(sums.chunks((h + 1) * pw)) {
+        for (o, s) in o.chunks_exact_mut(w).zip(s.chunks(pw)) {
+            o.copy_from_slice(&s[..w]);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,6 +206,39 @@ mod tests {
                         let (y, x) = (y0 + i / w, i % w);
                         let want = tract_order(&plane, h, w, y, x);
                         assert_eq!(got.to_bits(), want.to_bits(), "{h}×{w} at ({y}, {x})");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn planes_match_tract_bit_for_bit() {
+        for (h, w) in [(1, 1), (1, 5), (4, 1), (2, 2), (7, 7), (5, 13), (14, 14)] {
+            let k = 5;
+            let plane = h * w;
+            let all: Vec<f32> = (0..k * plane)
+                .map(|i| match i % 7 {
+                    0 => -0.0,
+                    3 => 0.0,
+                    j => ((i * 37 % 101) as f32 - 50.0) * 10f32.powi(j as i32 - 3),
+                })
+                .collect();
+            for planes in 1..=k {
+                let recip = tap_reciprocals_planes(planes, h, w);
+                let mut out = vec![f32::NAN; planes * plane];
+                let mut scratch = vec![f32::NAN; scratch_len_planes(planes, h, w)];
+                let src = &all[..planes * plane];
+                avg_pool3x3_planes(src, h, w, &mut out, &recip, &mut scratch, |v| v);
+                for (j, (o, p)) in out.chunks(plane).zip(src.chunks(plane)).enumerate() {
+                    for (i, &got) in o.iter().enumerate() {
+                        let (y, x) = (i / w, i % w);
+                        let want = tract_order(p, h, w, y, x);
+                        assert_eq!(
+                            got.to_bits(),
+                            want.to_bits(),
+                            "{h}×{w}, plane {j}, ({y}, {x})"
+                        );
                     }
                 }
             }

@@ -284,6 +284,7 @@ impl ElementwiseChain {
             operands: b.operands.clone(),
             inner: n,
             flat: false,
+            planes: 1,
             width: n,
             slice: n,
             scratch: n,
@@ -377,6 +378,10 @@ pub struct Bound<'a> {
     /// The chain treats every channel alike (an f32 head, operands of one value or
     /// whole tensors): it runs over the stream in slices that ignore plane bounds.
     flat: bool,
+    /// Whole planes per slice where planes are small (an f32 or pooling head on the
+    /// 14×14 and 7×7 stages), so that the cost of a slice is not paid per channel;
+    /// 1 otherwise.
+    planes: usize,
     /// The last axis (pooling's row length).
     width: usize,
     /// Elements per slice: [`SLICE`], or for a pooling head whole rows.
@@ -404,6 +409,20 @@ impl<'a> Bound<'a> {
             x_add: offsets,
             ..self
         })
+    }
+
+    /// How the stream is cut for the threads: units of this many
+    /// elements (each taken in slices of at most `slice`), and the channels a unit
+    /// moves on by. A plane per unit; a slice's worth of planes where planes are small;
+    /// for a flat chain its slices, where the channel index is never read.
+    fn units(&self) -> (usize, usize) {
+        if self.flat {
+            (self.slice.max(1), 0)
+        } else if self.planes > 1 {
+            (self.slice, self.planes)
+        } else {
+            (self.inner, 1)
+        }
     }
 
     fn acc_offset(&self, ch: usize) -> i32 {
@@ -565,20 +584,40 @@ impl ElementwiseChain {
                 .zip(&operands)
                 .all(|(step, o)| !matches!(step, Step::Scalar(..)) || o.len() == 1);
         let width = *shape.last().unwrap_or(&1);
-        let (slice, scratch, pool_recip) = if let Head::AvgPool3x3 = self.head {
-            // Empty planes are never sliced; the max keeps the sizes defined.
-            let rows = (SLICE / width.max(1)).min(shape[2]).max(1);
-            let scratch = (rows * width).max(pool::scratch_len(rows, width));
-            (
-                rows * width,
-                scratch,
-                pool::tap_reciprocals(shape[2], width),
-            )
-        } else if flat {
-            let len = c * inner;
-            (SLICE.min(len), SLICE.min(len), vec![])
-        } else {
-            (SLICE.min(inner), SLICE.min(inner), vec![])
+        let planes = match self.head {
+            Head::F32 | Head::AvgPool3x3 if !flat && inner > 0 && inner <= SLICE / 2 => {
+                (SLICE / inner).min(c)
+            }
+            _ => 1,
+        };
+        let (slice, scratch, pool_recip) = match self.head {
+            Head::AvgPool3x3 if planes > 1 => {
+                let h = shape[2];
+                let scratch = (planes * inner).max(pool::scratch_len_planes(planes, h, width));
+                (
+                    planes * inner,
+                    scratch,
+                    pool::tap_reciprocals_planes(planes, h, width),
+                )
+            }
+            Head::AvgPool3x3 => {
+                // Empty planes are never sliced; the max keeps the sizes defined.
+                let rows = (SLICE / width.max(1)).min(shape[2]).max(1);
+                let scratch = (rows * width).max(pool::scratch_len(rows, width));
+                (
+                    rows * width,
+                    scratch,
+                    pool::tap_reciprocals(shape[2], width),
+                )
+            }
+            _ if flat => {
+                let len = c * inner;
+                (SLICE.min(len), SLICE.min(len), vec![])
+            }
+            _ => {
+                let slice = SLICE.min(inner).max(planes * inner);
+                (slice, slice, vec![])
+            }
         };
         Ok(Bound {
             x_f32,
@@ -588,6 +627,7 @@ impl ElementwiseChain {
             operands,
             inner,
             flat,
+            planes,
             width,
             slice,
             scratch,
@@ -674,15 +714,15 @@ impl ElementwiseChain {
             return Ok(0.0);
         }
         let mut buf = vec![0f32; b.slice + b.scratch];
-        let plane = if b.flat { len } else { b.inner };
-        for ch in 0..len / plane {
-            let mut at = ch * plane;
-            let end = at + plane;
+        let (unit, channels) = b.units();
+        for u in 0..len.div_ceil(unit) {
+            let mut at = u * unit;
+            let end = (at + unit).min(len);
             while at < end {
                 let n = b.slice.min(end - at);
                 let (v, head) = buf.split_at_mut(b.slice);
                 let v = &mut v[..n];
-                apply_slice(isa, self, b, ch, at, v, head)?;
+                apply_slice(isa, self, b, u * channels, at, v, head)?;
                 sum.feed(isa, v);
                 at += n;
             }
@@ -699,19 +739,16 @@ impl ElementwiseChain {
         first: Option<usize>,
         slice: impl Fn(usize, usize, &mut [T], &mut [f32]) -> TractResult<()> + Sync,
     ) -> TractResult<()> {
-        // A flat chain's "planes" are its slices: the channel index it is handed is
-        // then a slice index, which it never reads.
-        let inner = if b.flat && first.is_none() {
-            b.slice
-        } else {
-            b.inner
+        let (inner, channels) = match first {
+            None => b.units(),
+            Some(_) => (b.inner, 1),
         };
         let planes = |first: usize, planes: &mut [T], buf: &mut Vec<f32>| {
             buf.resize(b.slice + b.scratch, 0.0);
             for (i, o) in planes.chunks_mut(inner).enumerate() {
-                let ch = first + i;
+                let unit = first + i;
                 for (j, part) in o.chunks_mut(b.slice).enumerate() {
-                    slice(ch, ch * inner + j * b.slice, part, buf)?;
+                    slice(unit * channels, unit * inner + j * b.slice, part, buf)?;
                 }
             }
             Ok(())
@@ -757,6 +794,9 @@ crate::kernels::multiversion! {
     ) -> TractResult<()> {
         let len = v.len();
         let steps = &chain.steps;
+        // A slice lies in one plane, or holds whole planes (`b.planes`): per-channel
+        // operands are read per plane of it.
+        let plane = b.inner.max(1);
         // The round trip right after step `i`, folded into that step's loop.
         let fq_after = |i: usize| match steps.get(i + 1) {
             Some(Step::FakeQuant(fq)) => Some(FakeQuantOne::new(
@@ -776,10 +816,13 @@ crate::kernels::multiversion! {
                 done = match first {
                     // The first step reads the input where it is instead of a copy.
                     Some((Step::Scalar(op, _), o)) if !b.saves_head => {
-                        let o = if o.len() == 1 { o[0] } else { o[ch] };
-                        match fq_after(0) {
-                            Some(q) => op.by_scalar_into(x, v, o, |v| q.apply(v)),
-                            None => op.by_scalar_into(x, v, o, |v| v),
+                        let per_plane = x.chunks(plane).zip(v.chunks_mut(plane));
+                        for (j, (x, v)) in per_plane.enumerate() {
+                            let o = if o.len() == 1 { o[0] } else { o[ch + j] };
+                            match fq_after(0) {
+                                Some(q) => op.by_scalar_into(x, v, o, |v| q.apply(v)),
+                                None => op.by_scalar_into(x, v, o, |v| v),
+                            }
                         }
                         1
                     }
@@ -800,19 +843,30 @@ crate::kernels::multiversion! {
                 }
             }
             Head::AvgPool3x3 => {
-                let plane = &b.x_f32[ch * b.inner..(ch + 1) * b.inner];
                 let w = b.width;
-                let y0 = (at - ch * b.inner) / w;
                 let (h, recip) = (b.inner / w, &b.pool_recip);
                 // A round trip first in the steps is applied to the pooled values as
                 // they are made.
-                match steps.first() {
+                let fq = match steps.first() {
                     Some(Step::FakeQuant(fq)) => {
-                        let q = FakeQuantOne::new(fq.inv_scale, fq.grid, fq.dq_zero_point, fq.dq_scale);
-                        pool::avg_pool3x3_rows(plane, h, w, y0, v, recip, head, |v| q.apply(v));
                         done = 1;
+                        Some(FakeQuantOne::new(fq.inv_scale, fq.grid, fq.dq_zero_point, fq.dq_scale))
                     }
-                    _ => pool::avg_pool3x3_rows(plane, h, w, y0, v, recip, head, |v| v),
+                    _ => None,
+                };
+                if b.planes > 1 {
+                    let x = &b.x_f32[at..at + len];
+                    match fq {
+                        Some(q) => pool::avg_pool3x3_planes(x, h, w, v, recip, head, |v| q.apply(v)),
+                        None => pool::avg_pool3x3_planes(x, h, w, v, recip, head, |v| v),
+                    }
+                } else {
+                    let x = &b.x_f32[ch * b.inner..(ch + 1) * b.inner];
+                    let y0 = (at - ch * b.inner) / w;
+                    match fq {
+                        Some(q) => pool::avg_pool3x3_rows(x, h, w, y0, v, recip, head, |v| q.apply(v)),
+                        None => pool::avg_pool3x3_rows(x, h, w, y0, v, recip, head, |v| v),
+                    }
                 }
             }
             Head::Requant(r) => {
@@ -860,13 +914,15 @@ crate::kernels::multiversion! {
                 };
             }
             match &steps[i] {
-                Step::Scalar(op, _) => {
-                    let o = if operand.len() == 1 {
-                        operand[0]
-                    } else {
-                        operand[ch]
-                    };
+                Step::Scalar(op, _) if operand.len() == 1 => {
+                    let o = operand[0];
                     then!(post => op.slice_by_scalar(v, o, post));
+                }
+                Step::Scalar(op, _) => {
+                    for (j, v) in v.chunks_mut(plane).enumerate() {
+                        let o = operand[ch + j];
+                        then!(post => op.slice_by_scalar(v, o, post));
+                    }
                 }
                 Step::Tensor(op, _) => {
                     let t = &operand[at..at + len];
