@@ -378,9 +378,8 @@ pub struct Bound<'a> {
     /// The chain treats every channel alike (an f32 head, operands of one value or
     /// whole tensors): it runs over the stream in slices that ignore plane bounds.
     flat: bool,
-    /// Whole planes per slice where planes are small (an f32 or pooling head on the
-    /// 14×14 and 7×7 stages), so that the cost of a slice is not paid per channel;
-    /// 1 otherwise.
+    /// Whole planes per slice where planes are small (the 14×14 and 7×7 stages), so
+    /// that the cost of a slice is not paid per channel; 1 otherwise.
     planes: usize,
     /// The last axis (pooling's row length).
     width: usize,
@@ -584,11 +583,10 @@ impl ElementwiseChain {
                 .zip(&operands)
                 .all(|(step, o)| !matches!(step, Step::Scalar(..)) || o.len() == 1);
         let width = *shape.last().unwrap_or(&1);
-        let planes = match self.head {
-            Head::F32 | Head::AvgPool3x3 if !flat && inner > 0 && inner <= SLICE / 2 => {
-                (SLICE / inner).min(c)
-            }
-            _ => 1,
+        let planes = if !flat && inner > 0 && inner <= SLICE / 2 {
+            (SLICE / inner).min(c)
+        } else {
+            1
         };
         let (slice, scratch, pool_recip) = match self.head {
             Head::AvgPool3x3 if planes > 1 => {
@@ -739,24 +737,22 @@ impl ElementwiseChain {
         first: Option<usize>,
         slice: impl Fn(usize, usize, &mut [T], &mut [f32]) -> TractResult<()> + Sync,
     ) -> TractResult<()> {
-        let (inner, channels) = match first {
-            None => b.units(),
-            Some(_) => (b.inner, 1),
-        };
-        let planes = |first: usize, planes: &mut [T], buf: &mut Vec<f32>| {
+        let (unit, channels) = b.units();
+        // Units from `first_unit` on of the planes from channel `base` on.
+        let units = |base: usize, first_unit: usize, out: &mut [T], buf: &mut Vec<f32>| {
             buf.resize(b.slice + b.scratch, 0.0);
-            for (i, o) in planes.chunks_mut(inner).enumerate() {
-                let unit = first + i;
+            for (i, o) in out.chunks_mut(unit).enumerate() {
+                let u = first_unit + i;
+                let at = base * b.inner + u * unit;
                 for (j, part) in o.chunks_mut(b.slice).enumerate() {
-                    slice(unit * channels, unit * inner + j * b.slice, part, buf)?;
+                    slice(base + u * channels, at + j * b.slice, part, buf)?;
                 }
             }
             Ok(())
         };
         match first {
-            None => for_runs(out, inner, PARALLEL_MIN, planes),
-            Some(first) if inner > 0 => planes(first, out, &mut Vec::new()),
-            Some(_) => Ok(()),
+            None => for_runs(out, unit, PARALLEL_MIN, |u, out, buf| units(0, u, out, buf)),
+            Some(first) => units(first, 0, out, &mut Vec::new()),
         }
     }
 
@@ -871,15 +867,18 @@ crate::kernels::multiversion! {
             }
             Head::Requant(r) => {
                 let acc = &b.x_i32[at - b.x_base..][..len];
-                let (m, o, add) = (r.mult[ch], r.offset[ch], b.acc_offset(ch));
-                match r.out {
-                    RequantOut::F32 => k::dequant_row(acc, add, v, m, o),
-                    RequantOut::Grid {
-                        grid,
-                        dq_zero_point,
-                        dq_scale,
-                    } => k::requant_to_grid_row(acc, add, v, m, o, grid, dq_zero_point, dq_scale),
-                    _ => bail!("element-wise chain: requantization to an integer type"),
+                for (j, (acc, v)) in acc.chunks(plane).zip(v.chunks_mut(plane)).enumerate() {
+                    let c = ch + j;
+                    let (m, o, add) = (r.mult[c], r.offset[c], b.acc_offset(c));
+                    match r.out {
+                        RequantOut::F32 => k::dequant_row(acc, add, v, m, o),
+                        RequantOut::Grid {
+                            grid,
+                            dq_zero_point,
+                            dq_scale,
+                        } => k::requant_to_grid_row(acc, add, v, m, o, grid, dq_zero_point, dq_scale),
+                        _ => bail!("element-wise chain: requantization to an integer type"),
+                    }
                 }
             }
         }
