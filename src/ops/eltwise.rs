@@ -435,9 +435,10 @@ impl Op for ElementwiseChain {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
+        let n = self.fused.len();
+        let steps = if n == 1 { "step" } else { "steps" };
         Ok(vec![format!(
-            "{} steps in one pass: {}",
-            self.fused.len(),
+            "{n} {steps} in one pass: {}",
             self.fused.join(", ")
         )])
     }
@@ -710,6 +711,10 @@ impl ElementwiseChain {
         let mut sum = OrderedSum::default();
         if b.inner == 0 || len == 0 {
             return Ok(0.0);
+        }
+        if self.head == Head::F32 && self.steps.is_empty() {
+            sum.feed(isa, &b.x_f32[..len]);
+            return Ok(sum.total());
         }
         let mut buf = vec![0f32; b.slice + b.scratch];
         let (unit, channels) = b.units();

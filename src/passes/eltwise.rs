@@ -19,7 +19,8 @@
 //! (an erf GELU reads its input twice) is kept, and the later readers take the head's
 //! value from the chain's scratch (`Step::TensorHead`).
 //!
-//! Two or more such nodes become one op. This is where graphs quantized op by op
+//! Two or more such nodes become one op; so does a lone `Reduce<Sum>` of that kind,
+//! which the op adds faster in the same order. This is where graphs quantized op by op
 //! spend their time outside the convolutions (see `crate::ops::eltwise`); graphs the
 //! MetaFormer pass fused have few such chains left.
 
@@ -112,6 +113,18 @@ fn grow(
     let Some(shape) = chain_shape(model, stream)? else {
         return Ok(None);
     };
+    if sums_all_but_first(model, id, &shape)? {
+        // A sum of a tensor no chain made (a GroupNorm's mean of the residual stream):
+        // the same additions in the same order, eight lanes at a time.
+        return Ok(Some(Found {
+            nodes: vec![id],
+            stream,
+            head: Head::F32,
+            steps: vec![],
+            step_inputs: vec![],
+            tail: Tail::Sum,
+        }));
+    }
     let mut found = Found {
         nodes: vec![],
         stream,
@@ -189,26 +202,31 @@ fn grow(
     Ok((found.nodes.len() >= 2).then_some(found))
 }
 
-/// The node that alone reads `id`'s output and sums it as [`Tail::Sum`] does: tract's
-/// `Reduce<Sum>` on f32, rank 3 or more, over axes `1..rank`, the path where tract sums
-/// the whole contiguous tensor with ndarray (a single last axis goes to tract-linalg's
-/// own kernel instead, leading axes to a blocked column sum).
+/// The node that alone reads `id`'s output and sums it as [`Tail::Sum`] does.
 fn sum_reader(model: &TypedModel, id: usize, shape: &[usize]) -> TractResult<Option<usize>> {
     let out = OutletId::new(id, 0);
     let succ = model.outlet_successors(out);
     if succ.len() != 1 || model.output_outlets()?.contains(&out) {
         return Ok(None);
     }
-    let reader = model.node(succ[0].node);
-    let Some(reduce) = reader.op_as::<Reduce>() else {
-        return Ok(None);
+    let reader = succ[0].node;
+    Ok(sums_all_but_first(model, reader, shape)?.then_some(reader))
+}
+
+/// Whether node `id` is tract's `Reduce<Sum>` of an f32 tensor of `shape`, rank 3 or
+/// more, over axes `1..rank`: the path where tract sums the whole contiguous tensor
+/// with ndarray, which [`Tail::Sum`] reproduces (a single last axis goes to
+/// tract-linalg's own kernel instead, leading axes to a blocked column sum).
+fn sums_all_but_first(model: &TypedModel, id: usize, shape: &[usize]) -> TractResult<bool> {
+    let node = model.node(id);
+    let Some(reduce) = node.op_as::<Reduce>() else {
+        return Ok(false);
     };
-    let ok = reduce.reducer == Reducer::Sum
+    Ok(reduce.reducer == Reducer::Sum
         && shape.len() >= 3
         && reduce.axes.iter().copied().eq(1..shape.len())
-        && reader.inputs.len() == 1
-        && model.outlet_fact(out)?.datum_type == f32::datum_type();
-    Ok(ok.then_some(reader.id))
+        && node.inputs.len() == 1
+        && model.outlet_fact(node.inputs[0])?.datum_type == f32::datum_type())
 }
 
 /// The stream's shape if a chain can run on it: concrete, `[1, C, …]`, large enough.
