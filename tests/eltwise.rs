@@ -436,7 +436,13 @@ fn qdq_block_two_rows() {
 /// order would change low bits.
 #[test]
 fn pooling_bits_match_tract() {
-    let (c, h, w) = (5, 37, 41);
+    // Large planes pooled by rows; small ones several at a time, stacked.
+    for (c, h, w) in [(5, 37, 41), (40, 7, 7), (9, 14, 14)] {
+        check_pooling_bits(c, h, w);
+    }
+}
+
+fn check_pooling_bits(c: usize, h: usize, w: usize) {
     let shape = [1, c, h, w];
     let mut g = Graph::default();
     let pool = g.op(
@@ -468,7 +474,12 @@ fn pooling_bits_match_tract() {
     let want = run(&unfused, &x, 1);
     let got = run(&fused, &x, 1);
     let differ = differing_bits(&got, &want);
-    assert_eq!(differ, 0, "{differ} of {} pooled values differ", got.len());
+    assert_eq!(
+        differ,
+        0,
+        "{c}×{h}×{w}: {differ} of {} pooled values differ",
+        got.len()
+    );
 }
 
 /// A GroupNorm's variance as the quantized graphs compute it, the graph's output:
@@ -476,61 +487,116 @@ fn pooling_bits_match_tract() {
 /// becomes a chain of no steps and the square's chain ends in the variance's (both
 /// `Tail::Sum`), whose additions must come in the order tract's
 /// `Reduce<Sum>` makes them: the output is one f32 summed from thousands of values
-/// that are not dyadic, so another order would change its low bits. Planes of 49 and
-/// 2400 values, totals not a multiple of 8, and a rank-3 tensor.
+/// that are not dyadic, so another order would change its low bits. Planes of 49 (25
+/// of them in one slice; 100 in slices of 41, 41 and 18) and of 2400 values, totals not
+/// a multiple of 8, and a rank-3 tensor.
+///
+/// With `per_channel`, the centred values are scaled per channel before the square, so
+/// the summing chain reads a per-channel operand and runs plane by plane (or by groups
+/// of whole planes) instead of across planes.
 #[test]
 fn summing_chain_bits_match_tract() {
-    for (shape, seed) in [
-        (vec![1, 25, 7, 7], 21),
-        (vec![1, 16, 48, 50], 22),
-        (vec![1, 3, 1000, 3], 23),
-        (vec![1, 6, 333], 24),
-    ] {
-        let axes: Vec<i64> = (1..shape.len() as i64).collect();
-        let mut g = Graph::default();
-        let x = g.qdq("x", 0.02, 128);
-        let mean = g.op(
-            "ReduceMean",
-            &[&x],
-            vec![attr_ints("axes", &axes), attr_int("keepdims", 1)],
-        );
-        let centered = g.op("Sub", &[&x, &mean], vec![]);
-        let centered = g.qdq(&centered, 0.02, 128);
-        let squared = g.op("Mul", &[&centered, &centered], vec![]);
-        let squared = g.qdq(&squared, 0.004, 0);
-        let var = g.op(
-            "ReduceMean",
-            &[&squared],
-            vec![attr_ints("axes", &axes), attr_int("keepdims", 1)],
-        );
-        let onnx = g.bytes(&shape, &var);
-        let n: usize = shape.iter().product();
-        let x: Vec<f32> = values(n, seed).iter().map(|v| 1.5 * v + 0.3).collect();
-        let x = Tensor::from_shape(&shape, &x).unwrap();
-        let (unfused, _) = passes::optimize_graph(typed(&onnx, &shape), true).unwrap();
-        let mut fused = unfused.clone();
-        passes::eltwise::rewrite(&mut fused, &mut passes::PassReport::default()).unwrap();
-        let summing: Vec<_> = chains(&fused)
-            .into_iter()
-            .filter(|ch| ch.tail == Tail::Sum)
-            .collect();
-        // The mean's sum on its own (no steps), and the square's chain with its sum.
-        assert_eq!(summing.len(), 2, "{shape:?}: two sums");
-        assert!(summing.iter().any(|ch| ch.steps.is_empty()));
-        assert!(summing.iter().any(|ch| ch.steps.contains(&Step::Square)));
-        let want = run(&unfused, &x, 1);
-        for threads in [1, 3] {
-            let got = run(&fused, &x, threads);
-            assert_eq!(got.len(), 1);
-            assert_eq!(
-                got[0].to_bits(),
-                want[0].to_bits(),
-                "{shape:?}, {threads} threads: variance {} against tract's {}",
-                got[0],
-                want[0]
-            );
+    for per_channel in [false, true] {
+        for (shape, seed) in [
+            (vec![1, 25, 7, 7], 21),
+            (vec![1, 16, 48, 50], 22),
+            (vec![1, 3, 1000, 3], 23),
+            (vec![1, 6, 333], 24),
+            (vec![1, 100, 7, 7], 25),
+        ] {
+            check_summing_chain(&shape, seed, per_channel);
         }
     }
+}
+
+fn check_summing_chain(shape: &[usize], seed: u64, per_channel: bool) {
+    let axes: Vec<i64> = (1..shape.len() as i64).collect();
+    let mut g = Graph::default();
+    let x = g.qdq("x", 0.02, 128);
+    let mean = g.op(
+        "ReduceMean",
+        &[&x],
+        vec![attr_ints("axes", &axes), attr_int("keepdims", 1)],
+    );
+    let centered = g.op("Sub", &[&x, &mean], vec![]);
+    let mut centered = g.qdq(&centered, 0.02, 128);
+    if per_channel {
+        let c = shape[1];
+        let mut dims = vec![1; shape.len()];
+        dims[1] = c;
+        let k: Vec<f32> = values(c, seed + 100)
+            .iter()
+            .map(|v| 1.0 + 0.5 * v)
+            .collect();
+        let k = g.floats(&dims, &k);
+        let scaled = g.op("Mul", &[&centered, &k], vec![]);
+        centered = g.qdq(&scaled, 0.02, 128);
+    }
+    let squared = g.op("Mul", &[&centered, &centered], vec![]);
+    let squared = g.qdq(&squared, 0.004, 0);
+    let var = g.op(
+        "ReduceMean",
+        &[&squared],
+        vec![attr_ints("axes", &axes), attr_int("keepdims", 1)],
+    );
+    let onnx = g.bytes(shape, &var);
+    let n: usize = shape.iter().product();
+    let x: Vec<f32> = values(n, seed).iter().map(|v| 1.5 * v + 0.3).collect();
+    let x = Tensor::from_shape(shape, &x).unwrap();
+    let (unfused, _) = passes::optimize_graph(typed(&onnx, shape), true).unwrap();
+    let mut fused = unfused.clone();
+    passes::eltwise::rewrite(&mut fused, &mut passes::PassReport::default()).unwrap();
+    let summing: Vec<_> = chains(&fused)
+        .into_iter()
+        .filter(|ch| ch.tail == Tail::Sum)
+        .collect();
+    // The mean's sum on its own (no steps), and the square's chain with its sum.
+    assert_eq!(summing.len(), 2, "{shape:?}: two sums");
+    assert!(summing.iter().any(|ch| ch.steps.is_empty()));
+    assert!(summing.iter().any(|ch| ch.steps.contains(&Step::Square)));
+    let want = run(&unfused, &x, 1);
+    for threads in [1, 3] {
+        let got = run(&fused, &x, threads);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            got[0].to_bits(),
+            want[0].to_bits(),
+            "{shape:?}, per channel {per_channel}, {threads} threads: variance {} against tract's {}",
+            got[0],
+            want[0]
+        );
+    }
+}
+
+/// A sum over the last axis of a rank-2 tensor takes another path in tract (its own
+/// SIMD kernel, in another order): the pass leaves it, and the bits stay tract's.
+#[test]
+fn other_sums_stay_tract_s() {
+    let shape = [1, 3000];
+    let mut g = Graph::default();
+    let x = g.qdq("x", 0.02, 128);
+    let squared = g.op("Mul", &[&x, &x], vec![]);
+    let squared = g.qdq(&squared, 0.004, 0);
+    let sum = g.op(
+        "ReduceMean",
+        &[&squared],
+        vec![attr_ints("axes", &[1]), attr_int("keepdims", 1)],
+    );
+    let onnx = g.bytes(&shape, &sum);
+    let x: Vec<f32> = values(3000, 31).iter().map(|v| 1.5 * v).collect();
+    let x = Tensor::from_shape(&shape, &x).unwrap();
+    let (unfused, _) = passes::optimize_graph(typed(&onnx, &shape), true).unwrap();
+    let mut fused = unfused.clone();
+    passes::eltwise::rewrite(&mut fused, &mut passes::PassReport::default()).unwrap();
+    assert!(
+        chains(&fused).iter().all(|ch| ch.tail != Tail::Sum),
+        "a rank-2 sum is not a summing chain"
+    );
+    assert!(fused.nodes().iter().any(|n| n.op.name() == "Reduce<Sum>"));
+    assert_eq!(
+        run(&fused, &x, 1)[0].to_bits(),
+        run(&unfused, &x, 1)[0].to_bits()
+    );
 }
 
 #[test]

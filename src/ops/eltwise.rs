@@ -1,12 +1,14 @@
 //! [`ElementwiseChain`]: a run of element-wise nodes evaluated in one pass over
-//! memory, split over tract's thread pool by channels.
+//! memory, split over tract's thread pool by groups of channel planes.
 //!
 //! Graphs quantized op by op (onnxruntime's QDQ format with every op quantized) leave
 //! long element-wise chains between the integer convolutions: a decomposed GroupNorm
 //! (`x − mean`, square, `× rstd`, `× γ`, `+ β`), the pooling mixer's `− x`, layer scales,
 //! residual additions, an erf GELU, each followed by a quantize → dequantize round
 //! trip. Run node by node, each step reads and writes the whole tensor. Here a chain is
-//! applied to slices of a few thousand elements that stay in L1, and every step is the
+//! applied to slices of at most a few thousand elements that stay in L1 (part of a
+//! plane, several small planes, or, where no operand is per channel, any run of the
+//! tensor), an arithmetic step and the round trip after it in one loop, and every step is the
 //! same arithmetic as the node it replaces (the same f32 operation, the same kernels:
 //! `crate::kernels::quant` for the quantization steps, tract-linalg's erf), so the
 //! output is bit-identical to the unfused graph. The pass that builds chains is
@@ -383,7 +385,8 @@ pub struct Bound<'a> {
     planes: usize,
     /// The last axis (pooling's row length).
     width: usize,
-    /// Elements per slice: [`SLICE`], or for a pooling head whole rows.
+    /// Elements per slice: at most [`SLICE`] of one plane, `planes` whole planes, any
+    /// run of the stream for a flat chain, or for a pooling head whole rows.
     slice: usize,
     /// Scratch values per slice beside the chain's values.
     scratch: usize,
@@ -614,7 +617,11 @@ impl ElementwiseChain {
                 (SLICE.min(len), SLICE.min(len), vec![])
             }
             _ => {
-                let slice = SLICE.min(inner).max(planes * inner);
+                let slice = if planes > 1 {
+                    planes * inner
+                } else {
+                    SLICE.min(inner)
+                };
                 (slice, slice, vec![])
             }
         };
@@ -706,7 +713,7 @@ impl ElementwiseChain {
     }
 
     /// The sum of the chain's values over the `len` elements of the stream (a
-    /// [`Tail::Sum`] chain), plane by plane in memory order on this thread.
+    /// [`Tail::Sum`] chain), slice by slice in memory order on this thread.
     fn sum(&self, isa: Isa, b: &Bound, len: usize) -> TractResult<f32> {
         let mut sum = OrderedSum::default();
         if b.inner == 0 || len == 0 {
@@ -733,9 +740,10 @@ impl ElementwiseChain {
         Ok(sum.total())
     }
 
-    /// Calls `slice(channel, offset, out_slice, scratch)` on every slice of at most
-    /// `b.slice` elements of every channel plane of `out`, split over the threads by
-    /// groups of planes. `scratch` holds `b.slice + b.scratch` f32.
+    /// Calls `slice(channel, offset, out_slice, scratch)` on every slice of `out` (see
+    /// [`Bound::units`]: parts of a plane, groups of whole planes, or for a flat chain
+    /// runs of the stream with channel 0), split over the threads by groups of units.
+    /// `scratch` holds `b.slice + b.scratch` f32.
     fn run<T: Send>(
         b: &Bound,
         out: &mut [T],
@@ -743,6 +751,9 @@ impl ElementwiseChain {
         slice: impl Fn(usize, usize, &mut [T], &mut [f32]) -> TractResult<()> + Sync,
     ) -> TractResult<()> {
         let (unit, channels) = b.units();
+        if unit == 0 {
+            return Ok(());
+        }
         // Units from `first_unit` on of the planes from channel `base` on.
         let units = |base: usize, first_unit: usize, out: &mut [T], buf: &mut Vec<f32>| {
             buf.resize(b.slice + b.scratch, 0.0);
@@ -783,8 +794,10 @@ impl ElementwiseChain {
 }
 
 crate::kernels::multiversion! {
-    /// The chain on the elements `at..at + v.len()` of channel `ch`, into `v`; built for
-    /// each instruction set (the loops are the same f32 operations, only wider).
+    /// The chain on the elements `at..at + v.len()` of the stream, into `v`: part of
+    /// the plane of channel `ch`, whole planes from channel `ch` on, or for a flat chain
+    /// any run (`ch` unused). Built for each instruction set (the loops are the same f32
+    /// operations, only wider).
     pub fn apply_slice(
         chain: &ElementwiseChain,
         b: &Bound<'_>,
