@@ -718,3 +718,95 @@ fn level_table_matches_the_element_path() {
         }
     }
 }
+
+/// A requantizing head followed by a step with a tensor operand (a residual addition
+/// after a conv) runs as one loop with it and the round trip after it. Oracle: the same
+/// chain with a `× 1` first, which keeps it on the step-by-step path (`x · 1 = x` for
+/// every finite `x` and both zeros). Every operation, both requantized outputs, with and
+/// without the round trip, planes smaller and larger than a slice, 1 and 3 threads.
+#[test]
+fn requant_head_with_a_tensor_step_matches_the_step_path() {
+    use poolformer_edge::kernels::quant::Grid;
+    use poolformer_edge::ops::requant::{FakeQuant, Requant, RequantOut};
+    use std::sync::Arc;
+
+    for (c, h, w) in [(6, 17, 23), (3, 40, 40)] {
+        let shape = [1, c, h, w];
+        let acc: Vec<i32> = values(c * h * w, 41)
+            .iter()
+            .map(|v| (v * 9000.0) as i32)
+            .collect();
+        let acc = Tensor::from_shape(&shape, &acc).unwrap();
+        let residual: Vec<f32> = values(c * h * w, 42).iter().map(|v| 3.0 * v).collect();
+        let residual = Tensor::from_shape(&shape, &residual).unwrap();
+        let outs = [
+            RequantOut::F32,
+            RequantOut::Grid {
+                grid: Grid::of::<u8>(128),
+                dq_zero_point: 128,
+                dq_scale: 0.03,
+            },
+        ];
+        for op in [Arith::Add, Arith::Sub, Arith::SubFrom, Arith::Mul] {
+            for out in &outs {
+                for round_trip in [false, true] {
+                    let chain = |through_one: bool| {
+                        let mut steps = vec![];
+                        if through_one {
+                            steps.push(Step::Scalar(
+                                Arith::Mul,
+                                Operand::Const(Arc::new(vec![1.0])),
+                            ));
+                        }
+                        steps.push(Step::Tensor(op, 1));
+                        if round_trip {
+                            steps.push(Step::FakeQuant(FakeQuant {
+                                inv_scale: 1.0 / 0.04,
+                                grid: Grid::of::<u8>(128),
+                                dq_zero_point: 128,
+                                dq_scale: 0.04,
+                            }));
+                        }
+                        steps.push(Step::Scalar(
+                            Arith::Mul,
+                            Operand::Const(Arc::new(vec![0.5])),
+                        ));
+                        ElementwiseChain {
+                            head: Head::Requant(Requant {
+                                axis: 1,
+                                mult: Arc::new((0..c).map(|i| 0.011 + 0.003 * i as f32).collect()),
+                                offset: Arc::new((0..c).map(|i| 1.0 + i as f32).collect()),
+                                out: *out,
+                            }),
+                            steps,
+                            tail: Tail::F32,
+                            fused: vec![],
+                        }
+                    };
+                    let eval = |op: ElementwiseChain, threads: usize| -> Vec<f32> {
+                        let mut model = TypedModel::default();
+                        let x = model.add_source("x", i32::fact(shape)).unwrap();
+                        let t = model.add_const("residual", residual.clone()).unwrap();
+                        let y = model.wire_node("op", op, &[x, t]).unwrap();
+                        model.select_output_outlets(&y).unwrap();
+                        common::run_model(&model, &acc, threads)
+                            .to_plain_array_view::<f32>()
+                            .unwrap()
+                            .iter()
+                            .copied()
+                            .collect()
+                    };
+                    for threads in [1, 3] {
+                        let fused = eval(chain(false), threads);
+                        let steps = eval(chain(true), threads);
+                        let differ = differing_bits(&fused, &steps);
+                        assert_eq!(
+                            differ, 0,
+                            "{c}×{h}×{w}, {op:?}, {out:?}, round trip {round_trip}, {threads} threads"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

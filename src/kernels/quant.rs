@@ -141,6 +141,23 @@ pub fn dequant_row(acc: &[i32], add: i32, out: &mut [f32], mult: f32, offset: f3
     }
 }
 
+/// [`dequant_row`] with each value then combined with `t[i]`: `out[i] = f(value, t[i])`
+/// (the step after the head folded into its loop).
+#[inline(always)]
+pub fn dequant_row_with(
+    acc: &[i32],
+    add: i32,
+    t: &[f32],
+    out: &mut [f32],
+    mult: f32,
+    offset: f32,
+    f: impl Fn(f32, f32) -> f32,
+) {
+    for ((o, &a), &t) in out.iter_mut().zip(acc).zip(t) {
+        *o = f(a.wrapping_add(add) as f32 * mult + offset, t);
+    }
+}
+
 /// As [`dequant_row`] with one multiplier and offset per element.
 pub fn dequant_cols(acc: &[i32], out: &mut [f32], mult: &[f32], offset: &[f32]) {
     for (((o, &a), &m), &c) in out.iter_mut().zip(acc).zip(mult).zip(offset) {
@@ -167,6 +184,30 @@ pub fn requant_to_grid_row(
     for (o, &a) in out.iter_mut().zip(acc) {
         let v = (a.wrapping_add(add) as f32 * mult + offset).clamp_to(lo, hi);
         *o = round_shifted(v, shift) * dq_scale;
+    }
+}
+
+/// [`requant_to_grid_row`] with each value then combined with `t[i]`:
+/// `out[i] = f(value, t[i])`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub fn requant_to_grid_row_with(
+    acc: &[i32],
+    add: i32,
+    t: &[f32],
+    out: &mut [f32],
+    mult: f32,
+    offset: f32,
+    grid: Grid,
+    dq_zero_point: i32,
+    dq_scale: f32,
+    f: impl Fn(f32, f32) -> f32,
+) {
+    let (lo, hi) = grid.bounds();
+    let shift = (grid.zero_point - dq_zero_point) as f32;
+    for ((o, &a), &t) in out.iter_mut().zip(acc).zip(t) {
+        let v = (a.wrapping_add(add) as f32 * mult + offset).clamp_to(lo, hi);
+        *o = f(round_shifted(v, shift) * dq_scale, t);
     }
 }
 

@@ -885,17 +885,83 @@ crate::kernels::multiversion! {
             }
             Head::Requant(r) => {
                 let acc = &b.x_i32[at - b.x_base..][..len];
-                for (j, (acc, v)) in acc.chunks(plane).zip(v.chunks_mut(plane)).enumerate() {
-                    let c = ch + j;
-                    let (m, o, add) = (r.mult[c], r.offset[c], b.acc_offset(c));
-                    match r.out {
-                        RequantOut::F32 => k::dequant_row(acc, add, v, m, o),
-                        RequantOut::Grid {
-                            grid,
-                            dq_zero_point,
-                            dq_scale,
-                        } => k::requant_to_grid_row(acc, add, v, m, o, grid, dq_zero_point, dq_scale),
-                        _ => bail!("element-wise chain: requantization to an integer type"),
+                let fused = match steps.first() {
+                    Some(Step::Tensor(op, _)) if !b.saves_head => Some(*op),
+                    _ => None,
+                };
+                if let Some(op) = fused {
+                    // The head, a tensor operand's step (a residual addition) and the round
+                    // trip after it in one loop.
+                    let t = &b.operands[0][at..at + len];
+                    let q = fq_after(0);
+                    done = if q.is_some() { 2 } else { 1 };
+                    macro_rules! combine {
+                        ($f:ident => $body:expr) => {
+                            match (op, q) {
+                                (Arith::Add, Some(q)) => {
+                                    let $f = move |h: f32, t: f32| q.apply(h + t);
+                                    $body
+                                }
+                                (Arith::Add, None) => {
+                                    let $f = |h: f32, t: f32| h + t;
+                                    $body
+                                }
+                                (Arith::Sub, Some(q)) => {
+                                    let $f = move |h: f32, t: f32| q.apply(h - t);
+                                    $body
+                                }
+                                (Arith::Sub, None) => {
+                                    let $f = |h: f32, t: f32| h - t;
+                                    $body
+                                }
+                                (Arith::SubFrom, Some(q)) => {
+                                    let $f = move |h: f32, t: f32| q.apply(t - h);
+                                    $body
+                                }
+                                (Arith::SubFrom, None) => {
+                                    let $f = |h: f32, t: f32| t - h;
+                                    $body
+                                }
+                                (Arith::Mul, Some(q)) => {
+                                    let $f = move |h: f32, t: f32| q.apply(h * t);
+                                    $body
+                                }
+                                (Arith::Mul, None) => {
+                                    let $f = |h: f32, t: f32| h * t;
+                                    $body
+                                }
+                            }
+                        };
+                    }
+                    let planes = acc.chunks(plane).zip(t.chunks(plane)).zip(v.chunks_mut(plane));
+                    for (j, ((acc, t), v)) in planes.enumerate() {
+                        let c = ch + j;
+                        let (m, o, add) = (r.mult[c], r.offset[c], b.acc_offset(c));
+                        match r.out {
+                            RequantOut::F32 => combine!(f => k::dequant_row_with(acc, add, t, v, m, o, f)),
+                            RequantOut::Grid {
+                                grid,
+                                dq_zero_point,
+                                dq_scale,
+                            } => combine!(f => k::requant_to_grid_row_with(
+                                acc, add, t, v, m, o, grid, dq_zero_point, dq_scale, f
+                            )),
+                            _ => bail!("element-wise chain: requantization to an integer type"),
+                        }
+                    }
+                } else {
+                    for (j, (acc, v)) in acc.chunks(plane).zip(v.chunks_mut(plane)).enumerate() {
+                        let c = ch + j;
+                        let (m, o, add) = (r.mult[c], r.offset[c], b.acc_offset(c));
+                        match r.out {
+                            RequantOut::F32 => k::dequant_row(acc, add, v, m, o),
+                            RequantOut::Grid {
+                                grid,
+                                dq_zero_point,
+                                dq_scale,
+                            } => k::requant_to_grid_row(acc, add, v, m, o, grid, dq_zero_point, dq_scale),
+                            _ => bail!("element-wise chain: requantization to an integer type"),
+                        }
                     }
                 }
             }
