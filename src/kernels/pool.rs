@@ -62,22 +62,30 @@ pub fn avg_pool3x3_rows(
             dst.fill(-0.0);
         }
     }
-    // Output (r, x) sits at r·pw + x; its taps at that index plus the nine offsets.
     let n = rows * pw - 2;
     let sums = &mut sums[..n];
+    sum_taps(padded, pw, &recip[y0 * pw..y0 * pw + n], sums, post);
+    for (o, s) in out.chunks_exact_mut(w).zip(sums.chunks(pw)) {
+        o.copy_from_slice(&s[..w]);
+    }
+}
+
+/// The pooled values over a bordered buffer `pw` wide: output `(r, x)` at `r·pw + x`,
+/// its nine taps at that index plus the offsets of a 3×3 window, added in row-major
+/// order from the value an empty f32 sum starts at, times `recip`, then `post`.
+#[inline(always)]
+fn sum_taps(padded: &[f32], pw: usize, recip: &[f32], sums: &mut [f32], post: impl Fn(f32) -> f32) {
+    let n = sums.len();
     let zero: f32 = std::iter::empty::<f32>().sum();
     let tap = |row: usize, col: usize| &padded[row * pw + col..row * pw + col + n];
     let (t00, t01, t02) = (tap(0, 0), tap(0, 1), tap(0, 2));
     let (t10, t11, t12) = (tap(1, 0), tap(1, 1), tap(1, 2));
     let (t20, t21, t22) = (tap(2, 0), tap(2, 1), tap(2, 2));
-    let recip = &recip[y0 * pw..y0 * pw + n];
+    let recip = &recip[..n];
     for i in 0..n {
         let s =
             zero + t00[i] + t01[i] + t02[i] + t10[i] + t11[i] + t12[i] + t20[i] + t21[i] + t22[i];
         sums[i] = post(s * recip[i]);
-    }
-    for (o, s) in out.chunks_exact_mut(w).zip(sums.chunks(pw)) {
-        o.copy_from_slice(&s[..w]);
     }
 }
 
@@ -137,20 +145,9 @@ pub fn avg_pool3x3_planes(
         }
         dst[h * pw..].fill(-0.0);
     }
-    // As in avg_pool3x3_rows: output (r, x) of the stacked rows at r·pw + x.
     let n = (rows - 2) * pw - 2;
     let sums = &mut sums[..n];
-    let zero: f32 = std::iter::empty::<f32>().sum();
-    let tap = |row: usize, col: usize| &padded[row * pw + col..row * pw + col + n];
-    let (t00, t01, t02) = (tap(0, 0), tap(0, 1), tap(0, 2));
-    let (t10, t11, t12) = (tap(1, 0), tap(1, 1), tap(1, 2));
-    let (t20, t21, t22) = (tap(2, 0), tap(2, 1), tap(2, 2));
-    let recip = &recip[..n];
-    for i in 0..n {
-        let s =
-            zero + t00[i] + t01[i] + t02[i] + t10[i] + t11[i] + t12[i] + t20[i] + t21[i] + t22[i];
-        sums[i] = post(s * recip[i]);
-    }
+    sum_taps(padded, pw, &recip[..n], sums, post);
     for (o, s) in out.chunks_exact_mut(plane).zip(sums.chunks((h + 1) * pw)) {
         for (o, s) in o.chunks_exact_mut(w).zip(s.chunks(pw)) {
             o.copy_from_slice(&s[..w]);
@@ -161,6 +158,17 @@ pub fn avg_pool3x3_planes(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Values of mixed magnitude (sums round), signed zeros included.
+    fn mixed_values(n: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| match i % 7 {
+                0 => -0.0,
+                3 => 0.0,
+                k => ((i * 37 % 101) as f32 - 50.0) * 10f32.powi(k as i32 - 3),
+            })
+            .collect()
+    }
 
     /// One output the way tract's generic `SumPool` computes it.
     fn tract_order(plane: &[f32], h: usize, w: usize, y: usize, x: usize) -> f32 {
@@ -187,14 +195,7 @@ mod tests {
             (14, 14),
             (9, 56),
         ] {
-            // Values of mixed magnitude (sums round), signed zeros included.
-            let plane: Vec<f32> = (0..h * w)
-                .map(|i| match i % 7 {
-                    0 => -0.0,
-                    3 => 0.0,
-                    k => ((i * 37 % 101) as f32 - 50.0) * 10f32.powi(k as i32 - 3),
-                })
-                .collect();
+            let plane = mixed_values(h * w);
             let recip = tap_reciprocals(h, w);
             for rows in 1..=h {
                 for y0 in (0..h).step_by(rows) {
@@ -217,13 +218,7 @@ mod tests {
         for (h, w) in [(1, 1), (1, 5), (4, 1), (2, 2), (7, 7), (5, 13), (14, 14)] {
             let k = 5;
             let plane = h * w;
-            let all: Vec<f32> = (0..k * plane)
-                .map(|i| match i % 7 {
-                    0 => -0.0,
-                    3 => 0.0,
-                    j => ((i * 37 % 101) as f32 - 50.0) * 10f32.powi(j as i32 - 3),
-                })
-                .collect();
+            let all = mixed_values(k * plane);
             for planes in 1..=k {
                 let recip = tap_reciprocals_planes(planes, h, w);
                 let mut out = vec![f32::NAN; planes * plane];
