@@ -165,6 +165,13 @@ pub fn dequant_cols(acc: &[i32], out: &mut [f32], mult: &[f32], offset: &[f32]) 
     }
 }
 
+/// `v` (on the scale of the grid's steps, before its zero point) clamped to `lo..=hi`,
+/// rounded, and dequantized: `(round(v) + zp − dzp)·dscale` with `shift = zp − dzp`.
+#[inline(always)]
+fn on_grid(v: f32, lo: f32, hi: f32, shift: f32, dq_scale: f32) -> f32 {
+    round_shifted(v.clamp_to(lo, hi), shift) * dq_scale
+}
+
 /// Requantizes onto `grid` and dequantizes with `(q − dq_zero_point)·dq_scale`
 /// in one pass: `out[i] = (clamp(round((acc[i] + add)·mult + offset) + zp) − dzp)·dscale`.
 #[inline]
@@ -182,8 +189,13 @@ pub fn requant_to_grid_row(
     let (lo, hi) = grid.bounds();
     let shift = (grid.zero_point - dq_zero_point) as f32;
     for (o, &a) in out.iter_mut().zip(acc) {
-        let v = (a.wrapping_add(add) as f32 * mult + offset).clamp_to(lo, hi);
-        *o = round_shifted(v, shift) * dq_scale;
+        *o = on_grid(
+            a.wrapping_add(add) as f32 * mult + offset,
+            lo,
+            hi,
+            shift,
+            dq_scale,
+        );
     }
 }
 
@@ -206,8 +218,14 @@ pub fn requant_to_grid_row_with(
     let (lo, hi) = grid.bounds();
     let shift = (grid.zero_point - dq_zero_point) as f32;
     for ((o, &a), &t) in out.iter_mut().zip(acc).zip(t) {
-        let v = (a.wrapping_add(add) as f32 * mult + offset).clamp_to(lo, hi);
-        *o = f(round_shifted(v, shift) * dq_scale, t);
+        let v = on_grid(
+            a.wrapping_add(add) as f32 * mult + offset,
+            lo,
+            hi,
+            shift,
+            dq_scale,
+        );
+        *o = f(v, t);
     }
 }
 
@@ -225,8 +243,7 @@ pub fn requant_to_grid_cols(
     let (lo, hi) = grid.bounds();
     let shift = (grid.zero_point - dq_zero_point) as f32;
     for (((o, &a), &m), &c) in out.iter_mut().zip(acc).zip(mult).zip(offset) {
-        let v = (a as f32 * m + c).clamp_to(lo, hi);
-        *o = round_shifted(v, shift) * dq_scale;
+        *o = on_grid(a as f32 * m + c, lo, hi, shift, dq_scale);
     }
 }
 
@@ -288,8 +305,13 @@ impl FakeQuantOne {
 
     #[inline(always)]
     pub fn apply(self, v: f32) -> f32 {
-        let v = (v * self.inv_scale).clamp_to(self.lo, self.hi);
-        round_shifted(v, self.shift) * self.dq_scale
+        on_grid(
+            v * self.inv_scale,
+            self.lo,
+            self.hi,
+            self.shift,
+            self.dq_scale,
+        )
     }
 }
 
