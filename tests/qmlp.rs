@@ -280,7 +280,10 @@ fn int8_mlp_steps_match_definition() {
         (8, 32, 17),
         (3, 7, 1),
         (12, 48, 67),
+        // Several passes of `rows_per_pass` rows: fc1's 256 rows over 49 tokens (80
+        // per pass), fc2's 96 over 100 (40 per pass).
         (64, 256, 49),
+        (96, 40, 100),
     ] {
         for (grid_dequant, wmax) in [(false, 127), (true, 127), (false, 64)] {
             check(Case {

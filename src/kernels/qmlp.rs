@@ -17,8 +17,9 @@
 //! quantization step.
 //!
 //! Tokens are processed in blocks of columns; the quantized activations of a block are
-//! written straight into the k4 layout the matrix kernel reads, and the i32
-//! accumulators of the hidden layer (`hidden × cols`) stay in cache.
+//! written straight into the k4 layout the matrix kernel reads. Each product runs a
+//! pass of rows at a time ([`rows_per_pass`]), its epilogue right after, so that the
+//! i32 accumulators it reads back (at most 16 KiB) are still in L1.
 
 // Kernels take their operands and the per-row quantization parameters as arguments.
 #![allow(clippy::too_many_arguments)]
@@ -372,8 +373,8 @@ pub unsafe fn run_block(
     let (c, h) = (w.channels, w.hidden);
     scratch_of(&mut scratch.q1, k4_len(c, cols));
     scratch_of(&mut scratch.q2, k4_len(h, cols));
-    scratch_of(&mut scratch.acc1, h * cols);
-    scratch_of(&mut scratch.acc2, c * cols);
+    scratch_of(&mut scratch.acc1, acc_len(h, cols));
+    scratch_of(&mut scratch.acc2, acc_len(c, cols));
     let span = (c - 1) * hw + cols;
     let xs = std::slice::from_raw_parts(x.add(j0), span);
     quantize_input(isa, w, xs, hw, cols, stats, &mut scratch.q1);
@@ -429,9 +430,32 @@ pub fn quantize_input(
     }
 }
 
+/// Rows of a matrix product whose i32 accumulators for `cols` tokens fill at most
+/// 16 KiB (at least 8 rows, a multiple of 8: whole tiles of every kernel): the
+/// epilogue reads them back from L1 rather than from L2.
+pub fn rows_per_pass(cols: usize) -> usize {
+    (4096 / cols.max(1) / 8 * 8).max(8)
+}
+
+/// Length of the accumulator buffer [`hidden_rows`] and [`output_rows`] need for
+/// `rows` rows of `cols` tokens.
+pub fn acc_len(rows: usize, cols: usize) -> usize {
+    rows.min(rows_per_pass(cols)) * cols
+}
+
+/// The passes of [`rows_per_pass`] rows that cover `rows`.
+fn passes(
+    rows: std::ops::Range<usize>,
+    cols: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let step = rows_per_pass(cols);
+    let end = rows.end;
+    rows.step_by(step).map(move |r| r..(r + step).min(end))
+}
+
 /// fc1 for hidden rows `rows` (starting on a k4 group) and its epilogue into `q2`,
-/// the k4 groups of those rows (group `rows.start/4` first). `acc` holds at least
-/// `rows.len()·cols` values.
+/// the k4 groups of those rows (group `rows.start/4` first), a pass of
+/// [`rows_per_pass`] rows at a time. `acc` holds at least [`acc_len`] values.
 pub fn hidden_rows(
     isa: Isa,
     w: &QuantMlp,
@@ -442,6 +466,23 @@ pub fn hidden_rows(
     q2: &mut [u8],
 ) {
     debug_assert!(rows.start.is_multiple_of(4));
+    let g0 = rows.start / 4;
+    for pass in passes(rows, cols) {
+        hidden_pass(isa, w, q1, cols, pass, acc, q2, g0);
+    }
+}
+
+/// [`hidden_rows`] for one pass; `g0` is the k4 group of `q2[0]`.
+fn hidden_pass(
+    isa: Isa,
+    w: &QuantMlp,
+    q1: &[u8],
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    acc: &mut [i32],
+    q2: &mut [u8],
+    g0: usize,
+) {
     let l = &w.fc1;
     let n = rows.len();
     gemm_u8i8(
@@ -453,8 +494,7 @@ pub fn hidden_rows(
         &mut acc[..n * cols],
         cols,
     );
-    let g0 = rows.start / 4;
-    for g in g0..rows.end.div_ceil(4) {
+    for g in rows.start / 4..rows.end.div_ceil(4) {
         let nrows = (rows.end - 4 * g).min(4);
         let mut a = [EMPTY_I32; 4];
         let mut corr = [0i32; 4];
@@ -484,8 +524,9 @@ pub fn hidden_rows(
     }
 }
 
-/// fc2 for output rows `rows` and the residual epilogue; `row_io(r)` gives output
-/// row `r`'s residual input and destination.
+/// fc2 for output rows `rows` and the residual epilogue, a pass of [`rows_per_pass`]
+/// rows at a time; `row_io(r)` gives output row `r`'s residual input and destination.
+/// `acc` holds at least [`acc_len`] values.
 pub fn output_rows<'o>(
     isa: Isa,
     w: &QuantMlp,
@@ -494,6 +535,21 @@ pub fn output_rows<'o>(
     rows: std::ops::Range<usize>,
     acc: &mut [i32],
     mut row_io: impl FnMut(usize) -> (&'o [f32], &'o mut [f32]),
+) {
+    for pass in passes(rows, cols) {
+        output_pass(isa, w, q2, cols, pass, acc, &mut row_io);
+    }
+}
+
+/// [`output_rows`] for one pass.
+fn output_pass<'o>(
+    isa: Isa,
+    w: &QuantMlp,
+    q2: &[u8],
+    cols: usize,
+    rows: std::ops::Range<usize>,
+    acc: &mut [i32],
+    row_io: &mut impl FnMut(usize) -> (&'o [f32], &'o mut [f32]),
 ) {
     let l = &w.fc2;
     let n = rows.len();

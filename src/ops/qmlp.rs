@@ -10,7 +10,7 @@ use tract_core::internal::*;
 
 use crate::kernels::qgemm::{k4_len, QKernel};
 use crate::kernels::qmlp::{
-    hidden_rows, output_rows, quantize_input, run_block, QScratch, QuantMlp,
+    acc_len, hidden_rows, output_rows, quantize_input, run_block, QScratch, QuantMlp,
 };
 use crate::kernels::Isa;
 
@@ -142,7 +142,7 @@ unsafe fn block_split_by_rows(
         .enumerate()
         .for_each(|(t, q2_part)| {
             let rows = t * per..((t + 1) * per).min(h);
-            let mut acc = vec![0i32; rows.len() * cols];
+            let mut acc = vec![0i32; acc_len(rows.len(), cols)];
             hidden_rows(isa, mlp, &q1, cols, rows, &mut acc, q2_part);
         });
     let per = c.div_ceil(threads);
@@ -151,7 +151,7 @@ unsafe fn block_split_by_rows(
         if rows.is_empty() {
             return;
         }
-        let mut acc = vec![0i32; rows.len() * cols];
+        let mut acc = vec![0i32; acc_len(rows.len(), cols)];
         output_rows(isa, mlp, &q2, cols, rows, &mut acc, |r| {
             let dst = std::slice::from_raw_parts_mut(out.get().add(r * hw + j0), cols);
             (&xs[r * hw..r * hw + cols], dst)
