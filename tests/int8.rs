@@ -17,7 +17,8 @@ use poolformer_edge::kernels::quant::{self as kq, Grid};
 use poolformer_edge::{Engine, Options};
 use prost::Message;
 use tract_onnx::pb::{
-    tensor_proto::DataType, AttributeProto, ModelProto, NodeProto, TensorProto, ValueInfoProto,
+    tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto,
+    ValueInfoProto,
 };
 use tract_onnx::prelude::*;
 
@@ -950,6 +951,124 @@ fn bad_per_channel_scale_is_an_error() {
     );
     let err = format!("{:#}", r.unwrap_err());
     assert!(err.contains("scale") || err.contains("channel"), "{err}");
+}
+
+/// Bad quantization parameters are errors that name the node and the value, not a
+/// network of zeros (zero scale), NaN outputs or a type error from inside a pass. The
+/// activation's QuantizeLinear → DequantizeLinear pair is `x_q`/`x_dq` with
+/// initializers `x_scale`, `x_zp`; the weights' DequantizeLinear reads `conv.w_q`,
+/// `conv.w_scale`, `conv.w_zp`.
+#[test]
+fn bad_quantization_parameters_are_errors() {
+    let c = ConvCase {
+        c: 3,
+        h: 32,
+        w: 32,
+        ..case(1, 1, 0)
+    };
+    let built = build_conv(&c);
+    let (oh, ow) = c.out_hw();
+    let load = |edit: &dyn Fn(&mut GraphProto)| -> Result<Engine, String> {
+        let mut model = ModelProto::decode(&built.onnx[..]).unwrap();
+        let graph = model.graph.as_mut().unwrap();
+        // A classifier's output, as the engine expects.
+        graph.node.last_mut().unwrap().output = vec!["y_map".into()];
+        graph
+            .node
+            .push(node("Flatten", &["y_map"], "y", vec![attr_int("axis", 1)]));
+        graph.output = vec![value_info("y", &[1, c.o * oh * ow])];
+        edit(graph);
+        let options = Options {
+            input_size: 32,
+            ..Options::default()
+        };
+        Engine::from_bytes(&model.encode_to_vec(), options).map_err(|e| format!("{e:#}"))
+    };
+    let floats = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    let set = |name: &'static str, dt: DataType, dims: Vec<i64>, raw: Vec<u8>| {
+        move |g: &mut GraphProto| {
+            let t = g.initializer.iter_mut().find(|t| t.name == name).unwrap();
+            t.data_type = dt as i32;
+            t.dims = dims.clone();
+            t.raw_data = raw.clone();
+            t.float_data.clear();
+            t.int32_data.clear();
+        }
+    };
+    // The graph as built loads.
+    if let Err(e) = load(&|_| ()) {
+        panic!("{e}");
+    }
+    let model = ModelProto::decode(&built.onnx[..]).unwrap();
+    let w_scale = model
+        .graph
+        .as_ref()
+        .unwrap()
+        .initializer
+        .iter()
+        .find(|t| t.name == "conv.w_scale")
+        .unwrap()
+        .clone();
+    let n = w_scale.raw_data.len() / 4;
+    let w_scales = |bad: f32| {
+        let mut v = vec![0.01f32; n];
+        v[n - 1] = bad;
+        floats(&v)
+    };
+    let last_zero = format!(
+        "DequantizeLinear \"conv.w\": scale \"conv.w_scale\" must be finite and \
+         positive, element {} is 0",
+        n - 1
+    );
+    type Edit = Box<dyn Fn(&mut GraphProto)>;
+    let cases: Vec<(Edit, &str)> =
+        vec![
+        (
+            Box::new(set("x_scale", DataType::Float, vec![], floats(&[0.0]))),
+            "QuantizeLinear \"x_q\": scale \"x_scale\" must be finite and positive, element 0 is 0",
+        ),
+        (
+            Box::new(set("x_scale", DataType::Float, vec![], floats(&[f32::NAN]))),
+            "scale \"x_scale\" must be finite and positive, element 0 is NaN",
+        ),
+        (
+            Box::new(set("conv.w_scale", DataType::Float, w_scale.dims.clone(), w_scales(0.0))),
+            &last_zero,
+        ),
+        (
+            Box::new(set("conv.w_scale", DataType::Float, w_scale.dims.clone(), w_scales(-0.01))),
+            "is -0.01",
+        ),
+        (
+            Box::new(set("x_zp", DataType::Float, vec![], floats(&[128.0]))),
+            "zero point \"x_zp\" is FLOAT, expected UINT8, INT8, UINT16, INT16",
+        ),
+        (
+            Box::new(set("x_zp", DataType::Int32, vec![], 128i32.to_le_bytes().to_vec())),
+            "zero point \"x_zp\" is INT32",
+        ),
+        (
+            Box::new(set("x_zp", DataType::Uint8, vec![2], vec![128, 128])),
+            "1 scales and 2 zero points",
+        ),
+        (
+            Box::new(set("conv.w_zp", DataType::Uint8, w_scale.dims.clone(), vec![0; n])),
+            "input \"conv.w_q\" is INT8 but its zero point \"conv.w_zp\" is UINT8",
+        ),
+        (
+            Box::new(|g: &mut GraphProto| {
+                let q = g.node.iter_mut().find(|n| n.op_type == "QuantizeLinear").unwrap();
+                q.input.truncate(1);
+            }),
+            "QuantizeLinear \"x_q\": no scale input",
+        ),
+    ];
+    for (edit, want) in &cases {
+        match load(&**edit) {
+            Ok(_) => panic!("loaded; expected an error with {want:?}"),
+            Err(e) => assert!(e.contains(want), "{e}\nexpected: {want}"),
+        }
+    }
 }
 
 /// Through the engine, as a classifier (Flatten to [1, N]), with 1, 2 and 3 threads.

@@ -10,6 +10,7 @@
 //! tract looks operators up by type only, not by domain.
 
 pub mod load;
+mod qdq;
 mod qgemm;
 mod qlinear;
 mod qlinear_pool;
@@ -28,7 +29,8 @@ pub fn loader() -> Onnx {
         qlinear_pool::qlinear_global_average_pool,
     );
     register.insert("QGemm", qgemm::qgemm);
+    // QuantizeLinear and DequantizeLinear with their constant parameters checked;
     // DequantizeLinear of integer weights stays integer for the int8 pass.
-    crate::passes::int8::register(&mut onnx);
+    qdq::register(&mut onnx);
     onnx
 }

@@ -10,7 +10,8 @@
 //!
 //! # Design
 //!
-//! 1. **Keep the integer weights** ([`register`], called by [`crate::onnx::loader`]).
+//! 1. **Keep the integer weights** (`dequantize_linear`, which [`crate::onnx::loader`]
+//!    registers).
 //!    DequantizeLinear nodes whose input is an integer initializer load as
 //!    [`DequantizeConst`]: the integer tensor stays a `Const` input and the scales and
 //!    zero points are attributes, so nothing has to be recovered from float weights.
@@ -91,7 +92,6 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::{
     expand, Expansion, InferenceOp, InferenceResult, Solver, TensorProxy,
 };
-use tract_onnx::Onnx;
 
 use super::metaformer::FUSES_MLP;
 use super::PassReport;
@@ -113,16 +113,9 @@ fn tract_dequantize_linear() -> Option<OnnxBuilder> {
     })
 }
 
-/// Registers the DequantizeLinear loader that keeps integer constant weights (see
-/// the module documentation).
-pub fn register(onnx: &mut Onnx) {
-    if tract_dequantize_linear().is_some() {
-        onnx.op_register
-            .insert("DequantizeLinear", dequantize_linear);
-    }
-}
-
-fn dequantize_linear(
+/// The DequantizeLinear builder that keeps integer constant weights (see the module
+/// documentation); the loader registers it behind its checks (`crate::onnx`).
+pub(crate) fn dequantize_linear(
     ctx: &ParsingContext,
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
