@@ -1256,6 +1256,55 @@ fn bad_qoperator_nodes_give_errors_not_panics() {
     let err =
         load_error(&pool_graph(vec![])).expect("a pool without kernel_shape must be rejected");
     assert!(err.contains("kernel_shape is required"), "{err}");
+
+    // tract's QLinearConv, its parameters checked as it is read (`src/onnx/qdq.rs`):
+    // a per-channel weight scale of 0, an i32 output zero point, a u8 zero point for
+    // i8 weights.
+    let conv = |w_scales: &[f32], yz_i32: bool, wz: Q| {
+        let mut g = Graph::default();
+        g.input("x", DataType::Uint8, &[1, 2, 4, 4])
+            .f32_scalar("xs", 0.1)
+            .q_const("xz", Q::U8, &[], &[128])
+            .q_const("w", Q::I8, &[3, 2, 1, 1], &[1, -2, 3, -4, 5, -6])
+            .f32_vec("ws", w_scales)
+            .q_const("wz", wz, &[3], &[0, 0, 0])
+            .f32_scalar("ys", 0.2);
+        if yz_i32 {
+            g.i32_const("yz", &[], &[128]);
+        } else {
+            g.q_const("yz", Q::U8, &[], &[128]);
+        }
+        g.node(
+            "QLinearConv",
+            "",
+            &["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"],
+            "y",
+            vec![],
+        )
+        .output("y", DataType::Uint8);
+        g
+    };
+    assert_eq!(load_error(&conv(&[0.1, 0.2, 0.3], false, Q::I8)), None);
+    for (g, expected) in [
+        (
+            conv(&[0.1, 0.2, 0.0], false, Q::I8),
+            "scale \"ws\" must be finite and positive, element 2 is 0",
+        ),
+        (
+            conv(&[0.1, 0.2, 0.3], true, Q::I8),
+            "zero point \"yz\" is INT32, expected UINT8, INT8",
+        ),
+        (
+            conv(&[0.1, 0.2, 0.3], false, Q::U8),
+            "input \"w\" is INT8 but its zero point \"wz\" is UINT8",
+        ),
+    ] {
+        let err = load_error(&g).unwrap_or_else(|| panic!("{expected}: loaded"));
+        assert!(
+            err.contains("QLinearConv") && err.contains(expected),
+            "{err}"
+        );
+    }
 }
 
 /// onnxruntime's Conv-only QOperator form of a PoolFormer channel-MLP half (the layer

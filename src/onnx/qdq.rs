@@ -1,12 +1,14 @@
-//! QuantizeLinear and DequantizeLinear, checked when they are read.
+//! QuantizeLinear, DequantizeLinear, QLinearConv and QLinearMatMul, checked when
+//! they are read.
 //!
-//! tract takes a node's scale and zero point as they come: a zero scale quantizes
+//! tract takes a node's scales and zero points as they come: a zero scale quantizes
 //! everything to the zero point (a network of zeros), a NaN one makes NaN outputs, a
-//! float zero point fails deep in a pass with a tensor type error. Where the scale and
-//! zero point are initializers, their values are checked here, before tract builds
-//! the op: every scale finite and positive, zero points of an integer type ONNX
-//! allows for the op, as many zero points as scales, and a scale input present.
-//! Parameters computed by the graph are left to tract.
+//! zero weight scale of a QLinearConv silences its channel, a float zero point fails
+//! deep in a pass with a tensor type error. Where the scales and zero points are
+//! initializers, their values are checked here, before tract builds the op: every
+//! scale finite and positive, zero points of an integer type ONNX allows for the op
+//! and of the type of the values they apply to, as many zero points as scales, the
+//! scale inputs present. Parameters computed by the graph are left to tract.
 
 use std::sync::OnceLock;
 
@@ -17,64 +19,86 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::InferenceOp;
 use tract_onnx::Onnx;
 
-type OnnxBuilder =
-    fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
+type Built = TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
+type OnnxBuilder = fn(&ParsingContext, &NodeProto) -> Built;
 
-/// Registers the checked QuantizeLinear and DequantizeLinear builders.
+/// Registers the checked builders.
 pub(super) fn register(onnx: &mut Onnx) {
-    onnx.op_register.insert("QuantizeLinear", quantize_linear);
-    onnx.op_register
-        .insert("DequantizeLinear", dequantize_linear);
+    let r = &mut onnx.op_register;
+    r.insert("QuantizeLinear", quantize_linear);
+    r.insert("DequantizeLinear", dequantize_linear);
+    r.insert("QLinearConv", qlinear_conv);
+    r.insert("QLinearMatMul", qlinear_matmul);
 }
 
-/// tract's own QuantizeLinear builder (looked up once: building tract's operator
-/// table is not free).
-fn tract_quantize_linear() -> TractResult<OnnxBuilder> {
-    static BUILDER: OnceLock<Option<OnnxBuilder>> = OnceLock::new();
-    BUILDER
-        .get_or_init(|| {
-            tract_onnx::onnx()
-                .op_register
-                .0
-                .get("QuantizeLinear")
-                .copied()
-        })
-        .context("tract has no QuantizeLinear builder")
+/// One (scale, zero point) pair of a node: their input indices, and the input whose
+/// integer type the zero point must have, if any.
+struct Params {
+    scale: usize,
+    zero_point: usize,
+    of: Option<usize>,
 }
 
-fn quantize_linear(
-    ctx: &ParsingContext,
-    node: &NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    check(
-        ctx,
-        node,
-        &[
-            DataType::Uint8,
-            DataType::Int8,
-            DataType::Uint16,
-            DataType::Int16,
-        ],
-    )?;
-    tract_quantize_linear()?(ctx, node)
+const fn params(scale: usize, zero_point: usize, of: Option<usize>) -> Params {
+    Params {
+        scale,
+        zero_point,
+        of,
+    }
 }
 
-fn dequantize_linear(
-    ctx: &ParsingContext,
-    node: &NodeProto,
-) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    check(
-        ctx,
-        node,
-        &[
-            DataType::Uint8,
-            DataType::Int8,
-            DataType::Uint16,
-            DataType::Int16,
-            DataType::Int32,
-        ],
-    )?;
+/// QLinearConv's and QLinearMatMul's three pairs: input, weights, output.
+const QLINEAR: [Params; 3] = [
+    params(1, 2, Some(0)),
+    params(4, 5, Some(3)),
+    params(6, 7, None),
+];
+
+const BYTES: &[DataType] = &[DataType::Uint8, DataType::Int8];
+const SHORTS: &[DataType] = &[
+    DataType::Uint8,
+    DataType::Int8,
+    DataType::Uint16,
+    DataType::Int16,
+];
+const SHORTS_AND_I32: &[DataType] = &[
+    DataType::Uint8,
+    DataType::Int8,
+    DataType::Uint16,
+    DataType::Int16,
+    DataType::Int32,
+];
+
+/// tract's own builder of `op` (its operator table built once: that is not free).
+fn tract_builder(op: &str) -> TractResult<OnnxBuilder> {
+    static TRACT: OnceLock<Onnx> = OnceLock::new();
+    TRACT
+        .get_or_init(tract_onnx::onnx)
+        .op_register
+        .0
+        .get(op)
+        .copied()
+        .with_context(|| format!("tract has no {op} builder"))
+}
+
+fn quantize_linear(ctx: &ParsingContext, node: &NodeProto) -> Built {
+    check(ctx, node, &[params(1, 2, None)], SHORTS)?;
+    tract_builder("QuantizeLinear")?(ctx, node)
+}
+
+fn dequantize_linear(ctx: &ParsingContext, node: &NodeProto) -> Built {
+    check(ctx, node, &[params(1, 2, Some(0))], SHORTS_AND_I32)?;
     crate::passes::int8::dequantize_linear(ctx, node)
+}
+
+fn qlinear_conv(ctx: &ParsingContext, node: &NodeProto) -> Built {
+    check(ctx, node, &QLINEAR, BYTES)?;
+    tract_builder("QLinearConv")?(ctx, node)
+}
+
+fn qlinear_matmul(ctx: &ParsingContext, node: &NodeProto) -> Built {
+    check(ctx, node, &QLINEAR, BYTES)?;
+    tract_builder("QLinearMatMul")?(ctx, node)
 }
 
 /// The initializer of the top-level graph named `name`.
@@ -113,49 +137,61 @@ fn scale_values(t: &TensorProto) -> Option<Vec<f32>> {
     })
 }
 
-fn check(ctx: &ParsingContext, node: &NodeProto, zero_point_types: &[DataType]) -> TractResult<()> {
+fn check(
+    ctx: &ParsingContext,
+    node: &NodeProto,
+    pairs: &[Params],
+    zero_point_types: &[DataType],
+) -> TractResult<()> {
     let what = match (node.name.as_str(), node.output.first()) {
         ("", Some(out)) => format!("{} (output {out:?})", node.op_type),
         (name, _) => format!("{} {name:?}", node.op_type),
     };
-    let scale_name = node.input.get(1).map(String::as_str).unwrap_or("");
-    ensure!(!scale_name.is_empty(), "{what}: no scale input");
-    let scale = initializer(ctx, scale_name);
-    if let Some(values) = scale.and_then(scale_values) {
-        if let Some((i, v)) = values
-            .iter()
-            .enumerate()
-            .find(|(_, v)| !(v.is_finite() && **v > 0.0))
-        {
-            bail!("{what}: scale {scale_name:?} must be finite and positive, element {i} is {v}");
-        }
-    }
-    let Some(zero_point) = node.input.get(2).and_then(|n| initializer(ctx, n)) else {
-        return Ok(());
-    };
-    if !zero_point_types
-        .iter()
-        .any(|&d| zero_point.data_type == d as i32)
-    {
-        let allowed: Vec<&str> = zero_point_types.iter().map(|d| d.as_str_name()).collect();
-        bail!(
-            "{what}: zero point {:?} is {}, expected {}",
-            zero_point.name,
-            type_name(zero_point),
-            allowed.join(", ")
-        );
-    }
-    if let Some(scale) = scale {
+    let input = |i: usize| node.input.get(i).map(String::as_str).unwrap_or("");
+    for p in pairs {
+        let scale_name = input(p.scale);
         ensure!(
-            len(scale) == len(zero_point),
-            "{what}: {} scales and {} zero points",
-            len(scale),
-            len(zero_point)
+            !scale_name.is_empty(),
+            "{what}: no scale input (#{})",
+            p.scale
         );
-    }
-    // DequantizeLinear's zero point has its input's type.
-    if node.op_type == "DequantizeLinear" {
-        if let Some(x) = node.input.first().and_then(|n| initializer(ctx, n)) {
+        let scale = initializer(ctx, scale_name);
+        if let Some(values) = scale.and_then(scale_values) {
+            let bad = values
+                .iter()
+                .enumerate()
+                .find(|(_, v)| !(v.is_finite() && **v > 0.0));
+            if let Some((i, v)) = bad {
+                bail!(
+                    "{what}: scale {scale_name:?} must be finite and positive, element {i} is {v}"
+                );
+            }
+        }
+        let Some(zero_point) = initializer(ctx, input(p.zero_point)) else {
+            continue;
+        };
+        if !zero_point_types
+            .iter()
+            .any(|&d| zero_point.data_type == d as i32)
+        {
+            let allowed: Vec<&str> = zero_point_types.iter().map(|d| d.as_str_name()).collect();
+            bail!(
+                "{what}: zero point {:?} is {}, expected {}",
+                zero_point.name,
+                type_name(zero_point),
+                allowed.join(", ")
+            );
+        }
+        if let Some(scale) = scale {
+            ensure!(
+                len(scale) == len(zero_point),
+                "{what}: {} scales and {} zero points",
+                len(scale),
+                len(zero_point)
+            );
+        }
+        // A zero point has the type of the values it applies to.
+        if let Some(x) = p.of.and_then(|i| initializer(ctx, input(i))) {
             ensure!(
                 x.data_type == zero_point.data_type,
                 "{what}: input {:?} is {} but its zero point {:?} is {}",
