@@ -18,7 +18,7 @@ mod common;
 
 use poolformer_edge::kernels::qgemm::{k4_index, k4_len};
 use poolformer_edge::kernels::qmlp::{
-    hidden_rows, output_rows, quantize_input, Dequant, QLayer, QuantMlp,
+    acc_len, hidden_rows, output_rows, quantize_input, Dequant, QLayer, QuantMlp,
 };
 use poolformer_edge::kernels::quant::Grid;
 use poolformer_edge::kernels::Isa;
@@ -179,7 +179,7 @@ fn check(case: Case) {
         let mut q2 = vec![0x5Au8; k4_len(h, cols)];
         let split = (h / 2) / 4 * 4;
         for rows in [0..split, split..h] {
-            let mut acc = vec![0i32; rows.len() * cols];
+            let mut acc = vec![0i32; acc_len(rows.len(), cols)];
             let part = rows.start * cols..k4_len(h, cols);
             hidden_rows(isa, &mlp, &q1, cols, rows, &mut acc, &mut q2[part]);
         }
@@ -241,7 +241,7 @@ fn check(case: Case) {
         // fc2 + layer scale + residual, from the kernel's q2.
         let mut out = vec![f32::NAN; c * stride];
         {
-            let mut acc = vec![0i32; c * cols];
+            let mut acc = vec![0i32; acc_len(c, cols)];
             let out_rows: Vec<&mut [f32]> = out.chunks_mut(stride).collect();
             let mut out_rows: Vec<Option<&mut [f32]>> = out_rows.into_iter().map(Some).collect();
             let x_rows: Vec<&[f32]> = x.chunks(stride).collect();
@@ -281,9 +281,11 @@ fn int8_mlp_steps_match_definition() {
         (3, 7, 1),
         (12, 48, 67),
         // Several passes of `rows_per_pass` rows: fc1's 256 rows over 49 tokens (80
-        // per pass), fc2's 96 over 100 (40 per pass).
+        // per pass), fc2's 96 over 100 (40 per pass), fc1's 203 over 100 (the last
+        // k4 group of the last pass partial).
         (64, 256, 49),
         (96, 40, 100),
+        (8, 203, 100),
     ] {
         for (grid_dequant, wmax) in [(false, 127), (true, 127), (false, 64)] {
             check(Case {

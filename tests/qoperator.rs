@@ -1260,14 +1260,16 @@ fn bad_qoperator_nodes_give_errors_not_panics() {
     // tract's QLinearConv, its parameters checked as it is read (`src/onnx/qdq.rs`):
     // a per-channel weight scale of 0, an i32 output zero point, a u8 zero point for
     // i8 weights.
-    let conv = |w_scales: &[f32], yz_i32: bool, wz: Q| {
+    let conv = |w_scales: &[f32], yz_i32: bool, wz: Q, wz_len: usize| {
+        let m = w_scales.len();
+        let w: Vec<i32> = (0..2 * m).map(|i| (i % 7) as i32 - 3).collect();
         let mut g = Graph::default();
         g.input("x", DataType::Uint8, &[1, 2, 4, 4])
             .f32_scalar("xs", 0.1)
             .q_const("xz", Q::U8, &[], &[128])
-            .q_const("w", Q::I8, &[3, 2, 1, 1], &[1, -2, 3, -4, 5, -6])
+            .q_const("w", Q::I8, &[m, 2, 1, 1], &w)
             .f32_vec("ws", w_scales)
-            .q_const("wz", wz, &[3], &[0, 0, 0])
+            .q_const("wz", wz, &[wz_len], &vec![0; wz_len])
             .f32_scalar("ys", 0.2);
         if yz_i32 {
             g.i32_const("yz", &[], &[128]);
@@ -1284,19 +1286,42 @@ fn bad_qoperator_nodes_give_errors_not_panics() {
         .output("y", DataType::Uint8);
         g
     };
-    assert_eq!(load_error(&conv(&[0.1, 0.2, 0.3], false, Q::I8)), None);
+    // Per-channel weight scales with one weight zero point, as the operator allows.
+    for wz_len in [3, 1] {
+        assert_eq!(
+            load_error(&conv(&[0.1, 0.2, 0.3], false, Q::I8, wz_len)),
+            None
+        );
+    }
+    // 1024 per-channel scales (4 KiB) are external data when the file is read from a
+    // path (`onnx::load`); a zero among them is found there too.
+    let mut wide = vec![0.01f32; 1024];
+    wide[1000] = 0.0;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), conv(&wide, false, Q::I8, 1024).encode()).unwrap();
+    let err = poolformer_edge::onnx::load::model_for_path(&loader(), file.path())
+        .map(|_| ())
+        .expect_err("a zero scale in external data must be rejected");
+    assert!(
+        format!("{err:#}").contains("scale \"ws\" must be finite and positive, element 1000 is 0"),
+        "{err:#}"
+    );
     for (g, expected) in [
         (
-            conv(&[0.1, 0.2, 0.0], false, Q::I8),
+            conv(&[0.1, 0.2, 0.0], false, Q::I8, 3),
             "scale \"ws\" must be finite and positive, element 2 is 0",
         ),
         (
-            conv(&[0.1, 0.2, 0.3], true, Q::I8),
+            conv(&[0.1, 0.2, 0.3], true, Q::I8, 3),
             "zero point \"yz\" is INT32, expected UINT8, INT8",
         ),
         (
-            conv(&[0.1, 0.2, 0.3], false, Q::U8),
+            conv(&[0.1, 0.2, 0.3], false, Q::U8, 3),
             "input \"w\" is INT8 but its zero point \"wz\" is UINT8",
+        ),
+        (
+            conv(&[0.1, 0.2, 0.3], false, Q::I8, 2),
+            "3 scales and 2 zero points",
         ),
     ] {
         let err = load_error(&g).unwrap_or_else(|| panic!("{expected}: loaded"));

@@ -138,9 +138,10 @@ impl QuantMlp {
         Ok(())
     }
 
-    /// Column blocks: about 256 KiB of hidden i32 accumulators per block, at least 64
-    /// columns, boundaries at multiples of 16 tokens (the AVX2 kernels' tile width, two
-    /// of NEON's), so that partial tiles occur in the last block only.
+    /// Column blocks: about 65 536 hidden values per block (64 KiB of GELU outputs in
+    /// the k4 layout), at least 64 columns, boundaries at multiples of 16 tokens (the
+    /// AVX2 kernels' tile width, two of NEON's), so that partial tiles occur in the last
+    /// block only.
     pub fn blocks(&self, hw: usize, threads: usize) -> Vec<(usize, usize)> {
         column_blocks(hw, (65_536 / self.hidden).max(64), threads, 16)
     }
@@ -431,8 +432,9 @@ pub fn quantize_input(
 }
 
 /// Rows of a matrix product whose i32 accumulators for `cols` tokens fill at most
-/// 16 KiB (at least 8 rows, a multiple of 8: whole tiles of every kernel): the
-/// epilogue reads them back from L1 rather than from L2.
+/// 16 KiB, a multiple of 8 (whole tiles of every kernel) and at least 8 (more than
+/// 16 KiB only past 512 tokens): the epilogue reads them back from L1 rather than
+/// from L2.
 pub fn rows_per_pass(cols: usize) -> usize {
     (4096 / cols.max(1) / 8 * 8).max(8)
 }

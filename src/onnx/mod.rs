@@ -11,6 +11,8 @@
 
 pub mod load;
 mod qdq;
+
+pub(crate) use qdq::tract_builder;
 mod qgemm;
 mod qlinear;
 mod qlinear_pool;
@@ -29,8 +31,9 @@ pub fn loader() -> Onnx {
         qlinear_pool::qlinear_global_average_pool,
     );
     register.insert("QGemm", qgemm::qgemm);
-    // QuantizeLinear and DequantizeLinear with their constant parameters checked;
-    // DequantizeLinear of integer weights stays integer for the int8 pass.
+    // QuantizeLinear, DequantizeLinear, QLinearConv and QLinearMatMul with their
+    // constant parameters checked; DequantizeLinear of integer weights stays integer
+    // for the int8 pass.
     qdq::register(&mut onnx);
     onnx
 }

@@ -31,12 +31,16 @@ pub(super) fn register(onnx: &mut Onnx) {
     r.insert("QLinearMatMul", qlinear_matmul);
 }
 
-/// One (scale, zero point) pair of a node: their input indices, and the input whose
-/// integer type the zero point must have, if any.
+/// One (scale, zero point) pair of a node: their input indices, the input whose
+/// integer type the zero point must have (if any), and whether the two may have
+/// different lengths where one of them has one value (QLinearConv's and
+/// QLinearMatMul's are described separately, each a scalar or per channel; Quantize-
+/// and DequantizeLinear's have one shape).
 struct Params {
     scale: usize,
     zero_point: usize,
     of: Option<usize>,
+    broadcast: bool,
 }
 
 const fn params(scale: usize, zero_point: usize, of: Option<usize>) -> Params {
@@ -44,14 +48,22 @@ const fn params(scale: usize, zero_point: usize, of: Option<usize>) -> Params {
         scale,
         zero_point,
         of,
+        broadcast: false,
+    }
+}
+
+const fn qlinear(scale: usize, zero_point: usize, of: Option<usize>) -> Params {
+    Params {
+        broadcast: true,
+        ..params(scale, zero_point, of)
     }
 }
 
 /// QLinearConv's and QLinearMatMul's three pairs: input, weights, output.
 const QLINEAR: [Params; 3] = [
-    params(1, 2, Some(0)),
-    params(4, 5, Some(3)),
-    params(6, 7, None),
+    qlinear(1, 2, Some(0)),
+    qlinear(4, 5, Some(3)),
+    qlinear(6, 7, None),
 ];
 
 const BYTES: &[DataType] = &[DataType::Uint8, DataType::Int8];
@@ -70,7 +82,7 @@ const SHORTS_AND_I32: &[DataType] = &[
 ];
 
 /// tract's own builder of `op` (its operator table built once: that is not free).
-fn tract_builder(op: &str) -> TractResult<OnnxBuilder> {
+pub(crate) fn tract_builder(op: &str) -> TractResult<OnnxBuilder> {
     static TRACT: OnceLock<Onnx> = OnceLock::new();
     TRACT
         .get_or_init(tract_onnx::onnx)
@@ -119,22 +131,24 @@ fn type_name(t: &TensorProto) -> String {
 
 /// Number of values of `t` (a scalar is one).
 fn len(t: &TensorProto) -> usize {
-    t.dims.iter().map(|&d| d.max(0) as usize).product()
+    t.dims
+        .iter()
+        .fold(1usize, |n, &d| n.saturating_mul(d.max(0) as usize))
 }
 
-/// `node`'s scale values where its scale is a float initializer stored in the file.
-fn scale_values(t: &TensorProto) -> Option<Vec<f32>> {
-    if t.data_type != DataType::Float as i32 || t.data_location == Some(1) {
-        return None;
-    }
-    Some(if t.raw_data.is_empty() {
-        t.float_data.clone()
-    } else {
-        t.raw_data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect()
-    })
+/// The values of a scale initializer, read as tract reads it (inline or external
+/// data, any float type); `None` where it cannot be read, which tract then reports.
+fn scale_values(ctx: &ParsingContext, t: &TensorProto) -> Option<Vec<f32>> {
+    let tensor = ctx.load_tensor(t).ok()?;
+    let values = tensor.cast_to::<f32>().ok()?;
+    Some(
+        values
+            .try_as_plain_ram()
+            .ok()?
+            .as_slice::<f32>()
+            .ok()?
+            .to_vec(),
+    )
 }
 
 fn check(
@@ -156,7 +170,7 @@ fn check(
             p.scale
         );
         let scale = initializer(ctx, scale_name);
-        if let Some(values) = scale.and_then(scale_values) {
+        if let Some(values) = scale.and_then(|t| scale_values(ctx, t)) {
             let bad = values
                 .iter()
                 .enumerate()
@@ -183,11 +197,10 @@ fn check(
             );
         }
         if let Some(scale) = scale {
+            let (ns, nz) = (len(scale), len(zero_point));
             ensure!(
-                len(scale) == len(zero_point),
-                "{what}: {} scales and {} zero points",
-                len(scale),
-                len(zero_point)
+                ns == nz || (p.broadcast && (ns == 1 || nz == 1)),
+                "{what}: {ns} scales and {nz} zero points"
             );
         }
         // A zero point has the type of the values it applies to.

@@ -74,9 +74,9 @@
 //! within ~1e-6 of a rounding boundary. Tests assert ≤ 1 step per quantized tensor
 //! (2 after two chained requantizations, where a first one-step difference propagates).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use tract_core::internal::{AxisOp, InOut, StaticName, ToDim};
 use tract_core::ops::binary::TypedBinOp;
 use tract_core::ops::cast::Cast;
@@ -98,30 +98,13 @@ use super::PassReport;
 use crate::kernels::quant::Grid;
 use crate::ops::requant::{DequantizeConst, FakeQuant, Quantize, Requant, RequantOut};
 
-type OnnxBuilder =
-    fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
-
-/// tract's own DequantizeLinear builder.
-fn tract_dequantize_linear() -> Option<OnnxBuilder> {
-    static BUILDER: OnceLock<Option<OnnxBuilder>> = OnceLock::new();
-    *BUILDER.get_or_init(|| {
-        tract_onnx::onnx()
-            .op_register
-            .0
-            .get("DequantizeLinear")
-            .copied()
-    })
-}
-
 /// The DequantizeLinear builder that keeps integer constant weights (see the module
 /// documentation); the loader registers it behind its checks (`crate::onnx`).
 pub(crate) fn dequantize_linear(
     ctx: &ParsingContext,
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let tract_builder =
-        tract_dequantize_linear().context("tract has no DequantizeLinear builder")?;
-    let (op, closures) = tract_builder(ctx, node)?;
+    let (op, closures) = crate::onnx::tract_builder("DequantizeLinear")?(ctx, node)?;
     let integer_initializer = node.input.first().is_some_and(|name| {
         ctx.model.graph.as_ref().is_some_and(|g| {
             g.initializer.iter().any(|t| {
