@@ -468,61 +468,47 @@ pub fn hidden_rows(
     q2: &mut [u8],
 ) {
     debug_assert!(rows.start.is_multiple_of(4));
+    let l = &w.fc1;
     let g0 = rows.start / 4;
     for pass in passes(rows, cols) {
-        hidden_pass(isa, w, q1, cols, pass, acc, q2, g0);
-    }
-}
-
-/// [`hidden_rows`] for one pass; `g0` is the k4 group of `q2[0]`.
-fn hidden_pass(
-    isa: Isa,
-    w: &QuantMlp,
-    q1: &[u8],
-    cols: usize,
-    rows: std::ops::Range<usize>,
-    acc: &mut [i32],
-    q2: &mut [u8],
-    g0: usize,
-) {
-    let l = &w.fc1;
-    let n = rows.len();
-    gemm_u8i8(
-        isa,
-        &l.weights,
-        rows.clone(),
-        q1,
-        cols,
-        &mut acc[..n * cols],
-        cols,
-    );
-    for g in rows.start / 4..rows.end.div_ceil(4) {
-        let nrows = (rows.end - 4 * g).min(4);
-        let mut a = [EMPTY_I32; 4];
-        let mut corr = [0i32; 4];
-        let mut mult = [0f32; 4];
-        let mut offset = [0f32; 4];
-        for j in 0..nrows {
-            let r = 4 * g + j;
-            let local = r - rows.start;
-            a[j] = &acc[local * cols..(local + 1) * cols];
-            corr[j] = l.corr[r];
-            mult[j] = l.mult[r];
-            offset[j] = l.offset[r];
-        }
-        hidden_quantize_group(
+        let n = pass.len();
+        gemm_u8i8(
             isa,
-            a,
-            nrows,
+            &l.weights,
+            pass.clone(),
+            q1,
             cols,
-            corr,
-            mult,
-            offset,
-            l.dequant,
-            w.inv_scale2,
-            w.grid2,
-            &mut q2[4 * (g - g0) * cols..4 * (g - g0 + 1) * cols],
+            &mut acc[..n * cols],
+            cols,
         );
+        for g in pass.start / 4..pass.end.div_ceil(4) {
+            let nrows = (pass.end - 4 * g).min(4);
+            let mut a = [EMPTY_I32; 4];
+            let mut corr = [0i32; 4];
+            let mut mult = [0f32; 4];
+            let mut offset = [0f32; 4];
+            for j in 0..nrows {
+                let r = 4 * g + j;
+                let local = r - pass.start;
+                a[j] = &acc[local * cols..(local + 1) * cols];
+                corr[j] = l.corr[r];
+                mult[j] = l.mult[r];
+                offset[j] = l.offset[r];
+            }
+            hidden_quantize_group(
+                isa,
+                a,
+                nrows,
+                cols,
+                corr,
+                mult,
+                offset,
+                l.dequant,
+                w.inv_scale2,
+                w.grid2,
+                &mut q2[4 * (g - g0) * cols..4 * (g - g0 + 1) * cols],
+            );
+        }
     }
 }
 
@@ -538,44 +524,31 @@ pub fn output_rows<'o>(
     acc: &mut [i32],
     mut row_io: impl FnMut(usize) -> (&'o [f32], &'o mut [f32]),
 ) {
-    for pass in passes(rows, cols) {
-        output_pass(isa, w, q2, cols, pass, acc, &mut row_io);
-    }
-}
-
-/// [`output_rows`] for one pass.
-fn output_pass<'o>(
-    isa: Isa,
-    w: &QuantMlp,
-    q2: &[u8],
-    cols: usize,
-    rows: std::ops::Range<usize>,
-    acc: &mut [i32],
-    row_io: &mut impl FnMut(usize) -> (&'o [f32], &'o mut [f32]),
-) {
     let l = &w.fc2;
-    let n = rows.len();
-    gemm_u8i8(
-        isa,
-        &l.weights,
-        rows.clone(),
-        q2,
-        cols,
-        &mut acc[..n * cols],
-        cols,
-    );
-    for (i, r) in rows.enumerate() {
-        let (x, out) = row_io(r);
-        residual_row(
+    for pass in passes(rows, cols) {
+        let n = pass.len();
+        gemm_u8i8(
             isa,
-            &acc[i * cols..(i + 1) * cols],
-            x,
-            out,
-            l.corr[r],
-            l.mult[r],
-            l.offset[r],
-            l.dequant,
-            w.layer_scale[r],
+            &l.weights,
+            pass.clone(),
+            q2,
+            cols,
+            &mut acc[..n * cols],
+            cols,
         );
+        for (i, r) in pass.enumerate() {
+            let (x, out) = row_io(r);
+            residual_row(
+                isa,
+                &acc[i * cols..(i + 1) * cols],
+                x,
+                out,
+                l.corr[r],
+                l.mult[r],
+                l.offset[r],
+                l.dequant,
+                w.layer_scale[r],
+            );
+        }
     }
 }
