@@ -7,8 +7,9 @@
 //! deep in a pass with a tensor type error. Where the scales and zero points are
 //! initializers, their values are checked here, before tract builds the op: every
 //! scale finite and positive, zero points of an integer type ONNX allows for the op
-//! and of the type of the values they apply to, as many zero points as scales, the
-//! scale inputs present. Parameters computed by the graph are left to tract.
+//! and of the type of the values they apply to, as many zero points as scales (or one
+//! of either, for the QLinear ops), the scale inputs present. Parameters computed by
+//! the graph are left to tract.
 
 use std::sync::OnceLock;
 
