@@ -2,9 +2,11 @@
 //! convolution shapes at 224×224, for int8 and f32 weights: the `gemm` crate on row-major
 //! weights (int8 ones dequantized 64 rows at a time), the crate's `sgemm` kernels on
 //! packed weights (int8 ones dequantized a stretch at a time), which `PatchConv`'s
-//! codegen picks on AVX2 and AVX-512, and for int8 weights on a CPU with AVX-512 VNNI
-//! the input quantized to 16 bits through the u8 × i8 kernels (`split16`), which it
-//! picks there. They alternate in one process, outputs compared. On one thread each figure is the smallest of 15 rounds in thread CPU
+//! codegen picks for f32 weights on AVX2 and AVX-512, and for int8 weights the input
+//! quantized to 16 bits (`split16`): through two u8 × i8 products on a CPU with AVX-512
+//! VNNI, through one fused i16 product on AVX2 without it, which the codegen picks
+//! there. They alternate in one process, outputs compared. On one thread each figure
+//! is the smallest of 15 rounds in thread CPU
 //! time, so that time lost to other jobs does not count; with `--threads N` (N > 1) the
 //! ops run on a pool of N threads and each figure is the smallest of 40 rounds in wall
 //! time.
@@ -18,7 +20,7 @@ use std::sync::Arc;
 use cpu_time::cpu_now;
 use poolformer_edge::kernels::im2col::ConvGeometry;
 use poolformer_edge::kernels::{sgemm, Isa};
-use poolformer_edge::ops::conv::{split16_pays, ConvWeights, PatchConv};
+use poolformer_edge::ops::conv::{fused16_pays, split16_pays, ConvWeights, PatchConv};
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
@@ -120,7 +122,7 @@ fn main() -> TractResult<()> {
             ("f32", ConvWeights::F32(Arc::new(f32_weights))),
         ] {
             let mut variants = vec![weights.clone(), weights.packed(isa, co)];
-            if kind == "int8" && split16_pays(isa) {
+            if kind == "int8" && (split16_pays(isa) || fused16_pays(isa)) {
                 variants.extend(weights.prepared(isa, &g, co)?);
             }
             let plans: Vec<_> = variants

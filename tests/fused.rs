@@ -753,16 +753,20 @@ fn patch_conv_matches_reference_conv() {
     }
 }
 
-/// The 16-bit-input path of int8 convs ([`ConvWeights::Split16`]) against the f64
-/// convolution of the dequantized weights. Its one approximation is the input's
-/// rounding to the grid of step `s = max|x| / 32767`: each output moves by at most
+/// The 16-bit-input path of int8 convs ([`ConvWeights::Split16`]), both as two u8 × i8
+/// products and as one fused i16 product, against the f64 convolution of the
+/// dequantized weights. Its one approximation is the input's rounding to the grid of
+/// step `s = max|x| / G` (`G = input_grid()`: 32767, or less for the fused product,
+/// whose i32 sums must hold `G·max_k Σ|q|`): each output moves by at most
 /// `Σ_k |w_k| · s/2`, the bound checked (plus 1e-5 relative for f32 sums). Every CPU
-/// runs this path (the u8 × i8 kernels are exact everywhere); the engine picks it where
-/// `split16_pays`. A NaN in the input falls back to the float path, which carries it.
+/// runs both forms (the integer kernels are exact everywhere); the engine picks one
+/// where `split16_pays` or `fused16_pays`. A NaN in the input falls back to the float
+/// path, which carries it.
 #[test]
 fn patch_conv_split16_matches_reference_conv() {
     use poolformer_edge::ops::conv::{ConvWeights, PatchConv};
     use std::sync::Arc;
+    let mut narrowed = false;
     // (in channels, side, out channels, kernel, stride, pad): channel counts that fill
     // the last group of 4 and ones that do not, partial last windows, 7×7/4 and 3×3/2,
     // a 7×7 window overhanging both sides of a 4-pixel row.
@@ -774,6 +778,8 @@ fn patch_conv_split16_matches_reference_conv() {
         (2, 4, 3, 7, 1, 3),
         (40, 9, 37, 3, 2, 1),
         (64, 15, 70, 3, 2, 1),
+        // Deep enough (2700 weights of ~90 per row) that the fused grid narrows.
+        (300, 6, 9, 3, 2, 1),
     ] {
         let (ci, n, co, k, s, p) = shape;
         let mut x = common::test_image(ci, n, n, (ci * n) as u64 + 3);
@@ -794,54 +800,78 @@ fn patch_conv_split16_matches_reference_conv() {
             scale: Arc::new(scale),
             zero: Arc::new(zero),
         };
-        let weights = int8.split16(&geometry, co).unwrap();
-        assert!(matches!(weights, ConvWeights::Split16 { .. }));
         let op = |weights: &ConvWeights| PatchConv {
             geometry,
             out_channels: co,
             weights: weights.clone(),
             bias: Arc::new(b.clone()),
         };
-        let half_step = 9.0 / 65534.0;
-        let kk = ci * k * k;
-        for threads in [1, 3] {
-            let got = run_patch_conv(op(&weights), &x, threads);
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                let row = &w[(i / geometry.out_pixels()) * kk..][..kk];
-                let l1: f64 = row.iter().map(|v| v.abs() as f64).sum();
-                let tol = l1 * half_step * 1.001 + 1e-5 * e.abs().max(1.0);
-                assert!(
+        let clean_x1 = x[1];
+        for fused in [false, true] {
+            let weights = int8.split16(&geometry, co, fused).unwrap();
+            assert!(matches!(weights, ConvWeights::Split16 { .. }));
+            let grid = weights.input_grid().unwrap();
+            let l1_max = int8_l1_max(&int8, co);
+            if fused {
+                assert_eq!(grid, ((i32::MAX as i64 / l1_max) as f32).min(32767.0));
+                narrowed |= grid < 32767.0;
+            } else {
+                assert_eq!(grid, 32767.0);
+            }
+            let half_step = 9.0 / (2.0 * grid as f64);
+            let kk = ci * k * k;
+            for threads in [1, 3] {
+                let got = run_patch_conv(op(&weights), &x, threads);
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    let row = &w[(i / geometry.out_pixels()) * kk..][..kk];
+                    let l1: f64 = row.iter().map(|v| v.abs() as f64).sum();
+                    let tol = l1 * half_step * 1.001 + 1e-5 * e.abs().max(1.0);
+                    assert!(
                     (*g as f64 - e).abs() <= tol,
-                    "{threads} threads, {ci}→{co} k{k} s{s} p{p} at {i}: {g} vs {e} (bound {tol})"
+                    "fused {fused}, {threads} threads, {ci}→{co} k{k} s{s} p{p} at {i}: {g} vs {e} (bound {tol})"
                 );
+                }
             }
-        }
-        // Magnitudes so small that the grid's step would underflow: the float path
-        // (without a bias, which would hide the products).
-        let tiny: Vec<f32> = x.iter().map(|v| v * 1e-36).collect();
-        let unbiased = |weights: &ConvWeights| PatchConv {
-            bias: Arc::new(vec![0.0; co]),
-            ..op(weights)
-        };
-        let plain = run_patch_conv(unbiased(&int8), &tiny, 1);
-        let got = run_patch_conv(unbiased(&weights), &tiny, 1);
-        assert!(plain.iter().any(|&v| v != 0.0));
-        assert_eq!(got, plain, "tiny input");
-        // A NaN in the input: the float path's result, NaN wherever the tap reads it.
-        x[1] = f32::NAN;
-        let plain = run_patch_conv(op(&int8), &x, 1);
-        for threads in [1, 3] {
-            let got = run_patch_conv(op(&weights), &x, threads);
-            assert!(got.iter().any(|v| v.is_nan()));
-            for (g, e) in got.iter().zip(&plain) {
-                assert!(
-                    g.is_nan() == e.is_nan()
-                        && (g.is_nan() || (g - e).abs() <= 1e-5 * e.abs().max(1.0)),
-                    "NaN input, {threads} threads: {g} vs {e}"
-                );
+            // Magnitudes so small that the grid's step would underflow: the float path
+            // (without a bias, which would hide the products).
+            let tiny: Vec<f32> = x.iter().map(|v| v * 1e-36).collect();
+            let unbiased = |weights: &ConvWeights| PatchConv {
+                bias: Arc::new(vec![0.0; co]),
+                ..op(weights)
+            };
+            let plain = run_patch_conv(unbiased(&int8), &tiny, 1);
+            let got = run_patch_conv(unbiased(&weights), &tiny, 1);
+            assert!(plain.iter().any(|&v| v != 0.0));
+            assert_eq!(got, plain, "tiny input");
+            // A NaN in the input: the float path's result, NaN wherever the tap reads it.
+            x[1] = f32::NAN;
+            let plain = run_patch_conv(op(&int8), &x, 1);
+            for threads in [1, 3] {
+                let got = run_patch_conv(op(&weights), &x, threads);
+                assert!(got.iter().any(|v| v.is_nan()));
+                for (g, e) in got.iter().zip(&plain) {
+                    assert!(
+                        g.is_nan() == e.is_nan()
+                            && (g.is_nan() || (g - e).abs() <= 1e-5 * e.abs().max(1.0)),
+                        "NaN input, fused {fused}, {threads} threads: {g} vs {e}"
+                    );
+                }
             }
+            x[1] = clean_x1;
         }
     }
+    assert!(narrowed, "no case narrows the fused grid");
+}
+
+/// `max_o Σ_k |q[o, k]|` of int8 conv weights.
+fn int8_l1_max(w: &poolformer_edge::ops::conv::ConvWeights, rows: usize) -> i64 {
+    let poolformer_edge::ops::conv::ConvWeights::I8 { q, .. } = w else {
+        panic!("int8 weights expected");
+    };
+    q.chunks_exact(q.len() / rows)
+        .map(|r| r.iter().map(|&v| (v as i64).abs()).sum())
+        .max()
+        .unwrap()
 }
 
 #[test]

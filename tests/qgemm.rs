@@ -14,7 +14,7 @@
 //! one step past it (where it must fall back to the plain AVX2 kernel).
 
 use poolformer_edge::kernels::qgemm::{
-    gemm_u8i8, gemm_u8i8_with, k4_index, k4_len, PackedI8, QKernel,
+    gemm_q16_planes, gemm_u8i8, gemm_u8i8_with, k4_index, k4_len, PackedI8, QKernel,
 };
 use poolformer_edge::kernels::Isa;
 use rand::{Rng, SeedableRng};
@@ -274,6 +274,98 @@ fn isa_dispatch() {
                     "{}",
                     isa.name()
                 );
+            }
+        }
+    }
+}
+
+/// `Σ_k w[r, k]·(256·hi + lo)` with `hi` as i8, in i64, for [`gemm_q16_planes`].
+fn planes_reference(
+    w: &[i8],
+    k: usize,
+    hi: &[u8],
+    lo: &[u8],
+    cols: usize,
+    r: usize,
+    n: usize,
+) -> i64 {
+    (0..k)
+        .map(|kk| {
+            let at = k4_index(kk, n, cols);
+            w[r * k + kk] as i64 * (256 * (hi[at] as i8 as i64) + lo[at] as i64)
+        })
+        .sum()
+}
+
+/// The 16-bit product on two byte planes, at every ISA level this CPU runs (AVX2's
+/// `vpmaddwd` kernel, plain Rust elsewhere), against an i64 sum: random values over
+/// odd shapes and row ranges (each output then well inside an i32), and extremes sized
+/// to the i32 limit that `max_row_l1` states, in both signs. Padding channels hold
+/// random bytes (the padded weights are zero).
+#[test]
+fn q16_planes_every_level() {
+    const SENTINEL: i32 = 0x5a5a_5a5a;
+    let run = |w: &[i8],
+               m: usize,
+               k: usize,
+               hi: &[u8],
+               lo: &[u8],
+               cols: usize,
+               rows: std::ops::Range<usize>,
+               ldc: usize| {
+        let packed = PackedI8::new(m, k, w).unwrap();
+        for isa in Isa::available() {
+            let mut acc = vec![SENTINEL; rows.len().max(1) * ldc];
+            gemm_q16_planes(isa, &packed, rows.clone(), hi, lo, cols, &mut acc, ldc);
+            for (i, r) in rows.clone().enumerate() {
+                for n in 0..ldc {
+                    let want = if n < cols {
+                        i32::try_from(planes_reference(w, k, hi, lo, cols, r, n))
+                            .expect("the case fits an i32")
+                    } else {
+                        SENTINEL
+                    };
+                    assert_eq!(
+                        acc[i * ldc + n],
+                        want,
+                        "{}: m={m} k={k} cols={cols} ldc={ldc}, row {r}, token {n}",
+                        isa.name()
+                    );
+                }
+            }
+        }
+    };
+    let mut rng = ChaCha8Rng::seed_from_u64(16);
+    for &m in &[1, 3, 4, 9, 17] {
+        for &k in &[4, 7, 64, 1152, 2880] {
+            for &cols in &[1, 7, 8, 13, 49, 196] {
+                let w: Vec<i8> = (0..m * k).map(|_| rng.gen()).collect();
+                let len = k4_len(k, cols);
+                let hi: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                let lo: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+                // Random i8 × 16-bit products over 2880 channels stay within ±2^31
+                // only with smaller highs: |hi| ≤ 15 keeps |Σ| ≤ 2880·128·4096.
+                let hi: Vec<u8> = hi.iter().map(|&h| ((h as i8) >> 3) as u8).collect();
+                run(&w, m, k, &hi, &lo, cols, 0..m, cols);
+                if m > 2 {
+                    run(&w, m, k, &hi, &lo, cols, 1..m - 1, cols + 5);
+                }
+            }
+        }
+    }
+    // Extremes: all weights −128 or 127, inputs at ±q where q·max_row_l1 ≤ i32::MAX.
+    for &(m, k, cols) in &[(5, 2880, 49), (4, 1152, 13)] {
+        for &w0 in &[-128i8, 127] {
+            let w = vec![w0; m * k];
+            let l1 = PackedI8::new(m, k, &w).unwrap().max_row_l1();
+            assert_eq!(l1, (w0 as i64).abs() * k as i64);
+            let q = i32::MAX as i64 / l1;
+            for q in [q, -q] {
+                let (h, l) = ((q >> 8) as i8 as u8, (q & 255) as u8);
+                let hi = vec![h; k4_len(k, cols)];
+                let lo = vec![l; k4_len(k, cols)];
+                assert!(planes_reference(&w, k, &hi, &lo, cols, 0, 0).abs() > (1 << 30));
+                run(&w, m, k, &hi, &lo, cols, 0..m, cols);
             }
         }
     }

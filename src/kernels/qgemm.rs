@@ -27,6 +27,10 @@
 //! | `NeonDot`     | aarch64 with the dot product (A76, Pi 5)    | `sdot` on `b ^ 0x80`        |
 //! | `Neon`        | aarch64 without it (A72, A53)               | `smull` + `sadalp`          |
 //! | `Portable`    | everything else (armv7: auto-vectorized)    | plain Rust                  |
+//!
+//! [`gemm_q16_planes`] multiplies the same weights by a 16-bit input held as two byte
+//! planes in the k4 layout (the 16-bit patch convolution's input on AVX2, see
+//! [`super::split16`]), with the `Avx2` kernel's tiles.
 
 use std::ops::Range;
 
@@ -46,6 +50,8 @@ pub struct PackedI8 {
     /// Every pair of weights `w[r, 2j], w[r, 2j + 1]` has `|w₀| + |w₁| ≤ 128`, so
     /// `255·(|w₀| + |w₁|)` fits an i16: `vpmaddubsw` is exact on any u8 activations.
     pairs_fit_i16: bool,
+    /// The largest `Σ_k |w[r, k]|` of a row.
+    max_row_l1: i64,
 }
 
 impl PackedI8 {
@@ -72,6 +78,11 @@ impl PackedI8 {
             .max()
             .unwrap_or(0);
         let pairs_fit_i16 = largest_pair as i32 <= PAIR_BOUND;
+        let max_row_l1 = w
+            .chunks_exact(k)
+            .map(|r| r.iter().map(|&v| (v as i64).abs()).sum())
+            .max()
+            .unwrap_or(0);
         Ok(PackedI8 {
             m,
             k,
@@ -79,6 +90,7 @@ impl PackedI8 {
             data,
             row_sums,
             pairs_fit_i16,
+            max_row_l1,
         })
     }
 
@@ -100,6 +112,12 @@ impl PackedI8 {
     /// `depth` rounded up to a multiple of 4: rows of a k4 activation buffer.
     pub fn padded_depth(&self) -> usize {
         self.kp
+    }
+
+    /// The largest `Σ_k |w[r, k]|` of a row: an output of [`gemm_q16_planes`] fits an
+    /// i32 for inputs up to `i32::MAX / max_row_l1` in magnitude.
+    pub fn max_row_l1(&self) -> i64 {
+        self.max_row_l1
     }
 
     /// `Σ_k w[r, k]` for each row.
@@ -302,6 +320,85 @@ pub fn gemm_u8i8_with(
         #[cfg(target_arch = "aarch64")]
         QKernel::Neon => neon::gemm(w, rows, b, cols, acc, ldc),
         _ => portable(w, rows, b, cols, acc, ldc),
+    }
+}
+
+/// The product of the weights and a **16-bit input given as two byte planes**:
+/// `acc[(r − rows.start)·ldc + n] = Σ_k w[r, k]·(256·hi[k, n] + lo[k, n])`, with `hi`'s
+/// bytes read as i8 and `lo`'s as u8, both in the k4 layout of `cols` tokens. Each
+/// output is the exact sum wherever it fits an i32, which holds for every input with
+/// `|256·hi + lo| ≤ i32::MAX / w.max_row_l1()`; the i32 additions wrap, so partial
+/// sums may pass the limit on the way.
+///
+/// At `isa` AVX2 or AVX-512 this is one `vpmaddwd` product on the planes interleaved
+/// into i16 ([`QKernel::Avx2`]'s kernel with the high bytes in place of its zero
+/// extension): half the instructions of two byte products on that kernel, which makes
+/// the 16-bit patch convolution pay on CPUs without VNNI. Elsewhere plain Rust.
+///
+/// Panics (a caller bug, not bad input) when a buffer is too short.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_q16_planes(
+    isa: Isa,
+    w: &PackedI8,
+    rows: Range<usize>,
+    hi: &[u8],
+    lo: &[u8],
+    cols: usize,
+    acc: &mut [i32],
+    ldc: usize,
+) {
+    assert!(
+        rows.start <= rows.end && rows.end <= w.m,
+        "rows out of range"
+    );
+    assert!(
+        hi.len() >= w.kp * cols && lo.len() >= w.kp * cols,
+        "k4 buffer too short"
+    );
+    assert!(ldc >= cols, "ldc < cols");
+    let nrows = rows.len();
+    if nrows == 0 || cols == 0 {
+        return;
+    }
+    assert!(
+        acc.len() >= (nrows - 1) * ldc + cols,
+        "accumulator too short"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 (checked); buffer lengths checked above.
+        Isa::Avx2 | Isa::Avx512 if Isa::Avx2.is_supported() => unsafe {
+            x86::gemm_avx2_planes(w, rows, hi, lo, cols, acc, ldc)
+        },
+        _ => portable_planes(w, rows, hi, lo, cols, acc, ldc),
+    }
+}
+
+/// [`gemm_q16_planes`] in plain Rust.
+fn portable_planes(
+    w: &PackedI8,
+    rows: Range<usize>,
+    hi: &[u8],
+    lo: &[u8],
+    cols: usize,
+    acc: &mut [i32],
+    ldc: usize,
+) {
+    let groups = w.kp / 4;
+    for (i, r) in rows.enumerate() {
+        let wr = w.row(r);
+        let out = &mut acc[i * ldc..i * ldc + cols];
+        out.fill(0);
+        for g in 0..groups {
+            let span = g * cols * 4..(g + 1) * cols * 4;
+            let (h, l) = (&hi[span.clone()], &lo[span]);
+            for (n, o) in out.iter_mut().enumerate() {
+                for j in 0..4 {
+                    let q = 256 * (h[4 * n + j] as i8 as i32) + l[4 * n + j] as i32;
+                    *o = o.wrapping_add((wr[4 * g + j] as i32).wrapping_mul(q));
+                }
+            }
+        }
     }
 }
 
@@ -631,14 +728,55 @@ mod x86 {
         acc: &mut [i32],
         ldc: usize,
     ) {
+        // SAFETY: as this function's.
+        unsafe { widening::<false>(w, rows, b, b, cols, acc, ldc) }
+    }
+
+    /// [`super::gemm_q16_planes`]: [`gemm_avx2`] with the bytes of `lo` widened by
+    /// those of `hi` (`vpunpck[lh]bw lo, hi`: the i16 values `256·hi + lo`) instead of
+    /// by zeros. Every token runs in the tiles (the last ones masked).
+    ///
+    /// # Safety
+    /// The CPU has AVX2; `hi` and `lo` as `b` of [`gemm_avx512vnni`].
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn gemm_avx2_planes(
+        w: &PackedI8,
+        rows: Range<usize>,
+        hi: &[u8],
+        lo: &[u8],
+        cols: usize,
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
+        // SAFETY: as this function's.
+        unsafe { widening::<true>(w, rows, lo, hi, cols, acc, ldc) }
+    }
+
+    /// The body of [`gemm_avx2`] (`PLANES` false: `high` unused, the bytes widened by
+    /// zeros) and of [`gemm_avx2_planes`] (`PLANES` true: by the bytes of `high`).
+    ///
+    /// # Safety
+    /// As for [`gemm_avx2`], with `high` as long as `b` where `PLANES`.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn widening<const PLANES: bool>(
+        w: &PackedI8,
+        rows: Range<usize>,
+        b: &[u8],
+        high: &[u8],
+        cols: usize,
+        acc: &mut [i32],
+        ldc: usize,
+    ) {
         let kp = w.kp;
         let groups = kp / 4;
         // The last few tokens past whole registers, if any, as dot products (see
-        // `dots_256`), after the tiles.
-        let tail = tail_tokens(cols, 8, kp);
+        // `dots_256`), after the tiles. Two planes run every token in the tiles.
+        let tail = if PLANES { 0 } else { tail_tokens(cols, 8, kp) };
         let full = cols - tail;
+        let plane_count = if PLANES { 2 } else { 1 };
         // Blocks of at least 16 groups; with more tokens than that allows, none.
-        let block = match KC_BYTES256 / (4 * cols) {
+        let block = match KC_BYTES256 / (4 * plane_count * cols) {
             g if g >= 16 => g,
             _ => groups,
         };
@@ -668,6 +806,7 @@ mod x86 {
                     unsafe {
                         let wp = wide.as_ptr();
                         let bp = b.as_ptr().add(4 * (g0 * cols + n));
+                        let hp = high.as_ptr().add(4 * (g0 * cols + n));
                         let op = out.add(n);
                         let t = Tile {
                             groups: gc,
@@ -678,10 +817,10 @@ mod x86 {
                             accumulate,
                         };
                         match mr {
-                            4 => tile_256::<4>(wp, bp, op, &t),
-                            3 => tile_256::<3>(wp, bp, op, &t),
-                            2 => tile_256::<2>(wp, bp, op, &t),
-                            _ => tile_256::<1>(wp, bp, op, &t),
+                            4 => tile_256::<4, PLANES>(wp, bp, hp, op, &t),
+                            3 => tile_256::<3, PLANES>(wp, bp, hp, op, &t),
+                            2 => tile_256::<2, PLANES>(wp, bp, hp, op, &t),
+                            _ => tile_256::<1, PLANES>(wp, bp, hp, op, &t),
                         }
                     }
                     n += nt;
@@ -826,31 +965,50 @@ mod x86 {
         accumulate: bool,
     }
 
-    /// `R` rows × 8 tokens of [`gemm_avx2`] over one depth block.
+    /// `R` rows × 8 tokens of [`widening`] over one depth block.
     ///
     /// # Safety
-    /// AVX2; `w` points at `t.groups` groups of `R` rows' 4 i16 weights; `b` at
-    /// `t.groups` groups (stride `t.bstride` bytes) of `t.nt` tokens; `out` at `R` rows
-    /// (stride `t.ldc`) of `t.nt` i32, initialized where `t.accumulate`.
+    /// AVX2; `w` points at `t.groups` groups of `R` rows' 4 i16 weights; `b` (and `h`
+    /// where `PLANES`) at `t.groups` groups (stride `t.bstride` bytes) of `t.nt` tokens;
+    /// `out` at `R` rows (stride `t.ldc`) of `t.nt` i32, initialized where
+    /// `t.accumulate`.
     #[target_feature(enable = "avx2")]
-    unsafe fn tile_256<const R: usize>(w: *const i16, b: *const u8, out: *mut i32, t: &Tile) {
+    unsafe fn tile_256<const R: usize, const PLANES: bool>(
+        w: *const i16,
+        b: *const u8,
+        h: *const u8,
+        out: *mut i32,
+        t: &Tile,
+    ) {
         let zero = _mm256_setzero_si256();
         let mut lo = [zero; R];
         let mut hi = [zero; R];
         let mut bp = b;
+        let mut hp = h;
         let mut wp = w;
         let full = t.nt == 8;
         for _ in 0..t.groups {
-            // SAFETY: `nt` tokens of this group; the lanes past them are not read.
-            let bv = unsafe {
+            // SAFETY: `nt` tokens of this group (of `b`, and of `h` where `PLANES`); the
+            // lanes past them are not read.
+            let (bv, high) = unsafe {
                 if full {
-                    _mm256_loadu_si256(bp as *const __m256i)
+                    let high = if PLANES {
+                        _mm256_loadu_si256(hp as *const __m256i)
+                    } else {
+                        zero
+                    };
+                    (_mm256_loadu_si256(bp as *const __m256i), high)
                 } else {
-                    _mm256_maskload_epi32(bp as *const i32, t.mask)
+                    let high = if PLANES {
+                        _mm256_maskload_epi32(hp as *const i32, t.mask)
+                    } else {
+                        zero
+                    };
+                    (_mm256_maskload_epi32(bp as *const i32, t.mask), high)
                 }
             };
-            let blo = _mm256_unpacklo_epi8(bv, zero);
-            let bhi = _mm256_unpackhi_epi8(bv, zero);
+            let blo = _mm256_unpacklo_epi8(bv, high);
+            let bhi = _mm256_unpackhi_epi8(bv, high);
             for i in 0..R {
                 // SAFETY: row i's 4 weights of the current group (i < R, group < groups).
                 let wv =
@@ -861,6 +1019,7 @@ mod x86 {
             // SAFETY: at most one past the last group (never dereferenced then).
             unsafe {
                 bp = bp.add(t.bstride);
+                hp = hp.add(t.bstride);
                 wp = wp.add(4 * R);
             }
         }

@@ -18,6 +18,14 @@
 //! at most `s/2 = max|x| / 65534` per value: each output moves by at most
 //! `Σ_k |w| · s/2`, 2⁻¹⁶ of the largest input times the weights' L1 norm, far below
 //! the int8 weights' own rounding.
+//!
+//! On AVX2 without VNNI the planes are instead read back as the i16 values
+//! `q = 256·h + l` (the high bytes flipped to i8, [`flip_high_bytes`]) and multiplied in
+//! one product, `vpmaddwd` on pairs of them ([`super::qgemm::gemm_q16_planes`]), about
+//! twice the f32 FMA's products per instruction. Its sums are i32, so the grid is
+//! narrowed where the weights are heavy: `|q| ≤ i32::MAX / max_o Σ_k |w[o, k]|`
+//! (PoolFormer-S12's last downsampling conv: ±15 619 instead of ±32 767, so 2⁻¹⁵ of the
+//! largest input instead of 2⁻¹⁶).
 
 use super::multiversion;
 use super::quant::ClampTo;
@@ -95,6 +103,25 @@ multiversion! {
         let mult_hi = 256.0 * mult;
         for ((o, &h), &l) in out.iter_mut().zip(hi).zip(lo) {
             *o = h.wrapping_add(corr) as f32 * mult_hi + (l as f32 * mult + bias);
+        }
+    }
+}
+
+multiversion! {
+    /// Every byte `b ^ 0x80`: the high bytes `h + 128` of [`split_bytes_c4`] as the i8
+    /// values `h` (and back).
+    pub fn flip_high_bytes(hi: &mut [u8]) {
+        for b in hi.iter_mut() {
+            *b ^= 0x80;
+        }
+    }
+}
+
+multiversion! {
+    /// One output row from the fused product: `out = acc·mult + bias`.
+    pub fn scale_row(acc: &[i32], out: &mut [f32], mult: f32, bias: f32) {
+        for (o, &a) in out.iter_mut().zip(acc) {
+            *o = a as f32 * mult + bias;
         }
     }
 }

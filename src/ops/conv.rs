@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use tract_core::internal::*;
 
 use crate::kernels::im2col::ConvGeometry;
-use crate::kernels::qgemm::{gemm_u8i8_with, PackedI8, QKernel};
+use crate::kernels::qgemm::{gemm_q16_planes, gemm_u8i8_with, PackedI8, QKernel};
 use crate::kernels::sgemm::{self, Epilogue, PackedCols, PackedWeights, PackedWeightsI8};
 use crate::kernels::{split16, Isa};
 
@@ -35,15 +35,21 @@ pub enum ConvWeights {
     PackedI8(Arc<PackedWeightsI8>),
     /// `F32`, packed for the `sgemm` kernels of one instruction set.
     PackedF32(Arc<PackedWeights>),
-    /// `I8` with every zero point 0, on a CPU whose int8 kernel multiplies four byte
-    /// pairs per lane ([`split16_pays`]): the input is quantized to 16 bits at each run
-    /// and multiplied as two byte planes ([`crate::kernels::split16`]). The columns of
+    /// `I8` with every zero point 0, where an integer product beats the f32 one
+    /// ([`split16_pays`], [`fused16_pays`]): the input is quantized to 16 bits at each
+    /// run and split into two byte planes ([`crate::kernels::split16`]). The columns of
     /// `q` are ordered by tap, then channel, with `channels` rounded up to 4 by zero
     /// weights, the order of `ConvGeometry::fill_k4_groups_c4`'s patch rows.
+    ///
+    /// Without `fused`, each plane is one u8 × i8 product and the two are summed in
+    /// f32; the grid has 2·32767 + 1 levels. With `fused`, one product takes both planes
+    /// as i16 values and sums in i32 ([`gemm_q16_planes`]), so the grid is narrowed to
+    /// [`ConvWeights::input_grid`] levels each side, where no output can leave an i32.
     Split16 {
         q: Arc<PackedI8>,
         scale: Arc<Vec<f32>>,
         channels: usize,
+        fused: bool,
     },
 }
 
@@ -56,6 +62,13 @@ pub fn split16_pays(isa: Isa) -> bool {
         QKernel::for_isa(isa),
         QKernel::Avx512Vnni | QKernel::NeonDot
     )
+}
+
+/// Whether int8 weights with a float input run faster as a fused [`ConvWeights::Split16`]
+/// on `isa`: with AVX2 but no VNNI, one `vpmaddwd` per pair of 16-bit inputs
+/// ([`gemm_q16_planes`]) multiplies twice as many values per instruction as an f32 FMA.
+pub fn fused16_pays(isa: Isa) -> bool {
+    QKernel::for_isa(isa) == QKernel::Avx2
 }
 
 impl ConvWeights {
@@ -78,7 +91,9 @@ impl ConvWeights {
                     *d = (v as i32 - z) as f32 * s;
                 }
             }
-            ConvWeights::Split16 { q, scale, channels } => {
+            ConvWeights::Split16 {
+                q, scale, channels, ..
+            } => {
                 // Back from (tap, channel) order to (channel, tap).
                 let (taps, cp) = (k / channels, channels.div_ceil(4) * 4);
                 let row = q.row(o);
@@ -92,9 +107,10 @@ impl ConvWeights {
         }
     }
 
-    /// `I8` weights with zero points 0 as [`ConvWeights::Split16`] (any CPU runs it:
-    /// every u8 × i8 kernel is exact; [`split16_pays`] says where it is the fast path).
-    pub fn split16(&self, g: &ConvGeometry, rows: usize) -> TractResult<ConvWeights> {
+    /// `I8` weights with zero points 0 as [`ConvWeights::Split16`], `fused` or not (any
+    /// CPU runs either: every integer kernel is exact; [`split16_pays`] and
+    /// [`fused16_pays`] say where each is the fast path).
+    pub fn split16(&self, g: &ConvGeometry, rows: usize, fused: bool) -> TractResult<ConvWeights> {
         let ConvWeights::I8 { q, scale, zero } = self else {
             bail!("16-bit input: the weights must be int8 rows");
         };
@@ -112,6 +128,22 @@ impl ConvWeights {
             q: Arc::new(PackedI8::new(rows, g.c4_k(), &g.c4_weights(rows, q))?),
             scale: scale.clone(),
             channels: g.in_channels,
+            fused,
+        })
+    }
+
+    /// For [`ConvWeights::Split16`], the largest magnitude of the input's 16-bit grid:
+    /// 32767, or for `fused` weights at most `i32::MAX / max_k Σ|q[o, k]|`, so that every
+    /// output of the fused product fits an i32. `None` for other weights.
+    pub fn input_grid(&self) -> Option<f32> {
+        let ConvWeights::Split16 { q, fused, .. } = self else {
+            return None;
+        };
+        let l1 = q.max_row_l1();
+        Some(if *fused && l1 > 0 {
+            ((i32::MAX as i64 / l1) as f32).min(split16::Q16_MAX)
+        } else {
+            split16::Q16_MAX
         })
     }
 
@@ -129,9 +161,11 @@ impl ConvWeights {
             // With 3 input channels (a stem) a quarter of the products would be padding:
             // slower than the f32 kernels there.
             ConvWeights::I8 { zero, .. }
-                if split16_pays(isa) && g.in_channels >= 8 && zero.iter().all(|&z| z == 0) =>
+                if (split16_pays(isa) || fused16_pays(isa))
+                    && g.in_channels >= 8
+                    && zero.iter().all(|&z| z == 0) =>
             {
-                Some(self.split16(g, rows)?)
+                Some(self.split16(g, rows, fused16_pays(isa))?)
             }
             ConvWeights::I8 { .. } | ConvWeights::F32(_) if sgemm::preferred(isa) => {
                 Some(self.packed(isa, rows))
@@ -176,11 +210,16 @@ impl PartialEq for ConvWeights {
             (PackedI8(a), PackedI8(b)) => Arc::ptr_eq(a, b),
             (PackedF32(a), PackedF32(b)) => Arc::ptr_eq(a, b),
             (
-                Split16 { q, scale, .. },
                 Split16 {
-                    q: q2, scale: s2, ..
+                    q, scale, fused, ..
                 },
-            ) => q == q2 && scale == s2,
+                Split16 {
+                    q: q2,
+                    scale: s2,
+                    fused: f2,
+                    ..
+                },
+            ) => q == q2 && scale == s2 && fused == f2,
             _ => false,
         }
     }
@@ -210,6 +249,10 @@ impl Op for PatchConv {
             ConvWeights::I8 { .. } => "int8 weights".to_string(),
             ConvWeights::PackedI8(ref w) => format!("int8 weights packed for {}", w.isa().name()),
             ConvWeights::PackedF32(ref w) => format!("f32 weights packed for {}", w.isa().name()),
+            ConvWeights::Split16 { fused: true, .. } => format!(
+                "int8 weights × 16-bit input (one i16 product, grid ±{})",
+                self.weights.input_grid().unwrap_or(0.0)
+            ),
             ConvWeights::Split16 { ref q, .. } => format!(
                 "int8 weights × 16-bit input ({})",
                 QKernel::for_weights(Isa::best(), q).name()
@@ -254,14 +297,25 @@ impl EvalOp for PatchConv {
         let mut view = out.try_as_plain_ram_mut()?;
         let os = view.as_slice_mut::<f32>()?;
         ensure!(os.len() == self.out_channels * p && self.bias.len() == self.out_channels);
-        if let ConvWeights::Split16 { q, scale, .. } = &self.weights {
+        if let (
+            ConvWeights::Split16 {
+                q, scale, fused, ..
+            },
+            Some(grid),
+        ) = (&self.weights, self.weights.input_grid())
+        {
             // A NaN or an infinity has no 16-bit code, and a largest magnitude so small
             // that the grid's step underflows has no grid: such inputs take the float
             // path, which carries them through as the graph does.
             let max = split16::max_abs(Isa::best(), xs)
                 .filter(|&m| m == 0.0 || (split16::Q16_MAX / m).is_finite());
             if let Some(max) = max {
-                self.eval_split16(q, scale, xs, max, os, &executor, threads);
+                let grid = Grid {
+                    levels: grid,
+                    max,
+                    fused: *fused,
+                };
+                self.eval_split16(q, scale, xs, grid, os, &executor, threads);
                 return Ok(tvec!(out.into_tvalue()));
             }
         }
@@ -380,18 +434,17 @@ impl PatchConv {
         Ok(())
     }
 
-    /// The op on [`ConvWeights::Split16`] weights for an input whose largest magnitude
-    /// is `max` (finite, and 0 or large enough for `32767 / max` to be finite): the
-    /// input as two byte planes in the c4 layout, their patch matrices in the k4 layout,
-    /// then per block of output rows the two u8 × i8 products and their sum into `os`.
-    /// Threads split the patch rows, then the output rows.
+    /// The op on [`ConvWeights::Split16`] weights `q` for an input on `grid`: the input
+    /// as two byte planes in the c4 layout, their patch matrices in the k4 layout, then
+    /// per block of output rows the products (two u8 × i8 ones summed in f32, or one
+    /// fused i16 one) into `os`. Threads split the patch rows, then the output rows.
     #[allow(clippy::too_many_arguments)]
     fn eval_split16(
         &self,
         q: &PackedI8,
         scale: &[f32],
         xs: &[f32],
-        max: f32,
+        grid: Grid,
         os: &mut [f32],
         executor: &tract_linalg::multithread::Executor,
         threads: usize,
@@ -400,26 +453,28 @@ impl PatchConv {
         let isa = Isa::best();
         let kernel = QKernel::for_weights(isa, q);
         let p = g.out_pixels();
-        let s = if max > 0.0 {
-            max / split16::Q16_MAX
+        let (s, inv) = if grid.max > 0.0 {
+            (grid.max / grid.levels, grid.levels / grid.max)
         } else {
-            1.0
+            (1.0, 1.0)
         };
         let (channels, pixels) = (g.in_channels, g.in_h * g.in_w);
         let len = g.c4_channels() * pixels;
         let (mut hi, mut lo) = (vec![0u8; len], vec![0u8; len]);
-        let inv = if max > 0.0 {
-            split16::Q16_MAX / max
-        } else {
-            1.0
-        };
         split16::split_bytes_c4(isa, xs, channels, pixels, inv, &mut hi, &mut lo);
-        // Padding taps read the bytes of 0: h + 128 = 128 and l = 0.
+        // The high bytes are stored as h + 128 (u8), as the u8 × i8 products take them;
+        // the fused product reads them as i8. Padding taps read the bytes of 0.
+        let hi_zero = if grid.fused {
+            split16::flip_high_bytes(isa, &mut hi);
+            0
+        } else {
+            0x80
+        };
         let groups = g.c4_k() / 4;
         let (mut ph, mut pl) = (vec![0u8; groups * 4 * p], vec![0u8; groups * 4 * p]);
         let fill = |first: usize, h: &mut [u8], l: &mut [u8]| {
             let range = first..first + h.len() / (4 * p);
-            g.fill_k4_groups_c4(&hi, [0x80; 4], range.clone(), h);
+            g.fill_k4_groups_c4(&hi, [hi_zero; 4], range.clone(), h);
             g.fill_k4_groups_c4(&lo, [0; 4], range, l);
         };
         if threads > 1 {
@@ -446,22 +501,32 @@ impl PatchConv {
             let mut r = 0;
             while r < rows {
                 let n = SPLIT16_BLOCK_ROWS.min(rows - r);
-                acc.0.resize(n * p, 0);
-                acc.1.resize(n * p, 0);
                 let range = first + r..first + r + n;
-                gemm_u8i8_with(kernel, q, range.clone(), ph, p, &mut acc.0, p);
-                gemm_u8i8_with(kernel, q, range.clone(), pl, p, &mut acc.1, p);
                 let dst = &mut chunk[r * p..(r + n) * p];
-                for (i, row) in range.enumerate() {
-                    split16::combine_row(
-                        isa,
-                        &acc.0[i * p..(i + 1) * p],
-                        &acc.1[i * p..(i + 1) * p],
-                        &mut dst[i * p..(i + 1) * p],
-                        q.row_sums()[row].wrapping_mul(-128),
-                        s * scale[row],
-                        self.bias[row],
-                    );
+                acc.0.resize(n * p, 0);
+                if grid.fused {
+                    gemm_q16_planes(isa, q, range.clone(), ph, pl, p, &mut acc.0, p);
+                    for ((row, a), d) in range
+                        .zip(acc.0.chunks_exact(p))
+                        .zip(dst.chunks_exact_mut(p))
+                    {
+                        split16::scale_row(isa, a, d, s * scale[row], self.bias[row]);
+                    }
+                } else {
+                    acc.1.resize(n * p, 0);
+                    gemm_u8i8_with(kernel, q, range.clone(), ph, p, &mut acc.0, p);
+                    gemm_u8i8_with(kernel, q, range.clone(), pl, p, &mut acc.1, p);
+                    for (i, row) in range.enumerate() {
+                        split16::combine_row(
+                            isa,
+                            &acc.0[i * p..(i + 1) * p],
+                            &acc.1[i * p..(i + 1) * p],
+                            &mut dst[i * p..(i + 1) * p],
+                            q.row_sums()[row].wrapping_mul(-128),
+                            s * scale[row],
+                            self.bias[row],
+                        );
+                    }
                 }
                 r += n;
             }
@@ -538,6 +603,16 @@ impl PatchConv {
 /// pixels: they stay in L2 while each task makes its own patches and multiplies them.
 /// Above, the patch matrix is made once and the weight panels are split instead.
 const COLUMN_TASK_WEIGHTS: usize = 512 << 10;
+
+/// The 16-bit grid of one run of [`PatchConv::eval_split16`]: `levels` each side of 0
+/// ([`ConvWeights::input_grid`]) over the input's largest magnitude `max` (finite;
+/// 0, or large enough for `levels / max` to be finite).
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    levels: f32,
+    max: f32,
+    fused: bool,
+}
 
 /// Output rows per pair of products of [`PatchConv::eval_split16`]: their two i32
 /// blocks (at most 2 · 32 · 3136 values at the stem's size) stay in L2.
