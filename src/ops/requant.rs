@@ -14,6 +14,8 @@ use tract_core::internal::*;
 use tract_core::optim::CONST_FOLD_MEM_BUDGET;
 
 use crate::kernels::quant::{self as k, Grid};
+use crate::kernels::Isa;
+use crate::ops::eltwise::{quantize_i8, quantize_u8};
 
 /// What [`Requant`] produces from `v = acc·mult[c] + offset[c]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -459,8 +461,20 @@ impl EvalOp for Quantize {
         let x = x.as_slice::<f32>()?;
         let mut plain = out.try_as_plain_ram_mut()?;
         match self.dt {
-            DatumType::U8 => k::quantize(x, plain.as_slice_mut::<u8>()?, self.inv_scale, self.grid),
-            DatumType::I8 => k::quantize(x, plain.as_slice_mut::<i8>()?, self.inv_scale, self.grid),
+            DatumType::U8 => quantize_u8(
+                Isa::best(),
+                x,
+                plain.as_slice_mut::<u8>()?,
+                self.inv_scale,
+                self.grid,
+            ),
+            DatumType::I8 => quantize_i8(
+                Isa::best(),
+                x,
+                plain.as_slice_mut::<i8>()?,
+                self.inv_scale,
+                self.grid,
+            ),
             dt => bail!("Quantize: unsupported output type {dt:?}"),
         }
         Ok(tvec!(out.into_tvalue()))
