@@ -50,8 +50,6 @@ pub struct PackedI8 {
     /// Every pair of weights `w[r, 2j], w[r, 2j + 1]` has `|w₀| + |w₁| ≤ 128`, so
     /// `255·(|w₀| + |w₁|)` fits an i16: `vpmaddubsw` is exact on any u8 activations.
     pairs_fit_i16: bool,
-    /// The largest `Σ_k |w[r, k]|` of a row.
-    max_row_l1: i64,
 }
 
 impl PackedI8 {
@@ -78,11 +76,6 @@ impl PackedI8 {
             .max()
             .unwrap_or(0);
         let pairs_fit_i16 = largest_pair as i32 <= PAIR_BOUND;
-        let max_row_l1 = w
-            .chunks_exact(k)
-            .map(|r| r.iter().map(|&v| (v as i64).abs()).sum())
-            .max()
-            .unwrap_or(0);
         Ok(PackedI8 {
             m,
             k,
@@ -90,7 +83,6 @@ impl PackedI8 {
             data,
             row_sums,
             pairs_fit_i16,
-            max_row_l1,
         })
     }
 
@@ -114,10 +106,15 @@ impl PackedI8 {
         self.kp
     }
 
-    /// The largest `Σ_k |w[r, k]|` of a row: an output of [`gemm_q16_planes`] fits an
-    /// i32 for inputs up to `i32::MAX / max_row_l1` in magnitude.
+    /// The largest `Σ_k |w[r, k]|` of a row (computed on each call): an output of
+    /// [`gemm_q16_planes`] fits an i32 for inputs up to `i32::MAX / max_row_l1` in
+    /// magnitude.
     pub fn max_row_l1(&self) -> i64 {
-        self.max_row_l1
+        self.data
+            .chunks_exact(self.kp)
+            .map(|r| r.iter().map(|&v| (v as i64).abs()).sum())
+            .max()
+            .unwrap_or(0)
     }
 
     /// `Σ_k w[r, k]` for each row.

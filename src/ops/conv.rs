@@ -44,12 +44,14 @@ pub enum ConvWeights {
     /// Without `fused`, each plane is one u8 × i8 product and the two are summed in
     /// f32; the grid has 2·32767 + 1 levels. With `fused`, one product takes both planes
     /// as i16 values and sums in i32 ([`gemm_q16_planes`]), so the grid is narrowed to
-    /// [`ConvWeights::input_grid`] levels each side, where no output can leave an i32.
+    /// `grid` levels each side, where no output can leave an i32
+    /// ([`ConvWeights::input_grid`]).
     Split16 {
         q: Arc<PackedI8>,
         scale: Arc<Vec<f32>>,
         channels: usize,
         fused: bool,
+        grid: f32,
     },
 }
 
@@ -124,11 +126,19 @@ impl ConvWeights {
             "conv weights: {} values for {rows}×{k}",
             q.len()
         );
+        let q = PackedI8::new(rows, g.c4_k(), &g.c4_weights(rows, q))?;
+        let l1 = q.max_row_l1();
+        let grid = if fused && l1 > 0 {
+            ((i32::MAX as i64 / l1) as f32).min(split16::Q16_MAX)
+        } else {
+            split16::Q16_MAX
+        };
         Ok(ConvWeights::Split16 {
-            q: Arc::new(PackedI8::new(rows, g.c4_k(), &g.c4_weights(rows, q))?),
+            q: Arc::new(q),
             scale: scale.clone(),
             channels: g.in_channels,
             fused,
+            grid,
         })
     }
 
@@ -136,15 +146,10 @@ impl ConvWeights {
     /// 32767, or for `fused` weights at most `i32::MAX / max_k Σ|q[o, k]|`, so that every
     /// output of the fused product fits an i32. `None` for other weights.
     pub fn input_grid(&self) -> Option<f32> {
-        let ConvWeights::Split16 { q, fused, .. } = self else {
-            return None;
-        };
-        let l1 = q.max_row_l1();
-        Some(if *fused && l1 > 0 {
-            ((i32::MAX as i64 / l1) as f32).min(split16::Q16_MAX)
-        } else {
-            split16::Q16_MAX
-        })
+        match self {
+            ConvWeights::Split16 { grid, .. } => Some(*grid),
+            _ => None,
+        }
     }
 
     /// The weights in the form the engine runs on `isa`: int8 ones with zero points 0
