@@ -124,9 +124,11 @@ pub struct QuantizedWeight {
 /// `max(|w₀| + |w₁|)/127` instead: then `|q₀| + |q₁| ≤ 128` for every pair (rounding
 /// adds at most 1), which lets x86's `vpmaddubsw` multiply the weights by u8
 /// activations without saturating its i16 pair sums (`kernels::qgemm::PAIR_BOUND`).
-/// A conv's weight row `[C, kh, kw]` flattened is the order the int8 kernels reduce
-/// in (patch rows `(c, i, j)`), so the pairs are theirs. The step grows by the ratio
-/// of the largest pair sum to the largest value, typically 1.2–1.6.
+/// For a 1×1 conv's row those are the pairs the int8 kernels multiply (consecutive
+/// channels). A k×k conv's kernel reduces tap by tap over its channels in groups of
+/// four (`ConvGeometry::c4_weights`), so for PoolFormer's stem the bounded pairs are
+/// not the kernel's (docs/quantization.md, "Paired weight scales"). The step grows by
+/// the ratio of the largest pair sum to the largest value, typically 1.2–1.6.
 pub fn quantize_per_channel(
     w: &[f32],
     shape: &[usize],
