@@ -771,8 +771,8 @@ mod x86 {
         let kp = w.kp;
         let groups = kp / 4;
         // The last few tokens past whole registers, if any, as dot products (see
-        // `dots_256`), after the tiles. Two planes run every token in the tiles.
-        let tail = if PLANES { 0 } else { tail_tokens(cols, 8, kp) };
+        // `dots_256`), after the tiles.
+        let tail = tail_tokens(cols, 8, kp);
         let full = cols - tail;
         let plane_count = if PLANES { 2 } else { 1 };
         // Blocks of at least 16 groups.
@@ -830,20 +830,32 @@ mod x86 {
             g0 += gc;
         }
         let columns = tail_columns(b, cols, kp, tail);
+        let high_columns = if PLANES {
+            tail_columns(high, cols, kp, tail)
+        } else {
+            Vec::new()
+        };
         let mut r = rows.start;
         while r < rows.end {
             let mr = MR256.min(rows.end - r);
             for (t, column) in columns.chunks_exact(kp.max(1)).enumerate() {
+                let hc = if PLANES {
+                    high_columns[t * kp..].as_ptr()
+                } else {
+                    column.as_ptr()
+                };
                 // SAFETY: rows r..r + mr of `w` (`kp` bytes each), a column of `kp`
-                // bytes, output `full + t < cols` of those rows inside `acc`.
+                // bytes (and its high bytes where `PLANES`), output `full + t < cols`
+                // of those rows inside `acc`.
                 unsafe {
                     let wp = w.data.as_ptr().add(r * kp);
                     let out = acc.as_mut_ptr().add((r - rows.start) * ldc + full + t);
+                    let c = column.as_ptr();
                     match mr {
-                        4 => dots_256::<4>(wp, kp, column.as_ptr(), out, ldc),
-                        3 => dots_256::<3>(wp, kp, column.as_ptr(), out, ldc),
-                        2 => dots_256::<2>(wp, kp, column.as_ptr(), out, ldc),
-                        _ => dots_256::<1>(wp, kp, column.as_ptr(), out, ldc),
+                        4 => dots_256::<4, PLANES>(wp, kp, c, hc, out, ldc),
+                        3 => dots_256::<3, PLANES>(wp, kp, c, hc, out, ldc),
+                        2 => dots_256::<2, PLANES>(wp, kp, c, hc, out, ldc),
+                        _ => dots_256::<1, PLANES>(wp, kp, c, hc, out, ldc),
                     }
                 }
             }
@@ -854,25 +866,34 @@ mod x86 {
     /// One token against `R` rows on AVX2: the token's `kp` bytes and each row's, 16
     /// at a time widened to i16 and multiplied in pairs into 8 partial sums per row
     /// (`vpmaddwd`, exact: no product of a u8 and an i8 nears its limits), the last
-    /// `kp % 16` one by one.
+    /// `kp % 16` one by one. With `PLANES`, the token's values are `256·high + column`
+    /// (`high` read as i8), as in [`gemm_avx2_planes`].
     ///
     /// # Safety
-    /// AVX2; `w` points at `R` rows of `kp` bytes (stride `kp`), `column` at `kp` bytes,
-    /// `out` at `R` values `ldc` apart.
+    /// AVX2; `w` points at `R` rows of `kp` bytes (stride `kp`), `column` (and `high`
+    /// where `PLANES`) at `kp` bytes, `out` at `R` values `ldc` apart.
     #[target_feature(enable = "avx2")]
-    unsafe fn dots_256<const R: usize>(
+    unsafe fn dots_256<const R: usize, const PLANES: bool>(
         w: *const i8,
         kp: usize,
         column: *const u8,
+        high: *const u8,
         out: *mut i32,
         ldc: usize,
     ) {
         let mut c = [_mm256_setzero_si256(); R];
         let mut k = 0;
         while k + 16 <= kp {
-            // SAFETY: bytes k..k + 16 of the column and of each row, inside `kp`.
+            // SAFETY: bytes k..k + 16 of the column (and of `high`) and of each row,
+            // inside `kp`.
             unsafe {
-                let t = _mm256_cvtepu8_epi16(_mm_loadu_si128(column.add(k) as *const __m128i));
+                let l = _mm_loadu_si128(column.add(k) as *const __m128i);
+                let t = if PLANES {
+                    let h = _mm_loadu_si128(high.add(k) as *const __m128i);
+                    _mm256_set_m128i(_mm_unpackhi_epi8(l, h), _mm_unpacklo_epi8(l, h))
+                } else {
+                    _mm256_cvtepu8_epi16(l)
+                };
                 for (i, ci) in c.iter_mut().enumerate() {
                     let wv =
                         _mm256_cvtepi8_epi16(_mm_loadu_si128(w.add(i * kp + k) as *const __m128i));
@@ -887,9 +908,16 @@ mod x86 {
             unsafe { _mm256_storeu_si256(lanes.as_mut_ptr() as *mut __m256i, ci) };
             let mut sum = lanes.iter().fold(0i32, |s, &v| s.wrapping_add(v));
             for kk in k..kp {
-                // SAFETY: byte kk < kp of row i and of the column.
-                sum = sum
-                    .wrapping_add(unsafe { *w.add(i * kp + kk) as i32 * *column.add(kk) as i32 });
+                // SAFETY: byte kk < kp of row i and of the column (and of `high`).
+                let v = unsafe {
+                    let v = *column.add(kk) as i32;
+                    if PLANES {
+                        v + 256 * (*high.add(kk) as i8 as i32)
+                    } else {
+                        v
+                    }
+                };
+                sum = sum.wrapping_add(unsafe { *w.add(i * kp + kk) as i32 }.wrapping_mul(v));
             }
             // SAFETY: output row i < R.
             unsafe { *out.add(i * ldc) = sum };
