@@ -734,7 +734,7 @@ mod x86 {
 
     /// [`super::gemm_q16_planes`]: [`gemm_avx2`] with the bytes of `lo` widened by
     /// those of `hi` (`vpunpck[lh]bw lo, hi`: the i16 values `256·hi + lo`) instead of
-    /// by zeros. Every token runs in the tiles (the last ones masked).
+    /// by zeros, in the tiles and in the dot products of the last tokens alike.
     ///
     /// # Safety
     /// The CPU has AVX2; `hi` and `lo` as `b` of [`gemm_avx512vnni`].
