@@ -705,17 +705,18 @@ mod x86 {
     /// `vphaddd` per tile at the end adds the two pairs of each token, in token order.
     /// Tiles of 4 rows × 8 tokens; the last tokens masked (`vpmaskmovd`).
     ///
-    /// The depth is cut into blocks of about [`KC_BYTES256`] of activations (whole
-    /// 4-channel groups), and of 16 groups where more than 256 tokens would make those
-    /// fewer; for each block, every 4-row panel sweeps all tokens, the first block
-    /// storing its sums and the others adding to them. Without the blocks a deep
-    /// product over few tokens (PoolFormer's last stage: 2048 × 49) reads each 64-byte
-    /// line of activations twice, half at a time, with the whole matrix passing through
-    /// L1 in between; and over many tokens (a downsampling conv: 576 × 784) every panel
-    /// streams the whole activation matrix from L2 or beyond, where a block of 16
-    /// groups stays in L2 (12–15 % faster on those convs). Each panel's weights of a
-    /// block are first widened to i16, group-major (`[g][row][4]`), so that a row's
-    /// group is one 8-byte broadcast load.
+    /// With up to 256 tokens, the depth is cut into blocks of about [`KC_BYTES256`] of
+    /// activations (whole 4-channel groups); for each block, every 4-row panel sweeps
+    /// all tokens, the first block storing its sums and the others adding to them.
+    /// Without the blocks a deep product over few tokens (PoolFormer's last stage:
+    /// 2048 × 49) reads each 64-byte line of activations twice, half at a time, with
+    /// the whole matrix passing through L1 in between. The two-plane product
+    /// ([`gemm_avx2_planes`]) also cuts a product over more tokens into blocks of 16
+    /// groups, which stay in L2 (its downsampling convs, 576 × 784 and 1152 × 196, run
+    /// 12–15 % faster so); on one plane that gained nothing on onnxruntime's S12
+    /// files (within 1 %, slower if anything), whose 1×1 convs over 3136 tokens then
+    /// re-read their sums once per block. Each panel's weights of a block are first widened to i16,
+    /// group-major (`[g][row][4]`), so that a row's group is one 8-byte broadcast load.
     ///
     /// # Safety
     /// The CPU has AVX2; buffers as for [`gemm_avx512vnni`].
@@ -775,10 +776,12 @@ mod x86 {
         let tail = tail_tokens(cols, 8, kp);
         let full = cols - tail;
         let plane_count = if PLANES { 2 } else { 1 };
-        // Blocks of at least 16 groups.
+        // Blocks of at least 16 groups; with more tokens than that allows, 16 groups
+        // for two planes and no blocks for one.
         let block = match KC_BYTES256 / (4 * plane_count * cols) {
             g if g >= 16 => g,
-            _ => 16,
+            _ if PLANES => 16,
+            _ => groups,
         };
         let mut wide = vec![0i16; MR256 * 4 * block.min(groups)];
         let mut g0 = 0;
