@@ -143,8 +143,8 @@ impl ConvWeights {
     }
 
     /// For [`ConvWeights::Split16`], the largest magnitude of the input's 16-bit grid:
-    /// 32767, or for `fused` weights at most `i32::MAX / max_k Σ|q[o, k]|`, so that every
-    /// output of the fused product fits an i32. `None` for other weights.
+    /// 32767, or for `fused` weights at most `i32::MAX / max_o Σ_k |q[o, k]|`, so that
+    /// every output of the fused product fits an i32. `None` for other weights.
     pub fn input_grid(&self) -> Option<f32> {
         match self {
             ConvWeights::Split16 { grid, .. } => Some(*grid),
@@ -302,12 +302,13 @@ impl EvalOp for PatchConv {
         let mut view = out.try_as_plain_ram_mut()?;
         let os = view.as_slice_mut::<f32>()?;
         ensure!(os.len() == self.out_channels * p && self.bias.len() == self.out_channels);
-        if let (
-            ConvWeights::Split16 {
-                q, scale, fused, ..
-            },
-            Some(grid),
-        ) = (&self.weights, self.weights.input_grid())
+        if let ConvWeights::Split16 {
+            q,
+            scale,
+            fused,
+            grid,
+            ..
+        } = &self.weights
         {
             // A NaN or an infinity has no 16-bit code, and a largest magnitude so small
             // that the grid's step underflows has no grid: such inputs take the float
@@ -316,7 +317,7 @@ impl EvalOp for PatchConv {
                 .filter(|&m| m == 0.0 || (split16::Q16_MAX / m).is_finite());
             if let Some(max) = max {
                 let grid = Grid {
-                    levels: grid,
+                    levels: *grid,
                     max,
                     fused: *fused,
                 };
