@@ -6,10 +6,9 @@
 //! quantized to 16 bits (`split16`): through two u8 × i8 products on a CPU with AVX-512
 //! VNNI, through one fused i16 product on AVX2 without it, which the codegen picks
 //! there. They alternate in one process, outputs compared. On one thread each figure
-//! is the smallest of 15 rounds in thread CPU
-//! time, so that time lost to other jobs does not count; with `--threads N` (N > 1) the
-//! ops run on a pool of N threads and each figure is the smallest of 40 rounds in wall
-//! time.
+//! is the smallest of 15 rounds in thread CPU time, so that time lost to other jobs does
+//! not count; with `--threads N` (N > 1) the ops run on a pool of N threads and each
+//! figure is the smallest of 40 rounds in wall time.
 //!
 //! `cargo run --release --example conv_ab [-- [SHAPE] [--threads N]]`
 

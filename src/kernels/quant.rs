@@ -326,6 +326,20 @@ pub fn quantize<T: QuantInt>(x: &[f32], out: &mut [T], inv_scale: f32, grid: Gri
     }
 }
 
+super::multiversion! {
+    /// [`quantize`] to u8, built for each instruction set.
+    pub fn quantize_u8(x: &[f32], out: &mut [u8], inv_scale: f32, grid: Grid) {
+        quantize(x, out, inv_scale, grid)
+    }
+}
+
+super::multiversion! {
+    /// [`quantize`] to i8, built for each instruction set.
+    pub fn quantize_i8(x: &[f32], out: &mut [i8], inv_scale: f32, grid: Grid) {
+        quantize(x, out, inv_scale, grid)
+    }
+}
+
 /// A 256-entry table indexed by bytes: `out[i] = table[idx[i]]`.
 pub trait ByteTable: Copy + Default + Send + Sync + 'static {
     fn lookup(isa: super::Isa, idx: &[u8], table: &[Self; 256], out: &mut [Self]);

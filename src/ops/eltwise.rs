@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use tract_core::internal::*;
 
-use crate::kernels::quant::{self as k, ByteTable, FakeQuantOne, Grid};
+use crate::kernels::quant::{self as k, quantize_i8, quantize_u8, ByteTable, FakeQuantOne, Grid};
 use crate::kernels::{pool, Isa};
 
 use super::for_runs;
@@ -1126,20 +1126,6 @@ crate::kernels::multiversion! {
             let add = adds.get(ch).copied().unwrap_or(0);
             k::requant_row(a, add, o, mult[ch], offset[ch], grid)
         }
-    }
-}
-
-crate::kernels::multiversion! {
-    /// [`k::quantize`] to u8, built for each instruction set.
-    pub fn quantize_u8(x: &[f32], out: &mut [u8], inv_scale: f32, grid: Grid) {
-        k::quantize(x, out, inv_scale, grid)
-    }
-}
-
-crate::kernels::multiversion! {
-    /// [`k::quantize`] to i8, built for each instruction set.
-    pub fn quantize_i8(x: &[f32], out: &mut [i8], inv_scale: f32, grid: Grid) {
-        k::quantize(x, out, inv_scale, grid)
     }
 }
 

@@ -13,9 +13,8 @@ use std::sync::Arc;
 use tract_core::internal::*;
 use tract_core::optim::CONST_FOLD_MEM_BUDGET;
 
-use crate::kernels::quant::{self as k, Grid};
+use crate::kernels::quant::{self as k, quantize_i8, quantize_u8, Grid};
 use crate::kernels::Isa;
-use crate::ops::eltwise::{quantize_i8, quantize_u8};
 
 /// What [`Requant`] produces from `v = acc·mult[c] + offset[c]`.
 #[derive(Debug, Clone, Copy, PartialEq)]
