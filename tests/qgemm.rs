@@ -299,9 +299,11 @@ fn planes_reference(
 
 /// The 16-bit product on two byte planes, at every ISA level this CPU runs (AVX2's
 /// `vpmaddwd` kernel, plain Rust elsewhere), against an i64 sum: random values over
-/// odd shapes and row ranges (each output then well inside an i32), and extremes sized
-/// to the i32 limit that `max_row_l1` states, in both signs. Padding channels hold
-/// random bytes (the padded weights are zero).
+/// odd shapes and row ranges (each output then well inside an i32; full-range high
+/// bytes where the depth allows), depths of 256 and more whose last tokens run as dot
+/// products, with and without a remainder past 16 channels (2700, 1152), and extremes
+/// sized to the i32 limit that `max_row_l1` states, in both signs. Padding channels
+/// hold random bytes (the padded weights are zero).
 #[test]
 fn q16_planes_every_level() {
     const SENTINEL: i32 = 0x5a5a_5a5a;
@@ -337,15 +339,20 @@ fn q16_planes_every_level() {
     };
     let mut rng = ChaCha8Rng::seed_from_u64(16);
     for &m in &[1, 3, 4, 9, 17] {
-        for &k in &[4, 7, 64, 1152, 2880] {
+        for &k in &[4, 7, 64, 1152, 2700, 2880] {
             for &cols in &[1, 7, 8, 13, 49, 196] {
                 let w: Vec<i8> = (0..m * k).map(|_| rng.gen()).collect();
                 let len = k4_len(k, cols);
                 let hi: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
                 let lo: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-                // Random i8 × 16-bit products over 2880 channels stay within ±2^31
-                // only with smaller highs: |hi| ≤ 15 keeps |Σ| ≤ 2880·128·4096.
-                let hi: Vec<u8> = hi.iter().map(|&h| ((h as i8) >> 3) as u8).collect();
+                // Full-range highs up to 64 channels (|Σ| ≤ 64·128·32768 = 2^28);
+                // deeper, random i8 × 16-bit products stay within ±2^31 only with
+                // smaller highs: |hi| ≤ 16 keeps |q| ≤ 4096, |Σ| ≤ 2880·128·4096.
+                let hi: Vec<u8> = if k <= 64 {
+                    hi
+                } else {
+                    hi.iter().map(|&h| ((h as i8) >> 3) as u8).collect()
+                };
                 run(&w, m, k, &hi, &lo, cols, 0..m, cols);
                 if m > 2 {
                     run(&w, m, k, &hi, &lo, cols, 1..m - 1, cols + 5);

@@ -564,11 +564,10 @@ mod neon {
                 ci[0] = sdot(ci[0], x0, wv);
                 ci[1] = sdot(ci[1], x1, wv);
             }
-            // SAFETY: at most one past the last group (never dereferenced then).
-            unsafe {
-                bp = bp.add(bstride);
-                wp = wp.add(4);
-            }
+            // After the last group these point one group past it, which may lie
+            // beyond the buffers' ends: wrapping offsets, never dereferenced then.
+            bp = bp.wrapping_add(bstride);
+            wp = wp.wrapping_add(4);
         }
         c
     }
@@ -642,11 +641,10 @@ mod neon {
                     cij[1] = vpadalq_s16(cij[1], vmull_high_s8(xj, wv));
                 }
             }
-            // SAFETY: at most one past the last group (never dereferenced then).
-            unsafe {
-                bp = bp.add(bstride);
-                wp = wp.add(4);
-            }
+            // After the last group these point one group past it, which may lie
+            // beyond the buffers' ends: wrapping offsets, never dereferenced then.
+            bp = bp.wrapping_add(bstride);
+            wp = wp.wrapping_add(4);
         }
         let mut out = [[zero; 2]; R];
         for (o, ci) in out.iter_mut().zip(&c) {
@@ -1047,12 +1045,11 @@ mod x86 {
                 lo[i] = _mm256_add_epi32(lo[i], _mm256_madd_epi16(blo, wv));
                 hi[i] = _mm256_add_epi32(hi[i], _mm256_madd_epi16(bhi, wv));
             }
-            // SAFETY: at most one past the last group (never dereferenced then).
-            unsafe {
-                bp = bp.add(t.bstride);
-                hp = hp.add(t.bstride);
-                wp = wp.add(4 * R);
-            }
+            // After the last group these point one group past it, which may lie
+            // beyond the buffers' ends: wrapping offsets, never dereferenced then.
+            bp = bp.wrapping_add(t.bstride);
+            hp = hp.wrapping_add(t.bstride);
+            wp = wp.wrapping_add(4 * R);
         }
         for i in 0..R {
             let mut v = _mm256_hadd_epi32(lo[i], hi[i]);
@@ -1232,11 +1229,10 @@ mod x86 {
                     *cij = _mm256_add_epi32(*cij, _mm256_madd_epi16(pairs, ones));
                 }
             }
-            // SAFETY: at most one past the last group (never dereferenced then).
-            unsafe {
-                bp = bp.add(bstride);
-                wp = wp.add(4);
-            }
+            // After the last group these point one group past it, which may lie
+            // beyond the buffers' ends: wrapping offsets, never dereferenced then.
+            bp = bp.wrapping_add(bstride);
+            wp = wp.wrapping_add(4);
         }
         for (i, ci) in c.iter().enumerate() {
             for (j, &cij) in ci.iter().enumerate() {
@@ -1492,11 +1488,10 @@ mod x86 {
                     *cij = _mm512_dpbusd_epi32(*cij, bj, wv);
                 }
             }
-            // SAFETY: at most one past the last group (never dereferenced then).
-            unsafe {
-                bp = bp.add(bstride);
-                wp = wp.add(4);
-            }
+            // After the last group these point one group past it, which may lie
+            // beyond the buffers' ends: wrapping offsets, never dereferenced then.
+            bp = bp.wrapping_add(bstride);
+            wp = wp.wrapping_add(4);
         }
         for (i, ci) in c.iter().enumerate() {
             for (j, &cij) in ci.iter().enumerate() {
