@@ -912,3 +912,105 @@ fn norm_statistics_in_parts_match_one_pass() {
         }
     }
 }
+
+/// Which form `ConvWeights::prepared` gives int8 conv weights with a float input, at
+/// each level this CPU runs: one fused 16-bit product on AVX2 without VNNI, two byte
+/// products with VNNI (or `sdot`), packed f32 panels otherwise on x86; the 3-channel
+/// stem never takes the 16-bit input. And the fused form over more than 256 output
+/// pixels (the two-plane kernel's blocks of 16 groups), against the f64 convolution,
+/// within the grid's bound.
+#[test]
+fn prepared_int8_conv_weights_per_isa() {
+    use poolformer_edge::kernels::qgemm::QKernel;
+    use poolformer_edge::ops::conv::{fused16_pays, split16_pays, ConvWeights, PatchConv};
+    use std::sync::Arc;
+    let shape = (16usize, 33usize, 8usize, 3usize, 2usize, 1usize);
+    let (ci, n, co, k, _, _) = shape;
+    let (q, scale, zero, w) = int8_rows(
+        co,
+        ci * k * k,
+        5,
+        250.0,
+        |o| 0.003 + 0.001 * o as f32,
+        |_| 0,
+    );
+    let b = noise(co, 6);
+    let x = common::test_image(ci, n, n, 17);
+    let (geometry, want) = square_conv(shape, &x, &w, &b);
+    assert!(geometry.out_pixels() > 256);
+    let int8 = ConvWeights::I8 {
+        q: Arc::new(q),
+        scale: Arc::new(scale),
+        zero: Arc::new(zero),
+    };
+    // The form's name, for messages.
+    let form = |w: &Option<ConvWeights>| match w {
+        None => "unchanged",
+        Some(ConvWeights::Split16 { fused: true, .. }) => "fused 16-bit",
+        Some(ConvWeights::Split16 { .. }) => "two-plane 16-bit",
+        Some(ConvWeights::PackedI8(_)) => "packed int8",
+        Some(_) => "other",
+    };
+    for isa in Isa::available() {
+        let prepared = int8.prepared(isa, &geometry, co).unwrap();
+        let kernel = QKernel::for_isa(isa);
+        if isa == Isa::Avx2 {
+            // `PFE_ISA=avx2`, or an AVX2-only CPU: the fused product.
+            assert!(
+                matches!(prepared, Some(ConvWeights::Split16 { fused: true, .. })),
+                "AVX2: {}",
+                form(&prepared)
+            );
+        }
+        match &prepared {
+            Some(ConvWeights::Split16 { fused, .. }) => {
+                assert!(split16_pays(isa) || fused16_pays(isa), "{isa:?}");
+                assert_eq!(*fused, kernel == QKernel::Avx2, "{isa:?}");
+            }
+            other => {
+                assert!(
+                    !split16_pays(isa) && !fused16_pays(isa),
+                    "{isa:?}: {}",
+                    form(other)
+                );
+            }
+        }
+        let stem = poolformer_edge::kernels::im2col::ConvGeometry {
+            in_channels: 3,
+            ..geometry
+        };
+        let stem_weights = ConvWeights::I8 {
+            q: Arc::new(vec![1; co * 3 * k * k]),
+            scale: Arc::new(vec![0.01; co]),
+            zero: Arc::new(vec![0; co]),
+        };
+        let stem_prepared = stem_weights.prepared(isa, &stem, co).unwrap();
+        assert!(
+            !matches!(stem_prepared, Some(ConvWeights::Split16 { .. })),
+            "{isa:?}: a 3-channel conv took the {} input",
+            form(&stem_prepared)
+        );
+    }
+    let fused = int8.split16(&geometry, co, true).unwrap();
+    let grid = fused.input_grid().unwrap() as f64;
+    let op = PatchConv {
+        geometry,
+        out_channels: co,
+        weights: fused,
+        bias: Arc::new(b.clone()),
+    };
+    let max = x.iter().fold(0f64, |m, &v| m.max(v.abs() as f64));
+    let kk = ci * k * k;
+    for threads in [1, 2] {
+        let got = run_patch_conv(op.clone(), &x, threads);
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            let row = &w[(i / geometry.out_pixels()) * kk..][..kk];
+            let l1: f64 = row.iter().map(|v| v.abs() as f64).sum();
+            let tol = l1 * max / (2.0 * grid) * 1.001 + 1e-5 * e.abs().max(1.0);
+            assert!(
+                (*g as f64 - e).abs() <= tol,
+                "{threads} threads at {i}: {g} vs {e}"
+            );
+        }
+    }
+}
