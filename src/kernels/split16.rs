@@ -20,9 +20,10 @@
 //! the int8 weights' own rounding.
 //!
 //! On AVX2 without VNNI the planes are instead read back as the i16 values
-//! `q = 256·h + l` (the high bytes flipped to i8, [`flip_high_bytes`]) and multiplied in
-//! one product, `vpmaddwd` on pairs of them ([`super::qgemm::gemm_q16_planes`]), about
-//! twice the f32 FMA's products per instruction. Its sums are i32, so the grid is
+//! `q = 256·h + l` (the high bytes written as i8: `flip` 0 in [`split_bytes_c4`]) and
+//! multiplied in one product, `vpmaddwd` on pairs of them
+//! ([`super::qgemm::gemm_q16_planes`]), about twice the f32 FMA's products per
+//! instruction. Its sums are i32, so the grid is
 //! narrowed where the weights are heavy: `|q| ≤ i32::MAX / max_o Σ_k |w[o, k]|`
 //! (PoolFormer-S12's last downsampling conv: ±15 619 instead of ±32 767, so 2⁻¹⁵ of the
 //! largest input instead of 2⁻¹⁶).
@@ -44,27 +45,29 @@ multiversion! {
     }
 }
 
-/// Bytes of `q`'s two planes for `x` (see [`split_bytes_c4`]) as `(hi, lo)`: the
-/// mantissa of `v + 1.5·2²³` holds `2²² + q`, and 2²² is a multiple of 2⁸, so its bytes
-/// are q's (as in `quant::round_to_low_byte`).
+/// Bytes of `q`'s two planes for `x` (see [`split_bytes_c4`]) as `(hi ^ flip, lo)`:
+/// the mantissa of `v + 1.5·2²³` holds `2²² + q`, and 2²² is a multiple of 2⁸, so its
+/// bytes are q's (as in `quant::round_to_low_byte`).
 #[inline(always)]
-fn bytes(v: f32, inv_scale: f32) -> (u8, u8) {
+fn bytes(v: f32, inv_scale: f32, flip: u8) -> (u8, u8) {
     const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
     let bits = ((v * inv_scale).clamp_to(-Q16_MAX, Q16_MAX) + MAGIC).to_bits();
-    ((bits >> 8) as u8 ^ 0x80, bits as u8)
+    ((bits >> 8) as u8 ^ flip, bits as u8)
 }
 
 multiversion! {
     /// `q = round(clamp(x·inv_scale, ±32767))`, ties to even, as the bytes
-    /// `hi = (q >> 8) + 128` and `lo = q & 255`, in the **c4 layout**: `x` holds
+    /// `hi = (q >> 8) ^ flip` and `lo = q & 255`, in the **c4 layout**: `x` holds
     /// `channels` planes of `pixels` values; channel `c` of pixel `n` goes to byte
     /// `((c/4)·pixels + n)·4 + c%4`, so that the 4 channels of a group are one word.
     /// Channels past `channels`, up to a multiple of 4, get the bytes of 0.
+    #[allow(clippy::too_many_arguments)]
     pub fn split_bytes_c4(
         x: &[f32],
         channels: usize,
         pixels: usize,
         inv_scale: f32,
+        flip: u8,
         hi: &mut [u8],
         lo: &mut [u8],
     ) {
@@ -84,7 +87,7 @@ multiversion! {
                 // vector lanes rather than byte shuffles).
                 let (mut wh, mut wl) = (0u32, 0u32);
                 for (j, row) in rows.iter().enumerate() {
-                    let (bh, bl) = if j < live { bytes(row[n], inv_scale) } else { (0x80, 0) };
+                    let (bh, bl) = if j < live { bytes(row[n], inv_scale, flip) } else { (flip, 0) };
                     wh |= (bh as u32) << (8 * j);
                     wl |= (bl as u32) << (8 * j);
                 }
@@ -103,16 +106,6 @@ multiversion! {
         let mult_hi = 256.0 * mult;
         for ((o, &h), &l) in out.iter_mut().zip(hi).zip(lo) {
             *o = h.wrapping_add(corr) as f32 * mult_hi + (l as f32 * mult + bias);
-        }
-    }
-}
-
-multiversion! {
-    /// Every byte `b ^ 0x80`: the high bytes `h + 128` of [`split_bytes_c4`] as the i8
-    /// values `h` (and back).
-    pub fn flip_high_bytes(hi: &mut [u8]) {
-        for b in hi.iter_mut() {
-            *b ^= 0x80;
         }
     }
 }
@@ -141,7 +134,7 @@ mod tests {
         let len = channels.div_ceil(4) * 4 * pixels;
         for isa in Isa::available() {
             let (mut hi, mut lo) = (vec![0u8; len], vec![0u8; len]);
-            split_bytes_c4(isa, &x, channels, pixels, 1.0, &mut hi, &mut lo);
+            split_bytes_c4(isa, &x, channels, pixels, 1.0, 0x80, &mut hi, &mut lo);
             for c in 0..channels.div_ceil(4) * 4 {
                 for n in 0..pixels {
                     let at = ((c / 4) * pixels + n) * 4 + c % 4;

@@ -467,20 +467,15 @@ impl PatchConv {
         let (channels, pixels) = (g.in_channels, g.in_h * g.in_w);
         let len = g.c4_channels() * pixels;
         let (mut hi, mut lo) = (vec![0u8; len], vec![0u8; len]);
-        split16::split_bytes_c4(isa, xs, channels, pixels, inv, &mut hi, &mut lo);
-        // The high bytes are stored as h + 128 (u8), as the u8 × i8 products take them;
-        // the fused product reads them as i8. Padding taps read the bytes of 0.
-        let hi_zero = if grid.fused {
-            split16::flip_high_bytes(isa, &mut hi);
-            0
-        } else {
-            0x80
-        };
+        // The high bytes as h + 128 (u8) for the u8 × i8 products, as h (i8) for the
+        // fused one; padding taps read the bytes of 0, `flip` and 0.
+        let flip = if grid.fused { 0 } else { 0x80 };
+        split16::split_bytes_c4(isa, xs, channels, pixels, inv, flip, &mut hi, &mut lo);
         let groups = g.c4_k() / 4;
         let (mut ph, mut pl) = (vec![0u8; groups * 4 * p], vec![0u8; groups * 4 * p]);
         let fill = |first: usize, h: &mut [u8], l: &mut [u8]| {
             let range = first..first + h.len() / (4 * p);
-            g.fill_k4_groups_c4(&hi, [hi_zero; 4], range.clone(), h);
+            g.fill_k4_groups_c4(&hi, [flip; 4], range.clone(), h);
             g.fill_k4_groups_c4(&lo, [0; 4], range, l);
         };
         if threads > 1 {
