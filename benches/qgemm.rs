@@ -25,9 +25,10 @@ const SHAPES: [(usize, usize, usize); 6] = [
 fn qgemm(c: &mut Criterion) {
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     for (m, k, cols) in SHAPES {
-        // Weights in −64..=63: every pair fits an i16, so `avx2-maddubs` runs its own
-        // kernel (quantized files from `pfe quantize` have such pairs), not its fallback.
-        let w: Vec<i8> = (0..m * k).map(|_| rng.gen::<i8>() >> 1).collect();
+        // Weights in −32..=31: every quad of channels fits an i16, so both
+        // `avx2-maddubs` kernels run their own code (quantized files from `pfe quantize`
+        // have such weights), not their fallbacks.
+        let w: Vec<i8> = (0..m * k).map(|_| rng.gen::<i8>() >> 2).collect();
         let b: Vec<u8> = (0..k4_len(k, cols)).map(|_| rng.gen()).collect();
         let packed = PackedI8::new(m, k, &w).unwrap();
         let mut acc = vec![0i32; m * cols];

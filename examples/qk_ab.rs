@@ -42,9 +42,9 @@ fn main() {
         .filter(|k| *k != QKernel::Portable)
         .collect();
     for (m, k, cols) in shapes {
-        // Weights in −64..=63, so that every pair fits an i16 and `avx2-maddubs` runs
-        // its own kernel (not its fallback).
-        let w: Vec<i8> = (0..m * k).map(|_| (next() as i8) >> 1).collect();
+        // Weights in −32..=31, so that every quad of channels fits an i16 and the
+        // `avx2-maddubs` kernels run their own code (not their fallbacks).
+        let w: Vec<i8> = (0..m * k).map(|_| (next() as i8) >> 2).collect();
         let b: Vec<u8> = (0..k4_len(k, cols)).map(|_| next() as u8).collect();
         let packed = PackedI8::new(m, k, &w).unwrap();
         let mut want = vec![0i32; m * cols];

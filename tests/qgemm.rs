@@ -6,12 +6,14 @@
 //! counts around the register widths, row counts around the tiles, row sub-ranges,
 //! `ldc > cols`, and extreme values over long depths (no saturation, no overflow).
 //! Depth 320 over 196 tokens and depths ≥ 2048 over 33 span several of the AVX2
-//! kernel's depth blocks, the last one partial.
+//! kernels' depth blocks, the last one partial (with an odd number of groups for
+//! `avx2-maddubs-quads`).
 //!
 //! `avx2-maddubs` runs its own kernel only on weights whose channel pairs fit an i16
-//! (`PackedI8::pairs_fit_i16`), so every case also runs with weights in −64..=63, and
-//! the extreme cases put pairs exactly on the bound (`|w₀| + |w₁| = 128` times 255) and
-//! one step past it (where it must fall back to the plain AVX2 kernel).
+//! (`PackedI8::pairs_fit_i16`), `avx2-maddubs-quads` only on weights whose quads do
+//! (`PackedI8::quads_fit_i16`), so every case also runs with weights in −64..=63 and
+//! in −32..=31, and the extreme cases put pairs and quads exactly on the bound
+//! (`Σ|w| = 128` times 255) and one step past it (where the kernel must fall back).
 
 use poolformer_edge::kernels::qgemm::{
     gemm_q16_planes, gemm_u8i8, gemm_u8i8_with, k4_index, k4_len, PackedI8, QKernel,
@@ -65,6 +67,18 @@ impl Case {
         let w: Vec<i8> = self.w.iter().map(|&v| v >> 1).collect();
         let packed = PackedI8::new(self.m, self.k, &w).unwrap();
         assert!(packed.pairs_fit_i16());
+        Case {
+            w,
+            b: self.b.clone(),
+            ..*self
+        }
+    }
+
+    /// The same case with every weight quartered (−32..=31): every quad fits an i16.
+    fn quartered(&self) -> Case {
+        let w: Vec<i8> = self.w.iter().map(|&v| v >> 2).collect();
+        let packed = PackedI8::new(self.m, self.k, &w).unwrap();
+        assert!(packed.quads_fit_i16());
         Case {
             w,
             b: self.b.clone(),
@@ -140,7 +154,7 @@ fn odd_sizes_every_kernel() {
         for (j, &k) in [1, 3, 4, 5, 64, 67, 320].iter().enumerate() {
             for (l, &cols) in [1, 5, 15, 16, 17, 31, 33, 49, 196, 257].iter().enumerate() {
                 let case = Case::random(m, k, cols, (i * 100 + j * 10 + l) as u64);
-                for case in [&case, &case.halved()] {
+                for case in [&case, &case.halved(), &case.quartered()] {
                     for &kernel in &kernels {
                         case.check(kernel, 0..m, cols);
                     }
@@ -155,7 +169,7 @@ fn row_ranges_and_ldc() {
     let kernels = kernels();
     for &(m, k, cols) in &[(33, 67, 17), (33, 67, 49), (20, 8, 5), (17, 320, 196)] {
         let case = Case::random(m, k, cols, 7);
-        for case in [&case, &case.halved()] {
+        for case in [&case, &case.halved(), &case.quartered()] {
             for rows in [0..m, 5..6, 3..20.min(m), 9..m, m - 1..m, 7..7, 1..m - 1] {
                 for ldc in [cols, cols + 3, cols + 16] {
                     for &kernel in &kernels {
@@ -218,7 +232,33 @@ fn extreme_values_long_depth() {
             let past = Case::with(m, k, cols, |_, kk| [127, 2][kk % 2], |_, _| 255);
             let packed = PackedI8::new(m, k, &past.w).unwrap();
             assert!(!packed.pairs_fit_i16());
-            for case in cases.iter().chain([&bound, &past]) {
+            // Octets whose quads {0, 1, 4, 5} and {2, 3, 6, 7} are on the bound
+            // (Σ|w| = 128) in both signs, for `avx2-maddubs-quads`, cycling over rows
+            // and octets.
+            let quads_on_bound = |r: usize, kk: usize| {
+                const OCTETS: [[i8; 8]; 5] = [
+                    [-32, -32, 32, 32, -32, -32, 32, 32],
+                    [127, 1, -128, 0, 0, 0, 0, 0],
+                    [0, 0, 0, 0, -128, 0, 0, 127],
+                    [64, 0, 0, -64, 64, 0, 0, -64],
+                    [-1, -1, -1, -1, -125, -1, -1, -125],
+                ];
+                OCTETS[(r + kk / 8) % OCTETS.len()][kk % 8]
+            };
+            let quads = Case::with(m, k, cols, quads_on_bound, |_, _| 255);
+            let packed = PackedI8::new(m, k, &quads.w).unwrap();
+            assert!(packed.quads_fit_i16());
+            // One step past: the quad {0, 1, 4, 5} at 129, its pairs within theirs.
+            let quads_past = Case::with(
+                m,
+                k,
+                cols,
+                |_, kk| [64, 1, 0, 0, 64, 0, 0, 0][kk % 8],
+                |_, _| 255,
+            );
+            let packed = PackedI8::new(m, k, &quads_past.w).unwrap();
+            assert!(packed.pairs_fit_i16() && !packed.quads_fit_i16());
+            for case in cases.iter().chain([&bound, &past, &quads, &quads_past]) {
                 for &kernel in &kernels {
                     case.check(kernel, 0..m, cols);
                 }
@@ -250,11 +290,16 @@ fn isa_dispatch() {
         assert!(!packed.pairs_fit_i16());
         assert_eq!(QKernel::for_weights(isa, &packed), kernel);
         let fitting = PackedI8::new(case.m, case.k, &case.halved().w).unwrap();
+        assert!(!fitting.quads_fit_i16());
         let with_fitting = QKernel::for_weights(isa, &fitting);
+        let quads = PackedI8::new(case.m, case.k, &case.quartered().w).unwrap();
+        let with_quads = QKernel::for_weights(isa, &quads);
         if kernel == QKernel::Avx2 {
             assert_eq!(with_fitting, QKernel::Avx2Maddubs);
+            assert_eq!(with_quads, QKernel::Avx2MaddubsQuads);
         } else {
             assert_eq!(with_fitting, kernel);
+            assert_eq!(with_quads, kernel);
         }
         let mut acc = vec![0; case.m * case.cols];
         gemm_u8i8(

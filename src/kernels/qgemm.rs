@@ -15,13 +15,15 @@
 //! Every kernel is exact: the result is the i32 sum, with no intermediate saturation.
 //! x86's `vpmaddubsw` adds pairs of u8·i8 products into a saturating i16, so it runs
 //! only weights whose pairs of adjacent channels have `|w₀| + |w₁| ≤ 128`
-//! ([`PackedI8::pairs_fit_i16`]; `pfe quantize` writes such weights), where no sum
-//! can saturate. [`QKernel`] lists the kernels; [`gemm_u8i8`] picks one from the
-//! [`Isa`] level and the weights:
+//! ([`PackedI8::pairs_fit_i16`]), where no sum can saturate, and adds two such i16
+//! sums before widening them only where the quads they cover have `Σ|w| ≤ 128`
+//! ([`PackedI8::quads_fit_i16`]; `pfe quantize` writes such weights). [`QKernel`]
+//! lists the kernels; [`gemm_u8i8`] picks one from the [`Isa`] level and the weights:
 //!
 //! | kernel        | runs for                                   | instructions                |
 //! |---------------|--------------------------------------------|-----------------------------|
 //! | `Avx512Vnni`  | `Isa::Avx512` on a CPU with AVX512-VNNI    | `vpdpbusd` zmm              |
+//! | `Avx2MaddubsQuads` | as `Avx2`, weights whose quads fit an i16 | 2 `vpmaddubsw` + `vpaddw` + `vpmaddwd` |
 //! | `Avx2Maddubs` | as `Avx2`, weights whose pairs fit an i16  | `vpmaddubsw` + `vpmaddwd`   |
 //! | `Avx2`        | `Isa::Avx2`, and `Isa::Avx512` without VNNI | `vpmaddwd` on widened bytes |
 //! | `NeonDot`     | aarch64 with the dot product (A76, Pi 5)    | `sdot` on `b ^ 0x80`        |
@@ -50,6 +52,10 @@ pub struct PackedI8 {
     /// Every pair of weights `w[r, 2j], w[r, 2j + 1]` has `|w₀| + |w₁| ≤ 128`, so
     /// `255·(|w₀| + |w₁|)` fits an i16: `vpmaddubsw` is exact on any u8 activations.
     pairs_fit_i16: bool,
+    /// Besides, in every octet of a row (channels `8j..8j + 8`), the quads
+    /// `{0, 1, 4, 5}` and `{2, 3, 6, 7}` have `Σ|w| ≤ 128`: two `vpmaddubsw` pair sums
+    /// of adjacent channel groups then add into an i16 without overflow.
+    quads_fit_i16: bool,
 }
 
 impl PackedI8 {
@@ -76,6 +82,7 @@ impl PackedI8 {
             .max()
             .unwrap_or(0);
         let pairs_fit_i16 = largest_pair as i32 <= PAIR_BOUND;
+        let quads_fit_i16 = pairs_fit_i16 && largest_quad(&data[..m * kp], kp) <= PAIR_BOUND;
         Ok(PackedI8 {
             m,
             k,
@@ -83,6 +90,7 @@ impl PackedI8 {
             data,
             row_sums,
             pairs_fit_i16,
+            quads_fit_i16,
         })
     }
 
@@ -91,6 +99,15 @@ impl PackedI8 {
     /// fits an i16, so [`QKernel::Avx2Maddubs`] runs these weights exactly.
     pub fn pairs_fit_i16(&self) -> bool {
         self.pairs_fit_i16
+    }
+
+    /// Whether, besides [`PackedI8::pairs_fit_i16`], every octet of a row (channels
+    /// `8j..8j + 8`) has `Σ|w| ≤ 128` over channels `{0, 1, 4, 5}` and over
+    /// `{2, 3, 6, 7}`: the pairs `vpmaddubsw` makes of two adjacent 4-channel groups
+    /// then add into an i16 (`255·128 ≤ i16::MAX`), so [`QKernel::Avx2MaddubsQuads`]
+    /// runs these weights exactly with one `vpmaddwd` per two groups.
+    pub fn quads_fit_i16(&self) -> bool {
+        self.quads_fit_i16
     }
 
     pub fn rows(&self) -> usize {
@@ -135,6 +152,20 @@ const ROW_SLACK: usize = 32;
 /// u8: `255 · 128 = 32 640 ≤ i16::MAX`.
 pub const PAIR_BOUND: i32 = 128;
 
+/// The largest `Σ|w|` over channels `{0, 1, 4, 5}` or `{2, 3, 6, 7}` of an octet
+/// `8j..8j + 8` of a row of `data` (rows of `kp` bytes; a last group of 4 that starts no
+/// octet is left out).
+fn largest_quad(data: &[i8], kp: usize) -> i32 {
+    data.chunks_exact(kp)
+        .flat_map(|row| row.chunks_exact(8))
+        .map(|o| {
+            let a = |i: usize| (o[i] as i32).abs();
+            (a(0) + a(1) + a(4) + a(5)).max(a(2) + a(3) + a(6) + a(7))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Position of activation `(k, n)` in a k4 buffer of `cols` tokens.
 #[inline(always)]
 pub fn k4_index(k: usize, n: usize, cols: usize) -> usize {
@@ -157,6 +188,11 @@ pub enum QKernel {
     /// x86-64 AVX2: `vpmaddubsw` on the bytes, for weights whose pairs fit an i16
     /// ([`PackedI8::pairs_fit_i16`]); other weights run [`QKernel::Avx2`].
     Avx2Maddubs,
+    /// x86-64 AVX2: as [`QKernel::Avx2Maddubs`], with the `vpmaddubsw` pairs of two
+    /// channel groups added in i16 before `vpmaddwd`, for weights whose quads fit an
+    /// i16 ([`PackedI8::quads_fit_i16`]); three multiplies per 64 products instead of
+    /// four. Other weights run [`QKernel::Avx2Maddubs`] or [`QKernel::Avx2`].
+    Avx2MaddubsQuads,
     /// x86-64 AVX-512 VNNI: `vpdpbusd` on 16 tokens per register.
     Avx512Vnni,
     /// aarch64 NEON without the dot product: `smull`/`sadalp`.
@@ -172,6 +208,7 @@ impl QKernel {
             QKernel::Portable,
             QKernel::Avx2,
             QKernel::Avx2Maddubs,
+            QKernel::Avx2MaddubsQuads,
             QKernel::Avx512Vnni,
             QKernel::Neon,
             QKernel::NeonDot,
@@ -186,7 +223,9 @@ impl QKernel {
         match self {
             QKernel::Portable => true,
             #[cfg(target_arch = "x86_64")]
-            QKernel::Avx2 | QKernel::Avx2Maddubs => Isa::Avx2.is_supported(),
+            QKernel::Avx2 | QKernel::Avx2Maddubs | QKernel::Avx2MaddubsQuads => {
+                Isa::Avx2.is_supported()
+            }
             #[cfg(target_arch = "x86_64")]
             QKernel::Avx512Vnni => has_avx512_vnni(),
             #[cfg(target_arch = "aarch64")]
@@ -218,9 +257,11 @@ impl QKernel {
     }
 
     /// The kernel [`gemm_u8i8`] runs for `isa` on the weights `w`: [`QKernel::for_isa`],
-    /// except that AVX2 takes `vpmaddubsw` where `w`'s pairs allow it.
+    /// except that AVX2 takes `vpmaddubsw` where `w`'s pairs allow it, and adds the
+    /// pairs of two groups in i16 where its quads do.
     pub fn for_weights(isa: Isa, w: &PackedI8) -> QKernel {
         match QKernel::for_isa(isa) {
+            QKernel::Avx2 if w.quads_fit_i16 => QKernel::Avx2MaddubsQuads,
             QKernel::Avx2 if w.pairs_fit_i16 => QKernel::Avx2Maddubs,
             k => k,
         }
@@ -231,6 +272,7 @@ impl QKernel {
             QKernel::Portable => "portable",
             QKernel::Avx2 => "avx2",
             QKernel::Avx2Maddubs => "avx2-maddubs",
+            QKernel::Avx2MaddubsQuads => "avx2-maddubs-quads",
             QKernel::Avx512Vnni => "avx512vnni",
             QKernel::Neon => "neon",
             QKernel::NeonDot => "neon-dot",
@@ -302,11 +344,22 @@ pub fn gemm_u8i8_with(
         // SAFETY: the CPU has AVX2 (checked), the weights' pairs fit an i16 (checked);
         // buffer lengths checked above.
         QKernel::Avx2Maddubs if kernel.is_supported() && w.pairs_fit_i16 => unsafe {
-            x86::gemm_maddubs(w, rows, b, cols, acc, ldc)
+            x86::gemm_maddubs::<false>(w, rows, b, cols, acc, ldc)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 (checked), the weights' quads (and so their pairs)
+        // fit an i16 (checked); buffer lengths checked above.
+        QKernel::Avx2MaddubsQuads if kernel.is_supported() && w.quads_fit_i16 => unsafe {
+            x86::gemm_maddubs::<true>(w, rows, b, cols, acc, ldc)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as for `QKernel::Avx2Maddubs`.
+        QKernel::Avx2MaddubsQuads if kernel.is_supported() && w.pairs_fit_i16 => unsafe {
+            x86::gemm_maddubs::<false>(w, rows, b, cols, acc, ldc)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as for `QKernel::Avx2`.
-        QKernel::Avx2Maddubs if kernel.is_supported() => unsafe {
+        QKernel::Avx2Maddubs | QKernel::Avx2MaddubsQuads if kernel.is_supported() => unsafe {
             x86::gemm_avx2(w, rows, b, cols, acc, ldc)
         },
         #[cfg(target_arch = "aarch64")]
@@ -1074,6 +1127,8 @@ mod x86 {
 
     /// Rows of weights per `vpmaddubsw` tile.
     const MR_MADDUBS: usize = 4;
+    /// Rows per tile of the two-group form: 3 × 2 accumulators, 4 activation registers.
+    const MR_QUADS: usize = 3;
     /// Registers of 8 tokens per `vpmaddubsw` tile: 4 × 2 accumulators.
     const NV_MADDUBS: usize = 2;
 
@@ -1083,14 +1138,23 @@ mod x86 {
     /// adds the pairs into i16 (no saturation, by the weights' bound); `vpmaddwd` by 1
     /// adds the two pairs of each token into its i32 lane, in token order. Two
     /// multiplies per 32 products, against the plain AVX2 kernel's two plus the
-    /// widening. Tiles of 4 rows × 16 (or 8) tokens; the rows' weights stay in L1 while
-    /// the tile sweeps the tokens. The last `cols % 8` tokens, which would fill a tile
-    /// register only partly, are each a matrix-vector product instead ([`tail_token`]).
+    /// widening. Tiles of 4 rows × 16 (or 8) tokens; the depth is cut into blocks of
+    /// about [`KC_BYTES256`] of activations, which stay in L1 while every row panel
+    /// sweeps them (the outputs accumulate over blocks). The last `cols % 8` tokens,
+    /// which would fill a tile register only partly, are each a matrix-vector product
+    /// instead ([`tail_token`]).
+    ///
+    /// With `QUADS` (`w.quads_fit_i16()`), the tiles add the `vpmaddubsw` pairs of two
+    /// adjacent groups in i16 before the `vpmaddwd`: three multiplies per 64 products
+    /// instead of four. Its tiles have 3 rows ([`MR_QUADS`]): with 4, the 8
+    /// accumulators, 4 activation registers and the temporaries exceed AVX2's 16
+    /// registers, and the spills cost more than the saved multiplies.
     ///
     /// # Safety
-    /// AVX2; `w.pairs_fit_i16()`; buffers as for [`gemm_avx512vnni`].
+    /// AVX2; `w.pairs_fit_i16()`, and `w.quads_fit_i16()` with `QUADS`; buffers as for
+    /// [`gemm_avx512vnni`].
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn gemm_maddubs(
+    pub(super) unsafe fn gemm_maddubs<const QUADS: bool>(
         w: &PackedI8,
         rows: Range<usize>,
         b: &[u8],
@@ -1098,39 +1162,56 @@ mod x86 {
         acc: &mut [i32],
         ldc: usize,
     ) {
-        debug_assert!(w.pairs_fit_i16);
+        debug_assert!(w.pairs_fit_i16 && (w.quads_fit_i16 || !QUADS));
         let kp = w.kp;
+        let groups = kp / 4;
         let tiled = cols / 8 * 8;
-        let mut r = rows.start;
-        while r < rows.end {
-            let mr = MR_MADDUBS.min(rows.end - r);
-            // SAFETY: rows r..r + mr exist in `w`; the output rows r − rows.start.. exist
-            // in `acc` (checked by the caller).
-            let wp = unsafe { w.data.as_ptr().add(r * kp) };
-            let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
-            let mut n = 0;
-            while n < tiled {
-                let nc = (8 * NV_MADDUBS).min(tiled - n);
-                // SAFETY: tokens n..n + nc (whole registers) of every group are inside
-                // `b`, their outputs inside `acc`.
-                unsafe {
-                    let bp = b.as_ptr().add(4 * n);
-                    let op = out.add(n);
-                    let t = (kp, 4 * cols, ldc);
-                    match (mr, nc / 8) {
-                        (4, 2) => tile_maddubs::<4, 2>(wp, bp, op, t),
-                        (4, _) => tile_maddubs::<4, 1>(wp, bp, op, t),
-                        (3, 2) => tile_maddubs::<3, 2>(wp, bp, op, t),
-                        (3, _) => tile_maddubs::<3, 1>(wp, bp, op, t),
-                        (2, 2) => tile_maddubs::<2, 2>(wp, bp, op, t),
-                        (2, _) => tile_maddubs::<2, 1>(wp, bp, op, t),
-                        (_, 2) => tile_maddubs::<1, 2>(wp, bp, op, t),
-                        (_, _) => tile_maddubs::<1, 1>(wp, bp, op, t),
+        let mr_max = if QUADS { MR_QUADS } else { MR_MADDUBS };
+        // Depth blocks of about KC_BYTES256 of activations (at least 16 groups, an even
+        // number so that a block starts an octet of channels): a block stays in L1
+        // while every row panel sweeps it.
+        let block = (KC_BYTES256 / (4 * tiled.max(1))).max(16) & !1;
+        let mut g0 = 0;
+        while tiled > 0 && g0 < groups {
+            let gc = block.min(groups - g0);
+            let mut r = rows.start;
+            while r < rows.end {
+                let mr = mr_max.min(rows.end - r);
+                // SAFETY: rows r..r + mr exist in `w`, groups g0..g0 + gc in each; the
+                // output rows r − rows.start.. exist in `acc` (checked by the caller).
+                let wp = unsafe { w.data.as_ptr().add(r * kp + 4 * g0) };
+                let out = unsafe { acc.as_mut_ptr().add((r - rows.start) * ldc) };
+                let mut n = 0;
+                while n < tiled {
+                    let nc = (8 * NV_MADDUBS).min(tiled - n);
+                    // SAFETY: tokens n..n + nc (whole registers) of groups g0..g0 + gc
+                    // are inside `b`, their outputs inside `acc`.
+                    unsafe {
+                        let bp = b.as_ptr().add(4 * (g0 * cols + n));
+                        let op = out.add(n);
+                        let t = MaddubsTile {
+                            kp,
+                            groups: gc,
+                            bstride: 4 * cols,
+                            ldc,
+                            accumulate: g0 > 0,
+                        };
+                        match (mr, nc / 8) {
+                            (4, 2) => tile_maddubs::<4, 2, QUADS>(wp, bp, op, &t),
+                            (4, _) => tile_maddubs::<4, 1, QUADS>(wp, bp, op, &t),
+                            (3, 2) => tile_maddubs::<3, 2, QUADS>(wp, bp, op, &t),
+                            (3, _) => tile_maddubs::<3, 1, QUADS>(wp, bp, op, &t),
+                            (2, 2) => tile_maddubs::<2, 2, QUADS>(wp, bp, op, &t),
+                            (2, _) => tile_maddubs::<2, 1, QUADS>(wp, bp, op, &t),
+                            (_, 2) => tile_maddubs::<1, 2, QUADS>(wp, bp, op, &t),
+                            (_, _) => tile_maddubs::<1, 1, QUADS>(wp, bp, op, &t),
+                        }
                     }
+                    n += nc;
                 }
-                n += nc;
+                r += mr;
             }
-            r += mr;
+            g0 += gc;
         }
         if tiled < cols {
             let mut token = vec![0u8; kp.div_ceil(32) * 32];
@@ -1196,25 +1277,75 @@ mod x86 {
         }
     }
 
-    /// `R` rows × `V` registers of 8 tokens of [`gemm_maddubs`]; `(kp, bstride, ldc)`:
-    /// the rows' padded depth, bytes between groups, output stride.
+    /// Where a [`tile_maddubs`] reads and writes.
+    struct MaddubsTile {
+        /// Padded depth of a weight row (its stride).
+        kp: usize,
+        /// Groups of 4 channels to multiply.
+        groups: usize,
+        /// Bytes between two groups of the activations.
+        bstride: usize,
+        /// Output row stride.
+        ldc: usize,
+        /// Add to the outputs (a depth block after the first) instead of storing.
+        accumulate: bool,
+    }
+
+    /// `R` rows × `V` registers of 8 tokens of [`gemm_maddubs`], over `t.groups` groups.
     ///
     /// # Safety
-    /// AVX2; `w` points at `R` rows of `kp` bytes (stride `kp`) whose pairs fit an i16;
-    /// `b` at `kp/4` groups (stride `bstride`) of `8V` tokens; `out` at `R` rows (stride
-    /// `ldc`) of `8V` i32.
+    /// AVX2; `w` points at `R` rows (stride `t.kp`) of `4·t.groups` bytes whose pairs
+    /// fit an i16 (and whose quads do, with `QUADS`, the first group starting an octet);
+    /// `b` at `t.groups` groups (stride `t.bstride`) of `8V` tokens; `out` at `R` rows
+    /// (stride `t.ldc`) of `8V` i32.
     #[target_feature(enable = "avx2")]
-    unsafe fn tile_maddubs<const R: usize, const V: usize>(
+    unsafe fn tile_maddubs<const R: usize, const V: usize, const QUADS: bool>(
         w: *const i8,
         b: *const u8,
         out: *mut i32,
-        (kp, bstride, ldc): (usize, usize, usize),
+        t: &MaddubsTile,
     ) {
+        let (kp, bstride, ldc) = (t.kp, t.bstride, t.ldc);
         let ones = _mm256_set1_epi16(1);
         let mut c = [[_mm256_setzero_si256(); V]; R];
         let mut bp = b;
         let mut wp = w;
-        for _ in 0..kp / 4 {
+        let mut groups = t.groups;
+        if QUADS {
+            while groups >= 2 {
+                let mut b0 = [_mm256_setzero_si256(); V];
+                let mut b1 = [_mm256_setzero_si256(); V];
+                for j in 0..V {
+                    // SAFETY: register j's 8 tokens of this group and the next.
+                    unsafe {
+                        b0[j] = _mm256_loadu_si256(bp.add(32 * j) as *const __m256i);
+                        b1[j] = _mm256_loadu_si256(bp.add(bstride + 32 * j) as *const __m256i);
+                    }
+                }
+                for (i, ci) in c.iter_mut().enumerate() {
+                    // SAFETY: 8 bytes of row i's current two groups.
+                    let (w0, w1) = unsafe {
+                        let p = wp.add(i * kp) as *const i32;
+                        (p.read_unaligned(), p.add(1).read_unaligned())
+                    };
+                    let (w0, w1) = (_mm256_set1_epi32(w0), _mm256_set1_epi32(w1));
+                    for j in 0..V {
+                        // Each lane: the pair of channels {0, 1} (or {2, 3}) of this
+                        // group plus the same pair of the next; fits an i16 by the
+                        // weights' quad bound.
+                        let pairs = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(b0[j], w0),
+                            _mm256_maddubs_epi16(b1[j], w1),
+                        );
+                        ci[j] = _mm256_add_epi32(ci[j], _mm256_madd_epi16(pairs, ones));
+                    }
+                }
+                bp = bp.wrapping_add(2 * bstride);
+                wp = wp.wrapping_add(8);
+                groups -= 2;
+            }
+        }
+        for _ in 0..groups {
             let mut bv = [_mm256_setzero_si256(); V];
             for (j, v) in bv.iter_mut().enumerate() {
                 // SAFETY: register j's 8 tokens of this group.
@@ -1237,7 +1368,15 @@ mod x86 {
         for (i, ci) in c.iter().enumerate() {
             for (j, &cij) in ci.iter().enumerate() {
                 // SAFETY: row i < R, register j's 8 tokens inside the tile.
-                unsafe { _mm256_storeu_si256(out.add(i * ldc + 8 * j) as *mut __m256i, cij) };
+                unsafe {
+                    let p = out.add(i * ldc + 8 * j) as *mut __m256i;
+                    let v = if t.accumulate {
+                        _mm256_add_epi32(_mm256_loadu_si256(p), cij)
+                    } else {
+                        cij
+                    };
+                    _mm256_storeu_si256(p, v);
+                }
             }
         }
     }
