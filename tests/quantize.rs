@@ -141,18 +141,33 @@ fn written_graph_is_standard_qdq() {
         assert_eq!(scales.len(), rows);
         let per_row = w.len() / rows;
         // Convs with a quantized input run on the integer kernels: their scale bounds
-        // the sums of consecutive pairs (|q₀| + |q₁| ≤ 128, for x86's `vpmaddubsw`);
-        // the others' bounds the values.
+        // sums for x86's `vpmaddubsw`. For a 1×1 conv (a row holds its input
+        // channels, here a multiple of 8), the quads {0, 1, 4, 5} and {2, 3, 6, 7} of
+        // each octet, to 126 steps (|q| sums ≤ 128 after rounding); for the k×k stem,
+        // consecutive pairs to 127 steps (|q₀| + |q₁| ≤ 128). The others' scale bounds
+        // the values.
         let paired = !conv.name.contains("downsample");
+        let quads = paired && per_row == data.dims[1] as usize;
+        if quads {
+            assert_eq!(per_row % 8, 0, "{weight_name}");
+        }
+        let abs_sum = |v: &[f32], idx: [usize; 4]| -> f32 { idx.iter().map(|&i| v[i].abs()).sum() };
         for r in 0..rows {
             let row = &w[r * per_row..(r + 1) * per_row];
-            let max = if paired {
-                row.chunks(2)
-                    .fold(0f32, |m, p| m.max(p.iter().map(|v| v.abs()).sum()))
+            let s = if quads {
+                let max = row.chunks(8).fold(0f32, |m, o| {
+                    m.max(abs_sum(o, [0, 1, 4, 5]))
+                        .max(abs_sum(o, [2, 3, 6, 7]))
+                });
+                max / 126.0
+            } else if paired {
+                let max = row
+                    .chunks(2)
+                    .fold(0f32, |m, p| m.max(p.iter().map(|v| v.abs()).sum()));
+                max / 127.0
             } else {
-                row.iter().fold(0f32, |m, v| m.max(v.abs()))
+                row.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0
             };
-            let s = max / 127.0;
             assert_eq!(scales[r], s, "{weight_name} row {r} scale");
             let q = &data.raw_data[r * per_row..(r + 1) * per_row];
             for (k, &v) in row.iter().enumerate() {
@@ -160,9 +175,21 @@ fn written_graph_is_standard_qdq() {
                 assert_eq!(q[k] as i8, expected);
                 checked_values += 1;
             }
-            if paired {
+            let a = |b: u8| (b as i8 as i32).abs();
+            if quads {
+                for o in q.chunks(8) {
+                    let sums = [
+                        a(o[0]) + a(o[1]) + a(o[4]) + a(o[5]),
+                        a(o[2]) + a(o[3]) + a(o[6]) + a(o[7]),
+                    ];
+                    assert!(
+                        sums[0].max(sums[1]) <= 128,
+                        "{weight_name} row {r}: octet {o:?}"
+                    );
+                }
+            } else if paired {
                 for p in q.chunks(2) {
-                    let sum: i32 = p.iter().map(|&b| (b as i8 as i32).abs()).sum();
+                    let sum: i32 = p.iter().map(|&b| a(b)).sum();
                     assert!(sum <= 128, "{weight_name} row {r}: pair {p:?}");
                 }
             }
@@ -418,10 +445,13 @@ fn smoothing_targets_fc1_and_is_exact_in_float() {
     }
 }
 
-/// Per-channel quantization along axis 1 (MatMul weights `[K, N]`): channel n is column n.
-/// Paired scales: `max(|w₀| + |w₁|)/127` per channel, pairs of consecutive values of a
-/// channel (an odd row's last value alone), and every pair's `|q₀| + |q₁| ≤ 128` even
-/// where both halves of the largest pair round up (1.0/s = 63.5 → 64).
+/// Paired scales. For a weight that is not a 1×1 conv's (here `[C, K]`): per channel
+/// `max(|w₀| + |w₁|)/127` over pairs of consecutive values (an odd row's last value
+/// alone), and every pair's `|q₀| + |q₁| ≤ 128` even where both halves of the largest
+/// pair round up (1.0/s = 63.5 → 64). For a 1×1 conv (`[O, C, 1, 1]`): per channel
+/// `max Σ|w|/126` over the quads {0, 1, 4, 5} and {2, 3, 6, 7} of each octet, a last
+/// part of 4 channels or fewer bounded as pairs, and every quad's `Σ|q| ≤ 128` even
+/// where all four round up (31.5 → 32).
 #[test]
 fn paired_quantization_bounds_pair_sums() {
     let q = qdq::quantize_per_channel(&[1.0f32, 1.0, 0.5, -1.5], &[1, 4], 0, true);
@@ -431,16 +461,36 @@ fn paired_quantization_bounds_pair_sums() {
     assert_eq!(q.scales, [0.9 / 127.0, 0.8 / 127.0]);
     assert_eq!(q.data[2], 127);
     assert_eq!(&q.data[3..], [-64, 64, 0]);
+    // Quads: {0, 1, 4, 5} sums to 126/64, {2, 3, 6, 7} to a quarter of that → scale
+    // 1/64, and 31.5/64 → 31.5 → 32 (exact in f32).
+    let v = 31.5 / 64.0;
+    let w = [v, v, v / 2.0, 0.0, -v, v, -v / 2.0, 0.0];
+    let q = qdq::quantize_per_channel(&w, &[1, 8, 1, 1], 0, true);
+    assert_eq!(q.scales, [1.0 / 64.0]);
+    assert_eq!(q.data, [32, 32, 16, 0, -32, 32, -16, 0]);
+    // Twelve channels: an octet, then a last group of 4 bounded as pairs, whose pair
+    // (3.0, 0.0) sets the scale: 3/127 > 2/126.
+    let w = [
+        0.5f32, 0.5, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 3.0, 0.0, 0.0, 0.0,
+    ];
+    let q = qdq::quantize_per_channel(&w, &[1, 12, 1, 1], 0, true);
+    assert_eq!(q.scales, [3.0 / 127.0]);
+    // A 3×3 kernel is bounded in pairs, not quads.
+    let q = qdq::quantize_per_channel(&[1.0f32; 18], &[1, 2, 3, 3], 0, true);
+    assert_eq!(q.scales, [2.0 / 127.0]);
     let mut rng = ChaCha8Rng::seed_from_u64(5);
     let w: Vec<f32> = (0..64 * 96)
         .map(|_| rng.gen_range(-1.0f32..1.0).powi(3))
         .collect();
     let q = qdq::quantize_per_channel(&w, &[64, 96, 1, 1], 0, true);
+    let a = |v: i8| (v as i32).abs();
     for (row, s) in q.data.chunks(96).zip(&q.scales) {
-        assert!(row
-            .chunks(2)
-            .all(|p| (p[0] as i32).abs() + (p[1] as i32).abs() <= 128));
-        assert!(row.iter().any(|&v| v.abs() >= 64), "{row:?}, scale {s}");
+        assert!(row.chunks(8).all(|o| {
+            a(o[0]) + a(o[1]) + a(o[4]) + a(o[5]) <= 128
+                && a(o[2]) + a(o[3]) + a(o[6]) + a(o[7]) <= 128
+        }));
+        // Some quad holds 126 steps before rounding, so some value is at least 31.5.
+        assert!(row.iter().any(|&v| v.abs() >= 32), "{row:?}, scale {s}");
     }
 }
 

@@ -119,16 +119,22 @@ pub struct QuantizedWeight {
 /// Quantizes `w` (shape `shape`) per channel along `axis`: `s_c = max|w_c|/127`,
 /// `q = round(w/s_c)`. An all-zero channel gets scale 1 (its values are all 0).
 ///
-/// With `paired` (`axis` 0 only: each channel's values are contiguous), consecutive
-/// values of a channel are taken in pairs (`2j`, `2j + 1`) and the scale is
-/// `max(|w₀| + |w₁|)/127` instead: then `|q₀| + |q₁| ≤ 128` for every pair (rounding
-/// adds at most 1), which lets x86's `vpmaddubsw` multiply the weights by u8
-/// activations without saturating its i16 pair sums (`kernels::qgemm::PAIR_BOUND`).
-/// For a 1×1 conv's row those are the pairs the int8 kernels multiply (consecutive
-/// channels). A k×k conv's kernel reduces tap by tap over its channels in groups of
-/// four (`ConvGeometry::c4_weights`), so for PoolFormer's stem the bounded pairs are
-/// not the kernel's (docs/quantization.md, "Paired weight scales"). The step grows by
-/// the ratio of the largest pair sum to the largest value, typically 1.2–1.6.
+/// With `paired` (`axis` 0 only: each channel's values are contiguous), the scale
+/// bounds sums of `|w|` instead of single values, so that x86's `vpmaddubsw` can
+/// multiply the weights by u8 activations without overflowing its i16 sums
+/// (`kernels::qgemm::PAIR_BOUND`):
+/// - a 1×1 conv (a row is its input channels, the order the int8 kernels reduce in):
+///   in each octet of channels `8j..8j + 8`, the quads `{0, 1, 4, 5}` and
+///   `{2, 3, 6, 7}`, scale `max Σ|w|/126`, so that `Σ|q| ≤ 128` per quad
+///   (`PackedI8::quads_fit_i16`: two groups' pairs add in i16); a last part of 4
+///   channels or fewer, which the kernels take as one group, in pairs;
+/// - other convs: consecutive pairs (`2j`, `2j + 1`), scale `max(|w₀| + |w₁|)/127`,
+///   `|q₀| + |q₁| ≤ 128`. A k×k conv's kernel reduces tap by tap over its channels in
+///   groups of four (`ConvGeometry::c4_weights`), so for PoolFormer's stem the bounded
+///   pairs are not the kernel's (docs/quantization.md, "Paired weight scales").
+///
+/// The step grows by the ratio of the largest bounded sum to the largest value:
+/// typically 1.2–1.6 for pairs, 2–2.5 for quads.
 pub fn quantize_per_channel(
     w: &[f32],
     shape: &[usize],
@@ -138,23 +144,36 @@ pub fn quantize_per_channel(
     let channels = shape[axis];
     let inner: usize = shape[axis + 1..].iter().product();
     let channel = |i: usize| (i / inner) % channels;
-    let mut max = vec![0f32; channels];
+    // A bounded set's Σ|q| stays within 128 after rounding (each value rounds by at
+    // most ½): a pair's sum is held to 127 steps, a quad's to 126.
+    let mut steps = vec![0f32; channels];
     if paired {
         assert_eq!(axis, 0, "paired weights are per channel along axis 0");
+        let quads = shape.len() >= 3 && inner == shape[1];
+        let sum = |v: &[f32], idx: &[usize]| -> f32 {
+            idx.iter().filter_map(|&i| v.get(i)).map(|x| x.abs()).sum()
+        };
         for (c, row) in w.chunks(inner).enumerate() {
-            for p in row.chunks(2) {
-                max[c] = max[c].max(p.iter().map(|v| v.abs()).sum());
+            for o in row.chunks(if quads { 8 } else { 2 }) {
+                let s = if quads && o.len() > 4 {
+                    sum(o, &[0, 1, 4, 5]).max(sum(o, &[2, 3, 6, 7])) / 126.0
+                } else {
+                    // A pair; or, for quads, a last part of at most 4 channels (one
+                    // group for the kernels), bounded in pairs.
+                    o.chunks(2).map(|p| sum(p, &[0, 1])).fold(0f32, f32::max) / 127.0
+                };
+                steps[c] = steps[c].max(s);
             }
         }
     } else {
         for (i, v) in w.iter().enumerate() {
             let c = channel(i);
-            max[c] = max[c].max(v.abs());
+            steps[c] = steps[c].max(v.abs() / 127.0);
         }
     }
-    let scales: Vec<f32> = max
+    let scales: Vec<f32> = steps
         .iter()
-        .map(|&m| if m > 0.0 { m / 127.0 } else { 1.0 })
+        .map(|&s| if s > 0.0 { s } else { 1.0 })
         .collect();
     let data = w
         .iter()
