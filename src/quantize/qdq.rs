@@ -133,8 +133,9 @@ pub struct QuantizedWeight {
 ///   groups of four (`ConvGeometry::c4_weights`), so for PoolFormer's stem the bounded
 ///   pairs are not the kernel's (docs/quantization.md, "Paired weight scales").
 ///
-/// The step grows by the ratio of the largest bounded sum to the largest value:
-/// typically 1.2–1.6 for pairs, 2–2.5 for quads.
+/// The step grows by the ratio of the largest bounded sum to the largest value: on
+/// the synthetic S12's 1×1 convs, per row, median 1.34 for pairs (10th–90th
+/// percentile 1.07–1.84) and 1.95 for quads (1.40–3.02).
 pub fn quantize_per_channel(
     w: &[f32],
     shape: &[usize],
