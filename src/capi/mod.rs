@@ -197,7 +197,7 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// Runs `body` for the C function `function`: turns its error into a status and a message,
-/// and a panic into [`PfeStatus::Panic`]. [`ffi_boundary!`] calls it.
+/// and a panic into [`PfeStatus::Panic`]. `ffi_boundary!` calls it.
 pub fn status_boundary(
     function: &str,
     mode: ErrorMode,

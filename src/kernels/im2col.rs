@@ -173,7 +173,7 @@ fn interleave4_body(planes: [&[u8]; 4], flip: u8, dst: &mut [u8]) {
 }
 
 crate::kernels::multiversion! {
-    /// [`interleave4_body`], built for each instruction set.
+    /// `interleave4_body`, built for each instruction set.
     pub fn interleave4(planes: [&[u8]; 4], flip: u8, dst: &mut [u8]) {
         interleave4_body(planes, flip, dst)
     }

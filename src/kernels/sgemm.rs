@@ -6,7 +6,7 @@
 //! results is a few rows of `MR` outputs × `NR` tokens, stored straight into rows.
 //!
 //! Layouts:
-//! - [`PackedWeights`]: `W` packed once, in panels of [`MR`] rows, each panel
+//! - [`PackedWeights`]: `W` packed once, in panels of `MR` rows, each panel
 //!   `[K][MR]` (a column of the panel per step of the reduction; rows past `M` are 0).
 //! - [`PackedCols`]: `X` packed per call in column panels of one to three vectors of
 //!   tokens, each panel `[K][width]` (zero past the last token). The first product's
@@ -136,7 +136,7 @@ pub struct PackedWeights {
 }
 
 impl PackedWeights {
-    /// Packs row-major `w` (`rows × depth`) for [`gemm`] on `isa`.
+    /// Packs row-major `w` (`rows × depth`) for [`gemm()`] on `isa`.
     pub fn pack(isa: Isa, w: &[f32], rows: usize, depth: usize) -> PackedWeights {
         assert_eq!(w.len(), rows * depth, "weight size");
         let mr = panel_rows(isa);
@@ -182,7 +182,7 @@ const DQ_STEPS: usize = 8;
 /// A constant `rows × depth` int8 matrix with a scale and zero point per row, packed in
 /// [`PackedWeights`]' panel layout: `w[r, k] = (q[r, k] − zero[r])·scale[r]`, computed in
 /// f32 as ONNX's DequantizeLinear does. [`Self::dequantize`] turns a few panels at a
-/// time into f32 for [`gemm`], so only the int8 values stay resident.
+/// time into f32 for [`gemm()`], so only the int8 values stay resident.
 #[derive(Clone, Debug)]
 pub struct PackedWeightsI8 {
     isa: Isa,
@@ -199,7 +199,7 @@ pub struct PackedWeightsI8 {
 
 impl PackedWeightsI8 {
     /// Packs row-major `q` (`rows × depth`) with its rows' `scale` and `zero` for
-    /// [`gemm`] on `isa`.
+    /// [`gemm()`] on `isa`.
     pub fn pack(
         isa: Isa,
         q: &[i8],
@@ -591,12 +591,12 @@ pub unsafe fn gemm(
 /// still in L2 while every column panel goes through them.
 const DQ_FLOATS: usize = 32 * 1024;
 
-/// [`gemm`] on int8 weights: each stretch of the reduction of a few weight panels is
-/// dequantized into `scratch` (at most [`DQ_FLOATS`] values) just before the column
+/// [`gemm()`] on int8 weights: each stretch of the reduction of a few weight panels is
+/// dequantized into `scratch` (at most `DQ_FLOATS` values) just before the column
 /// panels go through it, so every weight is turned into f32 once per call.
 ///
 /// # Safety
-/// As for [`gemm`]; `Gelu` epilogues are not supported here.
+/// As for [`gemm()`]; `Gelu` epilogues are not supported here.
 pub unsafe fn gemm_i8(
     isa: Isa,
     w: &PackedWeightsI8,

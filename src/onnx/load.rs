@@ -129,7 +129,7 @@ impl ModelDataResolver for SameFile {
 }
 
 /// The `ModelProto` bytes `file` with every top-level initializer's `raw_data` of at
-/// least [`EXTERNAL_MIN_BYTES`] replaced by an external-data reference to `location`
+/// least `EXTERNAL_MIN_BYTES` replaced by an external-data reference to `location`
 /// (the file itself) at that data's offset; `None` where an initializer is already
 /// stored outside the file.
 pub fn externalize(file: &[u8], location: &str) -> Result<Option<Vec<u8>>> {

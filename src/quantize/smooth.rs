@@ -175,7 +175,7 @@ pub fn smooth(
 }
 
 /// Subtracts from each target conv's bias the mean output shift its weight rounding
-/// causes, `Σ_c Σ_k ΔW[o, c, k]·E[x_c]`, E[x_c] over the calibration set (zero padding
+/// causes, `Σ_c Σ_k ΔW[o, c, k]·E[x_c]`, `E[x_c]` over the calibration set (zero padding
 /// is not accounted for). Targets without a bias initializer are skipped. Returns the
 /// number of biases corrected.
 pub fn correct_biases(

@@ -2,6 +2,10 @@
 //! preprocessing as `pfe`. Sources → pipeline (capture thread, inference thread) →
 //! overlay → sinks (framebuffer, HTTP, JSON lines, PNG snapshots).
 
+// The options' doc comments are clap's `--help` text, where `[:STRIDE]` and the like
+// mean optional parts, not rustdoc links.
+#![allow(rustdoc::broken_intra_doc_links)]
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
