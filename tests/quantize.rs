@@ -494,6 +494,36 @@ fn paired_quantization_bounds_pair_sums() {
     }
 }
 
+/// The quantizer's quads and the kernels' check of them are two codes of one layout:
+/// 1×1 conv weights from `quantize_per_channel` must pass `PackedI8::quads_fit_i16`
+/// (so that x86's two-group `vpmaddubsw` kernel runs them) for any input channel count,
+/// including counts whose last octet is partial (13, 21: padded with zero weights by
+/// the packing) or whose last group of 4 stands alone (12, 20). Heavy-tailed weights,
+/// so that the bound binds.
+#[test]
+fn quantized_quads_pass_the_kernels_check() {
+    use poolformer_edge::kernels::qgemm::PackedI8;
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    for c in [4, 8, 12, 13, 20, 21, 64, 320] {
+        let rows = 48;
+        let w: Vec<f32> = (0..rows * c)
+            .map(|_| rng.gen_range(-1.0f32..1.0).powi(5))
+            .collect();
+        let q = qdq::quantize_per_channel(&w, &[rows, c, 1, 1], 0, true);
+        let packed = PackedI8::new(rows, c, &q.data).unwrap();
+        assert!(packed.quads_fit_i16(), "{c} channels");
+        // Bounding pairs only (a k×k layout, same values) leaves some quads over.
+        if c >= 64 {
+            let p = qdq::quantize_per_channel(&w, &[rows, 1, c, 1], 0, true);
+            let packed = PackedI8::new(rows, c, &p.data).unwrap();
+            assert!(
+                packed.pairs_fit_i16() && !packed.quads_fit_i16(),
+                "{c} channels"
+            );
+        }
+    }
+}
+
 #[test]
 fn per_channel_quantization_along_axis_1() {
     let w = [0.5f32, -2.0, 0.25, 1.0, -0.127, 0.0];
