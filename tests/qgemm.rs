@@ -232,19 +232,6 @@ fn extreme_values_long_depth() {
             let past = Case::with(m, k, cols, |_, kk| [127, 2][kk % 2], |_, _| 255);
             let packed = PackedI8::new(m, k, &past.w).unwrap();
             assert!(!packed.pairs_fit_i16());
-            // Octets whose quads {0, 1, 4, 5} and {2, 3, 6, 7} are on the bound
-            // (Σ|w| = 128) in both signs, for `avx2-maddubs-quads`, cycling over rows
-            // and octets.
-            let quads_on_bound = |r: usize, kk: usize| {
-                const OCTETS: [[i8; 8]; 5] = [
-                    [-32, -32, 32, 32, -32, -32, 32, 32],
-                    [127, 1, -128, 0, 0, 0, 0, 0],
-                    [0, 0, 0, 0, -128, 0, 0, 127],
-                    [64, 0, 0, -64, 64, 0, 0, -64],
-                    [-1, -1, -1, -1, -125, -1, -1, -125],
-                ];
-                OCTETS[(r + kk / 8) % OCTETS.len()][kk % 8]
-            };
             let quads = Case::with(m, k, cols, quads_on_bound, |_, _| 255);
             let packed = PackedI8::new(m, k, &quads.w).unwrap();
             assert!(packed.quads_fit_i16());
@@ -268,6 +255,42 @@ fn extreme_values_long_depth() {
     // All 255 × −128: −32640·k, the extreme a saturating i16 pair sum would get wrong.
     let case = Case::with(1, 2048, 17, |_, _| -128, |_, _| 255);
     assert_eq!(case.reference(0, 0), -255 * 128 * 2048);
+}
+
+/// Weights whose octets' quads {0, 1, 4, 5} and {2, 3, 6, 7} are on the bound
+/// (Σ|w| = 128) in both signs, for `avx2-maddubs-quads`, cycling over rows and octets.
+fn quads_on_bound(r: usize, kk: usize) -> i8 {
+    const OCTETS: [[i8; 8]; 5] = [
+        [-32, -32, 32, 32, -32, -32, 32, 32],
+        [127, 1, -128, 0, 0, 0, 0, 0],
+        [0, 0, 0, 0, -128, 0, 0, 127],
+        [64, 0, 0, -64, 64, 0, 0, -64],
+        [-1, -1, -1, -1, -125, -1, -1, -125],
+    ];
+    OCTETS[(r + kk / 8) % OCTETS.len()][kk % 8]
+}
+
+/// Quads on the bound over depths of several blocks, with token counts whose block
+/// size in groups would be odd if the kernel did not round it to even (179, 49 and 196
+/// tokens: 23, 85 and 21 groups of 16 KiB): a block that started inside an octet would
+/// pair the wrong groups and overflow. Activations 255, then random; row sub-ranges
+/// and `ldc > cols`.
+#[test]
+fn quads_on_the_bound_across_depth_blocks() {
+    let kernels = kernels();
+    for &(m, k, cols) in &[(7, 1126, 179), (5, 2700, 49), (9, 520, 196), (4, 1124, 179)] {
+        let full = Case::with(m, k, cols, quads_on_bound, |_, _| 255);
+        let mut random = Case::random(m, k, cols, (m * k + cols) as u64);
+        random.w = full.w.clone();
+        for case in [&full, &random] {
+            let packed = PackedI8::new(m, k, &case.w).unwrap();
+            assert!(packed.quads_fit_i16());
+            for &kernel in &kernels {
+                case.check(kernel, 0..m, cols);
+                case.check(kernel, 1..m - 1, cols + 5);
+            }
+        }
+    }
 }
 
 #[test]

@@ -133,6 +133,10 @@ pub struct QuantizedWeight {
 ///   groups of four (`ConvGeometry::c4_weights`), so for PoolFormer's stem the bounded
 ///   pairs are not the kernel's (docs/quantization.md, "Paired weight scales").
 ///
+/// Both bounds hold for rows of normal floats. A row whose largest bounded sum is
+/// subnormal loses precision in the division and may exceed them; the packing checks
+/// the bound again (`PackedI8`), and such weights run the paired or widening kernel.
+///
 /// The step grows by the ratio of the largest bounded sum to the largest value: on
 /// the synthetic S12's 1×1 convs, per row, median 1.34 for pairs (10th–90th
 /// percentile 1.07–1.84) and 1.95 for quads (1.40–3.02).
