@@ -62,28 +62,26 @@ impl Case {
         c
     }
 
+    /// The same case with every weight shifted right by `bits`.
+    fn narrowed(&self, bits: u32) -> (Case, PackedI8) {
+        let w: Vec<i8> = self.w.iter().map(|&v| v >> bits).collect();
+        let packed = PackedI8::new(self.m, self.k, &w).unwrap();
+        let b = self.b.clone();
+        (Case { w, b, ..*self }, packed)
+    }
+
     /// The same case with every weight halved (−64..=63): every pair fits an i16.
     fn halved(&self) -> Case {
-        let w: Vec<i8> = self.w.iter().map(|&v| v >> 1).collect();
-        let packed = PackedI8::new(self.m, self.k, &w).unwrap();
+        let (case, packed) = self.narrowed(1);
         assert!(packed.pairs_fit_i16());
-        Case {
-            w,
-            b: self.b.clone(),
-            ..*self
-        }
+        case
     }
 
     /// The same case with every weight quartered (−32..=31): every quad fits an i16.
     fn quartered(&self) -> Case {
-        let w: Vec<i8> = self.w.iter().map(|&v| v >> 2).collect();
-        let packed = PackedI8::new(self.m, self.k, &w).unwrap();
+        let (case, packed) = self.narrowed(2);
         assert!(packed.quads_fit_i16());
-        Case {
-            w,
-            b: self.b.clone(),
-            ..*self
-        }
+        case
     }
 
     fn reference(&self, r: usize, n: usize) -> i32 {
