@@ -1,7 +1,8 @@
 //! A/B of the int8 matrix kernels this CPU runs (the portable one excepted) on the
 //! products the int8 channel MLP makes at 224×224: its column blocks of tokens
 //! (`QuantChannelMlp` cuts each stage's tokens into blocks of about 65 536 / hidden,
-//! at least 64), so 261, 130, 65 and 49 tokens for the four stages. One thread,
+//! at least 64, boundaries on multiples of 16 tokens), so about 261, 130, 65 and 49
+//! tokens for the four stages, with the odd counts the last blocks get. One thread,
 //! kernels alternating in one process, every result checked against the portable
 //! kernel; each figure is the smallest of 15 rounds in thread CPU time, so that time
 //! slices lost to other jobs on a shared machine do not count. Stage 3 also runs at
