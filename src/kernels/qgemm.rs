@@ -156,14 +156,26 @@ pub const PAIR_BOUND: i32 = 128;
 /// `8j..8j + 8` of a row of `data` (rows of `kp` bytes; a last group of 4 that starts no
 /// octet is left out).
 fn largest_quad(data: &[i8], kp: usize) -> i32 {
-    data.chunks_exact(kp)
-        .flat_map(|row| row.chunks_exact(8))
-        .map(|o| {
-            let a = |i: usize| (o[i] as i32).abs();
-            (a(0) + a(1) + a(4) + a(5)).max(a(2) + a(3) + a(6) + a(7))
+    // Fixed-size octets in i16 (a quad's sum is at most 512) and a max without early
+    // exit, so that the compiler vectorizes it (this runs over every weight at load).
+    let quads = |octets: &[[i8; 8]]| {
+        octets.iter().fold(0i16, |m, o| {
+            let a = |i: usize| (o[i] as i16).abs();
+            m.max(a(0) + a(1) + a(4) + a(5))
+                .max(a(2) + a(3) + a(6) + a(7))
         })
-        .max()
-        .unwrap_or(0)
+    };
+    let largest = if kp.is_multiple_of(8) {
+        // Rows of whole octets: the octets of all rows in one run (row by row, the
+        // short loops take half as long again).
+        quads(data.as_chunks::<8>().0)
+    } else {
+        data.chunks_exact(kp)
+            .map(|row| quads(row.as_chunks::<8>().0))
+            .max()
+            .unwrap_or(0)
+    };
+    largest as i32
 }
 
 /// Position of activation `(k, n)` in a k4 buffer of `cols` tokens.
@@ -328,6 +340,15 @@ pub fn gemm_u8i8_with(
         acc.len() >= (nrows - 1) * ldc + cols,
         "accumulator too short"
     );
+    // The `vpmaddubsw` kernels fall back, one bound at a time, on weights that exceed it.
+    let kernel = match kernel {
+        QKernel::Avx2MaddubsQuads if !w.quads_fit_i16 => QKernel::Avx2Maddubs,
+        k => k,
+    };
+    let kernel = match kernel {
+        QKernel::Avx2Maddubs if !w.pairs_fit_i16 => QKernel::Avx2,
+        k => k,
+    };
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); the buffer lengths were
@@ -341,26 +362,16 @@ pub fn gemm_u8i8_with(
             x86::gemm_avx2(w, rows, b, cols, acc, ldc)
         },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU has AVX2 (checked), the weights' pairs fit an i16 (checked);
-        // buffer lengths checked above.
-        QKernel::Avx2Maddubs if kernel.is_supported() && w.pairs_fit_i16 => unsafe {
+        // SAFETY: the CPU has AVX2 (checked), the weights' pairs fit an i16 (checked
+        // above); buffer lengths checked above.
+        QKernel::Avx2Maddubs if kernel.is_supported() => unsafe {
             x86::gemm_maddubs::<false>(w, rows, b, cols, acc, ldc)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has AVX2 (checked), the weights' quads (and so their pairs)
-        // fit an i16 (checked); buffer lengths checked above.
-        QKernel::Avx2MaddubsQuads if kernel.is_supported() && w.quads_fit_i16 => unsafe {
+        // fit an i16 (checked above); buffer lengths checked above.
+        QKernel::Avx2MaddubsQuads if kernel.is_supported() => unsafe {
             x86::gemm_maddubs::<true>(w, rows, b, cols, acc, ldc)
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as for `QKernel::Avx2Maddubs`.
-        QKernel::Avx2MaddubsQuads if kernel.is_supported() && w.pairs_fit_i16 => unsafe {
-            x86::gemm_maddubs::<false>(w, rows, b, cols, acc, ldc)
-        },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as for `QKernel::Avx2`.
-        QKernel::Avx2Maddubs | QKernel::Avx2MaddubsQuads if kernel.is_supported() => unsafe {
-            x86::gemm_avx2(w, rows, b, cols, acc, ldc)
         },
         #[cfg(target_arch = "aarch64")]
         // SAFETY: the CPU has the dot product (checked); buffer lengths checked above.
