@@ -26,6 +26,13 @@ of the round medians, load time, and the ratio pfe/ORT of the medians (< 1:
 pfe is faster). Both runtimes get the same deterministic input as `pfe bench`
 ((i mod 251)/125 - 1), 1x3xSxS. Also printed: the CPU model from /proc/cpuinfo
 with its avx2 / avx512f / avx512_vnni flags, and the library versions.
+
+Each runtime's process CPU time per run is measured beside its wall time (ORT:
+time.process_time around each run; pfe: `cpu_median_ms` of its JSON) and
+reported as "cpu ms" with its own pfe/ORT ratio. On one thread that is the
+run's time less what the machine gave to other work meanwhile, which a shared
+VM's wall clock counts: the steadier ratio there. With several threads it sums
+the threads' time, spin-waiting included, so it is a cost, not a latency.
 --json prints one JSON object instead of the table. Exit status 1 if either
 runtime fails.
 """
@@ -127,12 +134,14 @@ class OrtRunner:
     def round(self, warmup, iters):
         for _ in range(warmup):
             self.sess.run(None, self.feed)
-        samples = []
+        samples, cpu = [], []
         for _ in range(iters):
+            c0 = time.process_time()
             start = time.perf_counter()
             self.sess.run(None, self.feed)
             samples.append((time.perf_counter() - start) * 1e3)
-        return samples
+            cpu.append((time.process_time() - c0) * 1e3)
+        return samples, cpu
 
 
 def pfe_round(pfe_path, model, threads, warmup, iters, size):
@@ -193,14 +202,15 @@ def main():
             ort_runner = OrtRunner(args.model, threads, args.size)
         except Exception as e:  # noqa: BLE001
             sys.exit(f"onnxruntime failed to load {args.model}: {type(e).__name__}: {e}")
-        ort_samples, ort_round_medians = [], []
+        ort_samples, ort_round_medians, ort_cpu = [], [], []
         pfe_reports = []
         for r in range(args.rounds):
             order = ("ort", "pfe") if r % 2 == 0 else ("pfe", "ort")
             for which in order:
                 if which == "ort":
-                    s = ort_runner.round(args.warmup, args.iters)
+                    s, c = ort_runner.round(args.warmup, args.iters)
                     ort_samples += s
+                    ort_cpu += c
                     ort_round_medians.append(statistics.median(s))
                 else:
                     try:
@@ -223,8 +233,14 @@ def main():
                    load_ms=statistics.median(p["load_ms"] for p in pfe_reports),
                    peak_rss_mb=max((p.get("peak_rss_mb") or 0) for p in pfe_reports) or None,
                    samples=sum(p["iters"] for p in pfe_reports))
-        rows.append(dict(threads=threads, onnxruntime=ort, pfe=pfe,
-                         ratio_pfe_over_ort=pfe["median_ms"] / ort["median_ms"]))
+        ort["cpu_median_ms"] = statistics.median(ort_cpu)
+        pfe_cpu = [p["cpu_median_ms"] for p in pfe_reports if p.get("cpu_median_ms") is not None]
+        pfe["cpu_median_ms"] = statistics.median(pfe_cpu) if len(pfe_cpu) == len(pfe_reports) else None
+        row = dict(threads=threads, onnxruntime=ort, pfe=pfe,
+                   ratio_pfe_over_ort=pfe["median_ms"] / ort["median_ms"])
+        if pfe["cpu_median_ms"] is not None and ort["cpu_median_ms"] > 0:
+            row["cpu_ratio_pfe_over_ort"] = pfe["cpu_median_ms"] / ort["cpu_median_ms"]
+        rows.append(row)
 
     result = dict(model=os.path.abspath(args.model), pfe_model=os.path.abspath(pfe_model),
                   machine=machine, versions=vers,
@@ -235,14 +251,19 @@ def main():
         return
     print()
     print(f"{'threads':>7}  {'runtime':<12} {'median ms':>9} {'p90 ms':>8} {'min ms':>8} "
-          f"{'load ms':>8}  {'pfe/ORT':>7}")
+          f"{'load ms':>8}  {'pfe/ORT':>7}  {'cpu ms':>7} {'cpu pfe/ORT':>11}")
     for row in rows:
         for name, key in (("onnxruntime", "onnxruntime"), ("pfe", "pfe")):
             s = row[key]
-            ratio = f"{row['ratio_pfe_over_ort']:>7.2f}" if key == "pfe" else ""
+            ratio = f"{row['ratio_pfe_over_ort']:>7.2f}" if key == "pfe" else " " * 7
+            cpu = f"{s['cpu_median_ms']:>7.2f}" if s.get("cpu_median_ms") is not None else f"{'?':>7}"
+            cpu_ratio = (f"{row['cpu_ratio_pfe_over_ort']:>11.2f}"
+                         if key == "pfe" and "cpu_ratio_pfe_over_ort" in row else "")
             print(f"{row['threads']:>7}  {name:<12} {s['median_ms']:>9.2f} {s['p90_ms']:>8.2f} "
-                  f"{s['min_ms']:>8.2f} {s['load_ms']:>8.1f}  {ratio}")
+                  f"{s['min_ms']:>8.2f} {s['load_ms']:>8.1f}  {ratio}  {cpu} {cpu_ratio}")
     print("\npfe/ORT = median(pfe round medians) / median(all ORT iterations); < 1 means pfe is faster")
+    print("cpu ms = median process CPU time per run (all threads together); "
+          "on one thread the steadier ratio on a shared machine")
 
 
 if __name__ == "__main__":

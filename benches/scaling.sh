@@ -13,7 +13,8 @@
 #            (scripts/check_qoperator_ort.py --variants conv_perchannel)
 #   qdq      onnxruntime's QDQ file, all ops, per-channel (scripts/make_ort_qdq.py)
 # Then, per file, benches/compare_onnxruntime.py --threads $THREADS: onnxruntime and
-# `pfe bench` interleaved, medians and pfe/ORT. Tables go to stdout and OUT_DIR/*.txt,
+# `pfe bench` interleaved, medians and pfe/ORT (wall time; "cpu pfe/ORT" is the ratio
+# of process CPU times, the steadier one on one thread of a shared VM). Tables go to stdout and OUT_DIR/*.txt,
 # JSON to OUT_DIR/*.json. Needs python3 with onnxruntime, onnx and numpy
 # (scripts/requirements.txt).
 set -euo pipefail
@@ -59,11 +60,12 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 base = {}
 print(f"{'threads':>7} {'ORT ms':>8} {'pfe ms':>8} {'pfe/ORT':>7} {'ORT speedup':>11} "
-      f"{'pfe speedup':>11} {'pfe RSS MB':>10}")
+      f"{'pfe speedup':>11} {'pfe RSS MB':>10} {'cpu pfe/ORT':>11}")
 for row in r["results"]:
     o, p = row["onnxruntime"]["median_ms"], row["pfe"]["median_ms"]
     base.setdefault("o", o); base.setdefault("p", p)
+    cpu = row.get("cpu_ratio_pfe_over_ort")
     print(f"{row['threads']:>7} {o:>8.2f} {p:>8.2f} {p / o:>7.2f} {base['o'] / o:>11.2f} {base['p'] / p:>11.2f} "
-          f"{row['pfe'].get('peak_rss_mb') or 0:>10.1f}")
+          f"{row['pfe'].get('peak_rss_mb') or 0:>10.1f} {cpu if cpu is None else round(cpu, 2)!s:>11}")
 EOF
 done

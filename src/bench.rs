@@ -37,6 +37,30 @@ impl LatencyStats {
     }
 }
 
+/// CPU time this process has used, all its threads together (`CLOCK_PROCESS_CPUTIME_ID`),
+/// where the platform has that clock.
+///
+/// Around one inference on one thread this is the inference's time less whatever the
+/// operating system or a hypervisor gave to other work meanwhile, which a shared
+/// virtual machine's wall clock counts; with several threads it sums their time,
+/// waiting included, so it is a cost rather than a latency.
+pub fn process_cpu_time() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec to write to.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+        (rc == 0).then(|| Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32))
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
 /// Peak resident set size of this process in MiB (Linux `VmHWM`), if known.
 pub fn peak_rss_mb() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -63,6 +87,30 @@ mod tests {
         assert_eq!(st.p90_ms, 9.0);
         let one = LatencyStats::from_samples(&[Duration::from_millis(3)]);
         assert_eq!((one.median_ms, one.p90_ms), (3.0, 3.0));
+    }
+
+    #[test]
+    fn process_cpu_time_counts_work_and_not_sleep() {
+        let t0 = process_cpu_time().expect("CLOCK_PROCESS_CPUTIME_ID on Unix");
+        std::thread::sleep(Duration::from_millis(60));
+        let slept = process_cpu_time().unwrap() - t0;
+        // Sleeping uses (almost) no CPU: well under the 60 ms of wall time.
+        assert!(
+            slept < Duration::from_millis(30),
+            "{slept:?} of CPU time while sleeping"
+        );
+        // Spinning for 40 ms of wall time on this thread uses at least a good part of it
+        // (the thread may be descheduled for a while on a loaded machine).
+        let (w0, c0) = (std::time::Instant::now(), process_cpu_time().unwrap());
+        let mut x = 0u64;
+        while w0.elapsed() < Duration::from_millis(40) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let spun = process_cpu_time().unwrap() - c0;
+        assert!(
+            spun >= Duration::from_millis(10),
+            "{spun:?} of CPU time while spinning"
+        );
     }
 
     #[test]

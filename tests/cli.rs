@@ -139,6 +139,8 @@ fn synth_export_info_run_classify_bench() {
         "min_ms",
         "max_ms",
         "peak_rss_mb",
+        "cpu_median_ms",
+        "cpu_min_ms",
         "threads",
         "iters",
     ] {
@@ -151,6 +153,14 @@ fn synth_export_info_run_classify_bench() {
         bench["max_ms"].as_f64().unwrap(),
     );
     assert!(min > 0.0 && min <= med && med <= max, "{bench}");
+    // On one thread a run's process CPU time is positive, and cannot much exceed its
+    // wall time (the clocks are read a few instructions apart: 1 ms of slack).
+    let (cpu_min, cpu_med) = (
+        bench["cpu_min_ms"].as_f64().unwrap(),
+        bench["cpu_median_ms"].as_f64().unwrap(),
+    );
+    assert!(cpu_min > 0.0 && cpu_min <= cpu_med, "{bench}");
+    assert!(cpu_min <= max + 1.0, "{bench}");
 }
 
 #[test]

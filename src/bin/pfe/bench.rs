@@ -2,7 +2,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{ensure, Result};
-use poolformer_edge::bench::{peak_rss_mb, LatencyStats};
+use poolformer_edge::bench::{peak_rss_mb, process_cpu_time, LatencyStats};
 use poolformer_edge::{Engine, Options};
 use serde::Serialize;
 use tract_onnx::prelude::Tensor;
@@ -43,6 +43,10 @@ struct Report {
     median_ms: f64,
     p90_ms: f64,
     max_ms: f64,
+    /// Process CPU time per run (all threads; see `bench::process_cpu_time`): its
+    /// median and smallest, where the platform has the clock.
+    cpu_median_ms: Option<f64>,
+    cpu_min_ms: Option<f64>,
     peak_rss_mb: Option<f64>,
 }
 
@@ -68,13 +72,20 @@ pub fn main(args: Args) -> Result<()> {
             engine.run(input.clone())?;
         }
         let mut samples = Vec::with_capacity(args.iters);
+        let mut cpu_samples = Vec::with_capacity(args.iters);
         for _ in 0..args.iters {
             let x = input.clone();
+            let cpu0 = process_cpu_time();
             let start = Instant::now();
             engine.run(x)?;
             samples.push(start.elapsed());
+            if let (Some(c0), Some(c1)) = (cpu0, process_cpu_time()) {
+                cpu_samples.push(c1.saturating_sub(c0));
+            }
         }
         let st = LatencyStats::from_samples(&samples);
+        let cpu =
+            (cpu_samples.len() == samples.len()).then(|| LatencyStats::from_samples(&cpu_samples));
         if args.profile {
             print_profile(&engine.profile(input.clone(), args.iters)?, t);
         }
@@ -87,6 +98,8 @@ pub fn main(args: Args) -> Result<()> {
             median_ms: st.median_ms,
             p90_ms: st.p90_ms,
             max_ms: st.max_ms,
+            cpu_median_ms: cpu.as_ref().map(|c| c.median_ms),
+            cpu_min_ms: cpu.as_ref().map(|c| c.min_ms),
             peak_rss_mb: peak_rss_mb(),
         });
     }
@@ -107,19 +120,24 @@ pub fn main(args: Args) -> Result<()> {
             args.warmup
         );
         println!(
-            "{:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
-            "threads", "load ms", "min ms", "median", "p90", "max", "peak RSS"
+            "{:>7} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+            "threads", "load ms", "min ms", "median", "p90", "max", "CPU med", "peak RSS"
         );
         for r in &reports {
             let rss = r
                 .peak_rss_mb
                 .map(|m| format!("{m:.0} MB"))
                 .unwrap_or_else(|| "?".into());
+            let cpu = r
+                .cpu_median_ms
+                .map(|m| format!("{m:.2}"))
+                .unwrap_or_else(|| "?".into());
             println!(
-                "{:>7} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>10}",
-                r.threads, r.load_ms, r.min_ms, r.median_ms, r.p90_ms, r.max_ms, rss
+                "{:>7} {:>9.1} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9} {:>10}",
+                r.threads, r.load_ms, r.min_ms, r.median_ms, r.p90_ms, r.max_ms, cpu, rss
             );
         }
+        println!("CPU med: process CPU time per run, all threads together");
     }
     Ok(())
 }
