@@ -30,9 +30,10 @@ with its avx2 / avx512f / avx512_vnni flags, and the library versions.
 Each runtime's process CPU time per run is measured beside its wall time (ORT:
 time.process_time around each run; pfe: `cpu_median_ms` of its JSON) and
 reported as "cpu ms" with its own pfe/ORT ratio. On one thread that is the
-run's time less what the machine gave to other work meanwhile, which a shared
-VM's wall clock counts: the steadier ratio there. With several threads it sums
-the threads' time, spin-waiting included, so it is a cost, not a latency.
+run's time less the time the system gave to other work meanwhile, which the
+wall clock counts; it still moves with what other jobs do to shared caches,
+memory bandwidth and clock speed. With several threads it sums the threads'
+time, spin-waiting included, so it is a cost, not a latency.
 --json prints one JSON object instead of the table. Exit status 1 if either
 runtime fails.
 """
@@ -263,7 +264,7 @@ def main():
                   f"{s['min_ms']:>8.2f} {s['load_ms']:>8.1f}  {ratio}  {cpu} {cpu_ratio}")
     print("\npfe/ORT = median(pfe round medians) / median(all ORT iterations); < 1 means pfe is faster")
     print("cpu ms = median process CPU time per run (all threads together); "
-          "on one thread the steadier ratio on a shared machine")
+          "on one thread it leaves out time the system gave to other work")
 
 
 if __name__ == "__main__":

@@ -41,9 +41,10 @@ impl LatencyStats {
 /// where the platform has that clock.
 ///
 /// Around one inference on one thread this is the inference's time less whatever the
-/// operating system or a hypervisor gave to other work meanwhile, which a shared
-/// virtual machine's wall clock counts; with several threads it sums their time,
-/// waiting included, so it is a cost rather than a latency.
+/// operating system or a hypervisor gave to other work meanwhile, which the wall clock
+/// counts (slowdowns from other jobs' use of shared caches, memory bandwidth or clock
+/// speed stay in it); with several threads it sums their time, waiting included, so
+/// it is a cost rather than a latency.
 pub fn process_cpu_time() -> Option<Duration> {
     #[cfg(unix)]
     {
