@@ -356,6 +356,23 @@ impl Engine {
     }
 }
 
+/// Turns off the backtraces that errors capture (`RUST_LIB_BACKTRACE=0`) unless the
+/// environment already sets `RUST_LIB_BACKTRACE`. For programs that print errors as
+/// messages and never their backtraces, to be called first thing in `main`, while the
+/// process has one thread (it sets an environment variable).
+///
+/// While optimizing a graph, tract creates and drops many errors: its binary ops ask
+/// whether a uniform constant operand is the operation's neutral or absorbing element
+/// (`x + 0`, `x · 1`, `x · 0`) through `Tensor::close_enough`, whose "no" is an error.
+/// With `RUST_BACKTRACE=1` in the environment each one captures a backtrace, which
+/// costs 10–50 ms of loading PoolFormer-S12 and pages in the unwinder's tables (about
+/// 1 MB of resident memory). Panics still print their backtraces with `RUST_BACKTRACE=1`.
+pub fn skip_error_backtraces() {
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+}
+
 /// Turns a panic inside tract into an error, so a malformed model never takes the
 /// process down.
 fn guard_panics<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {

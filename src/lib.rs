@@ -1,8 +1,8 @@
 //! poolformer-edge: an edge inference runtime for PoolFormer (MetaFormer) image
 //! classifiers, built on tract.
 //!
-//! Data flows one way: front ends (the `pfe` CLI, later the C ABI and the camera
-//! loop) → [`Engine`] → tract. Model construction (configs, synthetic weights,
+//! Data flows one way: front ends (the `pfe` CLI, the C ABI in [`capi`], the
+//! `pfe-camera` loop) → [`Engine`] → this crate's graph passes and kernels → tract. Model construction (configs, synthetic weights,
 //! the safetensors → ONNX exporter) lives in [`models`].
 
 pub mod bench;

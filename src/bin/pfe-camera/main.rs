@@ -165,6 +165,8 @@ fn parse_fps(s: &str) -> Result<f64, String> {
 }
 
 fn main() {
+    // Errors are printed as messages, never with their backtraces.
+    poolformer_edge::engine::skip_error_backtraces();
     let args = Args::parse();
     match run(args) {
         Ok(()) => {}

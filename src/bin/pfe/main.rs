@@ -52,6 +52,8 @@ enum Command {
 }
 
 fn main() {
+    // Errors are printed as messages, never with their backtraces.
+    poolformer_edge::engine::skip_error_backtraces();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Run(a) => run::main(a),
