@@ -651,7 +651,7 @@ fn qlinear_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModel
     };
     // W − k0 as i8 with a zero point of 0, where it fits.
     let (w, k0s) = match centered_i8(w, k0s[0])? {
-        Some(centered) => (Arc::new(centered), vec![0]),
+        Some(centered) => (centered, vec![0]),
         None => (w.clone(), k0s),
     };
     let b = bias.cast_to::<i32>()?;
@@ -697,17 +697,37 @@ fn qlinear_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModel
     Ok(Some((patch, true)))
 }
 
-/// `w − k0` as an i8 tensor when every value fits (u8 or i8 weights), else `None`.
-fn centered_i8(w: &Tensor, k0: i32) -> TractResult<Option<Tensor>> {
-    let dt = w.datum_type().unquantized();
-    if dt != u8::datum_type() && dt != i8::datum_type() {
-        return Ok(None);
-    }
-    let wi = w.cast_to::<i32>()?;
-    let values = wi.try_as_plain_ram()?.as_slice::<i32>()?;
-    let centered: Option<Vec<i8>> = values.iter().map(|&v| i8::try_from(v - k0).ok()).collect();
+/// `w − k0` as an i8 tensor when every value fits (u8 or i8 weights), else `None`:
+/// `w` itself when it already is plain i8 with `k0 = 0` (onnxruntime's symmetric
+/// weights), otherwise one i8 copy (S12's largest weight is 1 M values, so no wider
+/// copy is made of it).
+fn centered_i8(w: &Arc<Tensor>, k0: i32) -> TractResult<Option<Arc<Tensor>>> {
+    let centered: Option<Vec<i8>> = match w.datum_type() {
+        DatumType::I8 if k0 == 0 => return Ok(Some(w.clone())),
+        DatumType::I8 => w
+            .try_as_plain_ram()?
+            .as_slice::<i8>()?
+            .iter()
+            .map(|&v| i8::try_from(v as i32 - k0).ok())
+            .collect(),
+        DatumType::U8 => w
+            .try_as_plain_ram()?
+            .as_slice::<u8>()?
+            .iter()
+            .map(|&v| i8::try_from(v as i32 - k0).ok())
+            .collect(),
+        dt if dt.unquantized() == u8::datum_type() || dt.unquantized() == i8::datum_type() => {
+            let wi = w.cast_to::<i32>()?;
+            wi.try_as_plain_ram()?
+                .as_slice::<i32>()?
+                .iter()
+                .map(|&v| i8::try_from(v - k0).ok())
+                .collect()
+        }
+        _ => return Ok(None),
+    };
     Ok(match centered {
-        Some(c) => Some(Tensor::from_shape(w.shape(), &c)?),
+        Some(c) => Some(Arc::new(Tensor::from_shape(w.shape(), &c)?)),
         None => None,
     })
 }
