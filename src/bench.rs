@@ -91,30 +91,6 @@ mod tests {
     }
 
     #[test]
-    fn process_cpu_time_counts_work_and_not_sleep() {
-        let t0 = process_cpu_time().expect("CLOCK_PROCESS_CPUTIME_ID on Unix");
-        std::thread::sleep(Duration::from_millis(60));
-        let slept = process_cpu_time().unwrap() - t0;
-        // Sleeping uses (almost) no CPU: well under the 60 ms of wall time.
-        assert!(
-            slept < Duration::from_millis(30),
-            "{slept:?} of CPU time while sleeping"
-        );
-        // Spinning for 40 ms of wall time on this thread uses at least a good part of it
-        // (the thread may be descheduled for a while on a loaded machine).
-        let (w0, c0) = (std::time::Instant::now(), process_cpu_time().unwrap());
-        let mut x = 0u64;
-        while w0.elapsed() < Duration::from_millis(40) {
-            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-        }
-        let spun = process_cpu_time().unwrap() - c0;
-        assert!(
-            spun >= Duration::from_millis(10),
-            "{spun:?} of CPU time while spinning"
-        );
-    }
-
-    #[test]
     fn peak_rss_is_reported_on_linux() {
         let rss = peak_rss_mb().expect("VmHWM on Linux");
         assert!(rss > 1.0, "{rss}");
