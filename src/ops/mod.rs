@@ -9,6 +9,7 @@ pub mod metaformer;
 pub mod qconv;
 pub mod qmlp;
 pub mod requant;
+pub mod rows;
 
 use rayon::prelude::*;
 use tract_core::internal::TractResult;

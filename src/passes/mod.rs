@@ -6,10 +6,12 @@
 //! constant-folds the Q/DQ structure away); `metaformer` sees the decluttered graph,
 //! then `qconv` takes the integer convolutions it left and `conv` the float ones;
 //! `eltwise` runs on tract's optimized graph and fuses the element-wise chains left
-//! between them; last, `qconv::fuse_chains` hands each chain that alone reads an
-//! integer conv's output to that conv, to run on its output rows as they are made. Large constants with a unit axis are pinned
-//! ([`crate::ops::konst`]) while tract declutters, which spares a copy of every
-//! 1×1 conv weight on each declutter round.
+//! between them; then `qconv::fuse_chains` hands each chain that alone reads an
+//! integer conv's output to that conv, to run on its output rows as they are made;
+//! last, `rows` takes the sums and RMS norms over a channel axis followed only by unit
+//! axes (the head's norm), where tract runs a slow generic path. Large constants with a
+//! unit axis are pinned ([`crate::ops::konst`]) while tract declutters, which spares a
+//! copy of every 1×1 conv weight on each declutter round.
 
 use anyhow::Result;
 use tract_onnx::prelude::*;
@@ -19,6 +21,7 @@ pub mod eltwise;
 pub mod int8;
 pub mod metaformer;
 pub mod qconv;
+pub mod rows;
 
 /// What the passes did to one model, for `pfe info` and logs.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
@@ -37,6 +40,7 @@ pub fn optimize(model: TypedModel, fuse: bool) -> Result<(TypedModel, PassReport
     if fuse {
         eltwise::rewrite(&mut model, &mut report)?;
         qconv::fuse_chains(&mut model, &mut report)?;
+        rows::rewrite(&mut model, &mut report)?;
     }
     Ok((model, report))
 }
