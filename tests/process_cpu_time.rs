@@ -17,11 +17,8 @@ fn process_cpu_time_counts_work_and_not_sleep() {
     );
     // Spinning for 40 ms of wall time uses at least a good part of it (the thread may
     // be descheduled for a while on a loaded machine).
-    let (w0, c0) = (Instant::now(), process_cpu_time().unwrap());
-    let mut x = 0u64;
-    while w0.elapsed() < Duration::from_millis(40) {
-        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-    }
+    let c0 = process_cpu_time().unwrap();
+    spin(Duration::from_millis(40));
     let spun = process_cpu_time().unwrap() - c0;
     assert!(
         spun >= Duration::from_millis(10),
@@ -31,13 +28,7 @@ fn process_cpu_time_counts_work_and_not_sleep() {
     let c1 = process_cpu_time().unwrap();
     std::thread::scope(|s| {
         for _ in 0..2 {
-            s.spawn(|| {
-                let w = Instant::now();
-                let mut x = 1u64;
-                while w.elapsed() < Duration::from_millis(40) {
-                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-                }
-            });
+            s.spawn(|| spin(Duration::from_millis(40)));
         }
     });
     let both = process_cpu_time().unwrap() - c1;
@@ -45,4 +36,13 @@ fn process_cpu_time_counts_work_and_not_sleep() {
         both >= Duration::from_millis(20),
         "{both:?} of CPU time for two spinning threads"
     );
+}
+
+/// Keeps this thread busy for `wall` of wall time.
+fn spin(wall: Duration) {
+    let start = Instant::now();
+    let mut x = 1u64;
+    while start.elapsed() < wall {
+        x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+    }
 }

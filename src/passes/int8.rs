@@ -702,20 +702,17 @@ fn qlinear_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModel
 /// weights), otherwise one i8 copy (S12's largest weight is 1 M values, so no wider
 /// copy is made of it).
 fn centered_i8(w: &Arc<Tensor>, k0: i32) -> TractResult<Option<Arc<Tensor>>> {
+    fn centered<T: Datum + Copy + Into<i32>>(w: &Tensor, k0: i32) -> TractResult<Option<Vec<i8>>> {
+        Ok(w.try_as_plain_ram()?
+            .as_slice::<T>()?
+            .iter()
+            .map(|&v| i8::try_from(v.into() - k0).ok())
+            .collect())
+    }
     let centered: Option<Vec<i8>> = match w.datum_type() {
         DatumType::I8 if k0 == 0 => return Ok(Some(w.clone())),
-        DatumType::I8 => w
-            .try_as_plain_ram()?
-            .as_slice::<i8>()?
-            .iter()
-            .map(|&v| i8::try_from(v as i32 - k0).ok())
-            .collect(),
-        DatumType::U8 => w
-            .try_as_plain_ram()?
-            .as_slice::<u8>()?
-            .iter()
-            .map(|&v| i8::try_from(v as i32 - k0).ok())
-            .collect(),
+        DatumType::I8 => centered::<i8>(w, k0)?,
+        DatumType::U8 => centered::<u8>(w, k0)?,
         dt if dt.unquantized() == u8::datum_type() || dt.unquantized() == i8::datum_type() => {
             let wi = w.cast_to::<i32>()?;
             wi.try_as_plain_ram()?
