@@ -14,9 +14,9 @@
 #   qdq      onnxruntime's QDQ file, all ops, per-channel (scripts/make_ort_qdq.py)
 # Then, per file, benches/compare_onnxruntime.py --threads $THREADS: onnxruntime and
 # `pfe bench` interleaved, medians and pfe/ORT (wall time; "cpu pfe/ORT" is the ratio
-# of process CPU times, which on one thread leaves out time the system gave to other work). Tables go to stdout and OUT_DIR/*.txt,
-# JSON to OUT_DIR/*.json. Needs python3 with onnxruntime, onnx and numpy
-# (scripts/requirements.txt).
+# of process CPU times, which on one thread leaves out time the system gave to other
+# work). Tables go to stdout and OUT_DIR/*.txt, JSON to OUT_DIR/*.json. Needs python3
+# with onnxruntime, onnx and numpy (scripts/requirements.txt).
 set -euo pipefail
 
 out=${1:-target/scaling}

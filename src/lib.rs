@@ -2,8 +2,9 @@
 //! classifiers, built on tract.
 //!
 //! Data flows one way: front ends (the `pfe` CLI, the C ABI in [`capi`], the
-//! `pfe-camera` loop) → [`Engine`] → this crate's graph passes and kernels → tract. Model construction (configs, synthetic weights,
-//! the safetensors → ONNX exporter) lives in [`models`].
+//! `pfe-camera` loop) → [`Engine`] → this crate's graph passes and kernels → tract.
+//! Model construction (configs, synthetic weights, the safetensors → ONNX exporter)
+//! lives in [`models`].
 
 pub mod bench;
 pub mod capi;
