@@ -16,6 +16,7 @@ use common::onnx::{attr_int, attr_ints};
 use poolformer_edge::kernels::quant::{self as kq, Grid};
 use poolformer_edge::{Engine, Options};
 use prost::Message;
+use tract_core::ops::einsum::EinSum;
 use tract_onnx::pb::{
     tensor_proto::DataType, AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto,
     ValueInfoProto,
@@ -674,6 +675,68 @@ fn depthwise_and_grouped() {
         seed: 9,
         ..case(3, 1, 1)
     });
+}
+
+#[test]
+fn grouped_pointwise() {
+    check_conv(ConvCase {
+        group: 4,
+        seed: 12,
+        ..case(1, 1, 0)
+    });
+}
+
+/// The int8 pass wires a dense 1×1 conv as the integer `EinSum` tract's declutter
+/// would make of it, its weights already `[O, I]` (no axis ops left for the
+/// declutter to fold on the weights); convs with a window stay convs.
+#[test]
+fn pointwise_int_conv_is_wired_as_an_einsum() {
+    for (case, einsum) in [
+        (case(1, 1, 0), true),
+        (
+            ConvCase {
+                act: Act::I8,
+                out_q: None,
+                ..case(1, 1, 0)
+            },
+            true,
+        ),
+        (case(3, 1, 1), false),
+    ] {
+        let built = build_conv(&case);
+        let mut model = poolformer_edge::onnx::loader()
+            .model_for_read(&mut &built.onnx[..])
+            .unwrap()
+            .with_input_fact(0, f32::fact([1, case.c, case.h, case.w]).into())
+            .unwrap()
+            .into_typed()
+            .unwrap();
+        let mut report = poolformer_edge::passes::PassReport::default();
+        poolformer_edge::passes::int8::rewrite(&mut model, &mut report).unwrap();
+        model.compact().unwrap();
+        let int_products: Vec<_> = model
+            .nodes()
+            .iter()
+            .filter(|n| n.inputs.len() == 9)
+            .collect();
+        assert_eq!(int_products.len(), 1, "{case:?}: {:?}", op_names(&model));
+        let node = int_products[0];
+        let weights = model.outlet_fact(node.inputs[1]).unwrap();
+        if einsum {
+            let op = node.op_as::<EinSum>().expect("an EinSum");
+            assert_eq!(op.q_params, Some(i32::datum_type()));
+            assert_eq!(
+                op.axes.to_string().split_whitespace().next(),
+                Some("NIHW,OI,,,,,,,->NOHW")
+            );
+            assert_eq!(weights.shape.as_concrete(), Some(&[case.o, case.c][..]));
+            assert!(weights.konst.is_some());
+            assert!(!op_names(&model).iter().any(|o| o == "Conv"));
+        } else {
+            assert_eq!(node.op().name(), "Conv", "{case:?}");
+            assert_eq!(weights.rank(), 4);
+        }
+    }
 }
 
 #[test]

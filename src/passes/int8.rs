@@ -28,7 +28,8 @@
 //!    per-tensor activations (u8 or i8) and per-tensor or per-output-channel weights
 //!    (i8 or u8, one zero point for the tensor), the conv becomes tract's quantized
 //!    `cnn::Conv` with `q_params = Some(I32)` and unit scales:
-//!    `acc = Σ (x_q − z_x)(W_q − z_w)`. Dense ones then run on this crate's u8×i8
+//!    `acc = Σ (x_q − z_x)(W_q − z_w)` (a dense 1×1 one directly as the integer
+//!    `EinSum` tract's declutter would make of it). Dense ones then run on this crate's u8×i8
 //!    kernels ([`super::qconv`], after the MetaFormer fusion has taken the channel
 //!    MLPs); grouped ones, and every one where that pass is off, on tract-linalg's
 //!    i8×i8→i32 kernels (1×1 through the matmul path, k×k through im2col).
@@ -522,19 +523,11 @@ fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatc
     let name = &node.name;
     let mut patch = TypedModelPatch::new(format!("int8 conv {name}"));
     let x = patch.tap_model(model, x_q)?;
-    let w = patch.add_const(format!("{name}.w_q"), w_q.clone())?;
-    let zero_i32 = patch.add_const(format!("{name}.zero_i32"), tensor0(0i32))?;
-    let one = patch.add_const(format!("{name}.one"), tensor0(1f32))?;
-    let x0 = patch.add_const(format!("{name}.x0"), tensor0(dqx.zero_point))?;
-    let k0 = patch.add_const(format!("{name}.k0"), tensor0(w_zp[0]))?;
-    let int_conv = Conv {
-        q_params: Some(i32::datum_type()),
-        ..conv.clone()
-    };
-    // A 1×1 stride-1 unpadded conv is a matmul over H·W: fold H and W into one axis so
-    // that tract's einsum runs one [O×C]·[C×HW] product instead of one per row.
+    // A 1×1 stride-1 unpadded conv is a matmul over H·W. Where tract's quantized
+    // einsum runs it (no MetaFormer fusion and no `qconv` on the target), fold H and W
+    // into one axis so that it runs one [O×C]·[C×HW] product instead of one per row.
     let x_shape = model.outlet_fact(x_q)?.shape.to_tvec();
-    let flatten_hw = is_pointwise(conv) && x_shape.len() == 4;
+    let flatten_hw = !FUSES_MLP && is_pointwise(conv) && x_shape.len() == 4;
     let x = if flatten_hw {
         let hw = x_shape[2].clone() * x_shape[3].clone();
         patch.wire_node(
@@ -545,11 +538,15 @@ fn int_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPatc
     } else {
         x
     };
-    let acc = patch.wire_node(
-        format!("{name}.i32"),
-        int_conv,
-        &[x, w, zero_i32, x0, one, k0, one, zero_i32, one],
-    )?[0];
+    let acc = wire_int_conv(
+        &mut patch,
+        name,
+        conv,
+        x,
+        w_q.clone(),
+        tensor0(dqx.zero_point),
+        w_zp[0],
+    )?;
     // NCHW: channels are axis 1.
     let c_axis = 1;
     let (target, out, mult, offset) = requant_plan(quantize, &w_scale, sx, bias, conv_out);
@@ -668,19 +665,15 @@ fn qlinear_conv(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModel
     let name = &node.name;
     let mut patch = TypedModelPatch::new(format!("QLinearConv {name}"));
     let x = patch.tap_model(model, node.inputs[0])?;
-    let wq = patch.add_const(format!("{name}.w_q"), w.clone())?;
-    let zero_i32 = patch.add_const(format!("{name}.zero_i32"), tensor0(0i32))?;
-    let one = patch.add_const(format!("{name}.one"), tensor0(1f32))?;
-    let x0 = patch.add_const(format!("{name}.x0"), x0.clone())?;
-    let k0 = patch.add_const(format!("{name}.k0"), tensor0(k0s[0]))?;
-    let acc = patch.wire_node(
-        format!("{name}.i32"),
-        Conv {
-            q_params: Some(i32::datum_type()),
-            ..conv.clone()
-        },
-        &[x, wq, zero_i32, x0, one, k0, one, zero_i32, one],
-    )?[0];
+    let acc = wire_int_conv(
+        &mut patch,
+        name,
+        conv,
+        x,
+        w.into_arc_tensor(),
+        x0.clone(),
+        k0s[0],
+    )?;
     let mult: Vec<f32> = sw.iter().map(|&w| sx * w / sy).collect();
     let offset: Vec<f32> = b.iter().zip(&mult).map(|(&b, &m)| b * m).collect();
     let y = patch.wire_node(
@@ -845,6 +838,57 @@ fn int_matmul(model: &TypedModel, id: usize) -> TractResult<Option<(TypedModelPa
     )?[0];
     patch.shunt_outside(model, target, y)?;
     Ok(Some((patch, quantize.is_some())))
+}
+
+/// Wires the integer convolution `acc = Σ (x − x0)(w − k0)` (i32, unit scales, no
+/// bias: the 9-input quantized form of tract's `Conv`) of `x` by the constant `w`.
+///
+/// A dense 1×1 stride-1 unpadded one on a 4-D input is wired as the `EinSum` tract's
+/// declutter makes of that conv (`NIHW,OI->NOHW`), with the weights reshaped to
+/// `[O, I]` here. From the conv, the declutter would wire the reshapes as axis ops
+/// on the weight constant and copy the weights twice to fold them, and its axis
+/// search would then remove the unit axes it wired around the product: together
+/// about a third of the declutter of an int8 PoolFormer-S12.
+fn wire_int_conv(
+    patch: &mut TypedModelPatch,
+    name: &str,
+    conv: &Conv,
+    x: OutletId,
+    w: Arc<Tensor>,
+    x0: impl IntoArcTensor,
+    k0: i32,
+) -> TractResult<OutletId> {
+    let zero_i32 = patch.add_const(format!("{name}.zero_i32"), tensor0(0i32))?;
+    let one = patch.add_const(format!("{name}.one"), tensor0(1f32))?;
+    let x0 = patch.add_const(format!("{name}.x0"), x0)?;
+    let k0 = patch.add_const(format!("{name}.k0"), tensor0(k0))?;
+    let dense_pointwise = conv.group == 1
+        && is_pointwise(conv)
+        && w.rank() == 4
+        && w.shape()[2..] == [1, 1]
+        && patch.outlet_fact(x)?.rank() == 4;
+    let (op, w): (Box<dyn TypedOp>, Arc<Tensor>) = if dense_pointwise {
+        let shape = [w.shape()[0], w.shape()[1]];
+        let w = Arc::try_unwrap(w).unwrap_or_else(|shared| (*shared).clone());
+        let einsum = EinSum {
+            axes: "NIHW,OI,,,,,,,->NOHW".parse()?,
+            operating_dt: i32::datum_type(),
+            q_params: Some(i32::datum_type()),
+        };
+        (Box::new(einsum), w.into_shape(&shape)?.into_arc_tensor())
+    } else {
+        let conv = Conv {
+            q_params: Some(i32::datum_type()),
+            ..conv.clone()
+        };
+        (Box::new(conv), w)
+    };
+    let w = patch.add_const(format!("{name}.w_q"), w)?;
+    Ok(patch.wire_node(
+        format!("{name}.i32"),
+        op,
+        &[x, w, zero_i32, x0, one, k0, one, zero_i32, one],
+    )?[0])
 }
 
 /// A 1×1 conv with unit strides and no padding.
