@@ -441,12 +441,16 @@ struct Ran {
     model: TypedModel,
 }
 
-fn run(onnx: &[u8], shape: &[usize], input: &[f32], fuse: bool) -> TractResult<Ran> {
-    let typed = poolformer_edge::onnx::loader()
+/// The ONNX graph `onnx` typed with input `shape`, before any pass.
+fn typed(onnx: &[u8], shape: &[usize]) -> TractResult<TypedModel> {
+    poolformer_edge::onnx::loader()
         .model_for_read(&mut &onnx[..])?
         .with_input_fact(0, f32::fact(shape).into())?
-        .into_typed()?;
-    let (model, report) = poolformer_edge::passes::optimize(typed, fuse)?;
+        .into_typed()
+}
+
+fn run(onnx: &[u8], shape: &[usize], input: &[f32], fuse: bool) -> TractResult<Ran> {
+    let (model, report) = poolformer_edge::passes::optimize(typed(onnx, shape)?, fuse)?;
     let plan = model.clone().into_runnable()?;
     let x = Tensor::from_shape(shape, input)?;
     let out = plan.run(tvec!(x.into_tvalue()))?;
@@ -704,13 +708,7 @@ fn pointwise_int_conv_is_wired_as_an_einsum() {
         (case(3, 1, 1), false),
     ] {
         let built = build_conv(&case);
-        let mut model = poolformer_edge::onnx::loader()
-            .model_for_read(&mut &built.onnx[..])
-            .unwrap()
-            .with_input_fact(0, f32::fact([1, case.c, case.h, case.w]).into())
-            .unwrap()
-            .into_typed()
-            .unwrap();
+        let mut model = typed(&built.onnx, &[1, case.c, case.h, case.w]).unwrap();
         let mut report = poolformer_edge::passes::PassReport::default();
         poolformer_edge::passes::int8::rewrite(&mut model, &mut report).unwrap();
         model.compact().unwrap();
