@@ -355,14 +355,51 @@ impl ByteTable for f32 {
 
 impl ByteTable for u8 {
     fn lookup(isa: super::Isa, idx: &[u8], table: &[u8; 256], out: &mut [u8]) {
-        #[cfg(target_arch = "x86_64")]
-        if isa == super::Isa::Avx512 && x86::has_vbmi() {
-            // SAFETY: AVX-512 F/BW and VBMI are present (checked).
-            return unsafe { x86::lookup_vbmi(idx, table, out) };
+        let n = idx.len().min(out.len());
+        // SAFETY: `n` bytes of `idx` and of `out`, two distinct slices.
+        unsafe { lookup_bytes(isa, idx.as_ptr(), out.as_mut_ptr(), n, table) }
+    }
+}
+
+/// `buf[i] = table[buf[i]]`: [`ByteTable::lookup`] in place.
+pub fn lookup_in_place(isa: super::Isa, buf: &mut [u8], table: &[u8; 256]) {
+    let p = buf.as_mut_ptr();
+    // SAFETY: `buf.len()` bytes at `p`, read and written in place.
+    unsafe { lookup_bytes(isa, p, p, buf.len(), table) }
+}
+
+/// `dst[i] = table[src[i]]` for `i < n`: AVX-512 VBMI, AVX2 or NEON where the CPU has
+/// them, plain indexing elsewhere.
+///
+/// # Safety
+/// `src` is readable and `dst` writable for `n` bytes, and the two are either the same
+/// pointer or do not overlap (each vector of indices is read before its results are
+/// written).
+unsafe fn lookup_bytes(isa: super::Isa, src: *const u8, dst: *mut u8, n: usize, table: &[u8; 256]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::Isa;
+        if isa == Isa::Avx512 && x86::has_vbmi() {
+            // SAFETY: AVX-512 F/BW and VBMI are present (checked); buffers as ours.
+            return unsafe { x86::lookup_vbmi(src, dst, n, table) };
         }
+        if matches!(isa, Isa::Avx2 | Isa::Avx512) && isa.is_supported() {
+            // SAFETY: AVX2 is present (both levels include it); buffers as ours.
+            return unsafe { x86::lookup_avx2(src, dst, n, table) };
+        }
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
         let _ = isa;
-        for (o, &i) in out.iter_mut().zip(idx) {
-            *o = table[i as usize];
+        // SAFETY: NEON is part of aarch64; buffers as ours.
+        return unsafe { neon::lookup(src, dst, n, table) };
+    }
+    #[allow(unreachable_code)]
+    {
+        let _ = isa;
+        for i in 0..n {
+            // SAFETY: i < n.
+            unsafe { *dst.add(i) = table[*src.add(i) as usize] };
         }
     }
 }
@@ -390,9 +427,11 @@ mod x86 {
 
     /// 64 lookups per step: two 128-entry byte permutes (index bits 0–6), the
     /// index's bit 7 picking between them.
+    ///
+    /// # Safety
+    /// AVX-512 F/BW and VBMI; buffers as for [`super::lookup_bytes`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-    pub unsafe fn lookup_vbmi(idx: &[u8], table: &[u8; 256], out: &mut [u8]) {
-        let n = idx.len().min(out.len());
+    pub unsafe fn lookup_vbmi(src: *const u8, dst: *mut u8, n: usize, table: &[u8; 256]) {
         unsafe {
             let t = |k: usize| _mm512_loadu_si512(table.as_ptr().add(64 * k) as *const _);
             let (t0, t1, t2, t3) = (t(0), t(1), t(2), t(3));
@@ -403,14 +442,115 @@ mod x86 {
             };
             let mut i = 0;
             while i + 64 <= n {
-                let x = _mm512_loadu_si512(idx.as_ptr().add(i) as *const _);
-                _mm512_storeu_si512(out.as_mut_ptr().add(i) as *mut _, look(x));
+                let x = _mm512_loadu_si512(src.add(i) as *const _);
+                _mm512_storeu_si512(dst.add(i) as *mut _, look(x));
                 i += 64;
             }
             if i < n {
                 let m: __mmask64 = (1u64 << (n - i)) - 1;
-                let x = _mm512_maskz_loadu_epi8(m, idx.as_ptr().add(i) as *const i8);
-                _mm512_mask_storeu_epi8(out.as_mut_ptr().add(i) as *mut i8, m, look(x));
+                let x = _mm512_maskz_loadu_epi8(m, src.add(i) as *const i8);
+                _mm512_mask_storeu_epi8(dst.add(i) as *mut i8, m, look(x));
+            }
+        }
+    }
+
+    /// 32 lookups per step with `vpshufb`, which looks up 16-entry tables and gives 0
+    /// for an index with bit 7 set. Each half of the table (indices 0–127 and, on
+    /// `x ^ 0x80`, 128–255) is a chain of eight lookups of `x − 16i` in
+    /// `U_i = T_i ^ T_{i−1}` (`T_i` the table's i-th 16 entries, `U_0 = T_0`): for an
+    /// index in band `j`, `x − 16i` has bit 7 clear exactly for `i ≤ j`, so the chain
+    /// XORs `U_0 … U_j` at `x mod 16`, which is `T_j[x mod 16]`. Bit 7 of `x` picks the
+    /// half (`vpblendvb`).
+    ///
+    /// # Safety
+    /// AVX2; buffers as for [`super::lookup_bytes`].
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn lookup_avx2(src: *const u8, dst: *mut u8, n: usize, table: &[u8; 256]) {
+        let mut u = [_mm256_setzero_si256(); 16];
+        let mut prev = _mm_setzero_si128();
+        for (i, u) in u.iter_mut().enumerate() {
+            // SAFETY: entries 16i..16i + 16 of the table.
+            let t = unsafe { _mm_loadu_si128(table.as_ptr().add(16 * i) as *const __m128i) };
+            let v = if i % 8 == 0 {
+                t
+            } else {
+                _mm_xor_si128(t, prev)
+            };
+            *u = _mm256_broadcastsi128_si256(v);
+            prev = t;
+        }
+        let step = _mm256_set1_epi8(16);
+        let look = |x: __m256i| {
+            let half = |base: usize, mut a: __m256i| {
+                let mut r = _mm256_shuffle_epi8(u[base], a);
+                for ui in &u[base + 1..base + 8] {
+                    a = _mm256_sub_epi8(a, step);
+                    r = _mm256_xor_si256(r, _mm256_shuffle_epi8(*ui, a));
+                }
+                r
+            };
+            let lo = half(0, x);
+            let hi = half(8, _mm256_xor_si256(x, _mm256_set1_epi8(i8::MIN)));
+            _mm256_blendv_epi8(lo, hi, x)
+        };
+        let mut i = 0;
+        while i + 32 <= n {
+            // SAFETY: bytes i..i + 32 < n of both buffers.
+            unsafe {
+                let x = _mm256_loadu_si256(src.add(i) as *const __m256i);
+                _mm256_storeu_si256(dst.add(i) as *mut __m256i, look(x));
+            }
+            i += 32;
+        }
+        if i < n {
+            let mut buf = [0u8; 32];
+            // SAFETY: the last n − i < 32 bytes of both buffers, and a local array.
+            unsafe {
+                std::ptr::copy_nonoverlapping(src.add(i), buf.as_mut_ptr(), n - i);
+                let x = _mm256_loadu_si256(buf.as_ptr() as *const __m256i);
+                _mm256_storeu_si256(buf.as_mut_ptr() as *mut __m256i, look(x));
+                std::ptr::copy_nonoverlapping(buf.as_ptr(), dst.add(i), n - i);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+mod neon {
+    use std::arch::aarch64::*;
+
+    /// 16 lookups per step: `tbl` on the four 64-entry quarters of the table, at
+    /// `x`, `x − 64`, `x − 128` and `x − 192`; an index past a quarter (the wrapped
+    /// ones included) gives 0 there, so OR-ing the four leaves the one hit.
+    ///
+    /// # Safety
+    /// Buffers as for [`super::lookup_bytes`].
+    pub unsafe fn lookup(src: *const u8, dst: *mut u8, n: usize, table: &[u8; 256]) {
+        unsafe {
+            let q = |k: usize| vld1q_u8(table.as_ptr().add(16 * k));
+            let t = [
+                uint8x16x4_t(q(0), q(1), q(2), q(3)),
+                uint8x16x4_t(q(4), q(5), q(6), q(7)),
+                uint8x16x4_t(q(8), q(9), q(10), q(11)),
+                uint8x16x4_t(q(12), q(13), q(14), q(15)),
+            ];
+            let c64 = vdupq_n_u8(64);
+            let look = |x: uint8x16_t| {
+                let x1 = vsubq_u8(x, c64);
+                let x2 = vsubq_u8(x1, c64);
+                let x3 = vsubq_u8(x2, c64);
+                vorrq_u8(
+                    vorrq_u8(vqtbl4q_u8(t[0], x), vqtbl4q_u8(t[1], x1)),
+                    vorrq_u8(vqtbl4q_u8(t[2], x2), vqtbl4q_u8(t[3], x3)),
+                )
+            };
+            let mut i = 0;
+            while i + 16 <= n {
+                vst1q_u8(dst.add(i), look(vld1q_u8(src.add(i))));
+                i += 16;
+            }
+            for i in i..n {
+                *dst.add(i) = table[*src.add(i) as usize];
             }
         }
     }
@@ -437,6 +577,9 @@ mod tests {
                 let mut out = vec![0i8; len];
                 i8::lookup(isa, idx, &itable, &mut out);
                 assert!(out.iter().zip(&want).all(|(&a, &b)| a as u8 == b));
+                let mut buf = idx.to_vec();
+                lookup_in_place(isa, &mut buf, &table);
+                assert_eq!(buf, want, "{isa:?}, {len} values in place");
             }
         }
     }
