@@ -16,6 +16,8 @@
 
 mod common;
 
+use std::sync::OnceLock;
+
 use poolformer_edge::kernels::qgemm::{k4_index, k4_len};
 use poolformer_edge::kernels::qmlp::{
     acc_len, hidden_rows, output_rows, quantize_input, Dequant, QLayer, QuantMlp,
@@ -134,6 +136,7 @@ fn build(case: &Case) -> (QuantMlp, Vec<i8>, Vec<i8>, Vec<i32>, Vec<i32>) {
         grid2: Grid::of::<u8>(z2),
         fc2,
         layer_scale: noise(c, s + 10).iter().map(|v| 0.5 + 0.4 * v).collect(),
+        gelu_table: OnceLock::new(),
     };
     mlp.check().unwrap();
     (mlp, w1, w2, b1, b2)

@@ -24,12 +24,14 @@
 // Kernels take their operands and the per-row quantization parameters as arguments.
 #![allow(clippy::too_many_arguments)]
 
+use std::sync::OnceLock;
+
 use anyhow::{ensure, Result};
 
 use super::mlp::{column_blocks, scaled_gelu};
 use super::qgemm::{gemm_u8i8, k4_len, PackedI8};
-use super::quant::{round_shifted, round_to_low_byte, ClampTo, Grid};
-use super::{madd, multiversion, multiversion_fma, scratch_of, Isa};
+use super::quant::{lookup_in_place, round_shifted, round_to_low_byte, ClampTo, Grid};
+use super::{madd, multiversion, multiversion_fma, scratch_of, Isa, PORTABLE_FMA};
 
 /// How an i32 accumulator row becomes f32: `v = (acc + corr)·mult + offset`, and
 /// optionally quantized onto a grid and dequantized again.
@@ -111,6 +113,11 @@ pub struct QuantMlp {
     pub fc2: QLayer,
     /// Layer scale per channel (ones when the graph has none).
     pub layer_scale: Vec<f32>,
+    /// Where fc1's requantization ends on a grid of at most 256 steps
+    /// ([`Dequant::Grid`]), `Q₂(gelu(·))` of each step: fc1's epilogue then rounds
+    /// onto the grid and looks the byte up. Filled on first use from the fields above;
+    /// build with `OnceLock::new()`.
+    pub gelu_table: OnceLock<Option<[u8; 256]>>,
 }
 
 impl QuantMlp {
@@ -136,6 +143,41 @@ impl QuantMlp {
             );
         }
         Ok(())
+    }
+
+    /// [`QuantMlp::gelu_table`], computed on the first call.
+    pub fn gelu_table(&self) -> Option<&[u8; 256]> {
+        self.gelu_table
+            .get_or_init(|| self.compute_gelu_table())
+            .as_ref()
+    }
+
+    /// Entry `i`: fc1's grid step `grid.lo + i` dequantized, through the scaled GELU
+    /// and Q₂ exactly as the portable build computes a value ([`dequant`] and
+    /// [`hidden_quantize_group`]); steps past `grid.hi` are never looked up.
+    fn compute_gelu_table(&self) -> Option<[u8; 256]> {
+        let Dequant::Grid {
+            grid,
+            dq_zero_point,
+            dq_scale,
+        } = self.fc1.dequant
+        else {
+            return None;
+        };
+        if grid.hi < grid.lo || grid.hi - grid.lo > 255 {
+            return None;
+        }
+        let g2 = self.grid2;
+        let (lo, hi) = (
+            (g2.lo - g2.zero_point) as f32,
+            (g2.hi - g2.zero_point) as f32,
+        );
+        Some(std::array::from_fn(|i| {
+            // The integer difference is exact in f32, as `round_shifted`'s is.
+            let v = (grid.lo + i as i32 - dq_zero_point) as f32 * dq_scale;
+            let g = scaled_gelu::<PORTABLE_FMA>(v, self.inv_scale2);
+            round_to_low_byte(g.clamp_to(lo, hi), g2.zero_point)
+        }))
     }
 
     /// Column blocks: about 65 536 hidden values per block (64 KiB of GELU outputs in
@@ -331,6 +373,31 @@ fn hidden_quantize_loop<const L: usize>(
     }
 }
 
+multiversion_fma! {
+    /// fc1's epilogue up to the grid for one k4 group of up to 4 hidden rows: the
+    /// grid index `clamp(round(R₁(acc + corr))) − grid.lo` of each value, as byte
+    /// (the rest is [`QuantMlp::gelu_table`]'s lookup).
+    pub fn grid_index_group<const FMA: bool, const LANES: usize>(
+        acc: [&[i32]; 4],
+        nrows: usize,
+        cols: usize,
+        corr: [i32; 4],
+        mult: [f32; 4],
+        offset: [f32; 4],
+        grid: Grid,
+        dst: &mut [u8],
+    ) {
+        let lo = (grid.lo - grid.zero_point) as f32;
+        let hi = (grid.hi - grid.zero_point) as f32;
+        let shift = grid.zero_point - grid.lo;
+        let q = |a: i32, j: usize| {
+            let v = madd::<FMA>(a.wrapping_add(corr[j]) as f32, mult[j], offset[j]);
+            round_to_low_byte(v.clamp_to(lo, hi), shift)
+        };
+        hidden_quantize_loop::<LANES>(acc, nrows, cols, q, dst)
+    }
+}
+
 multiversion! {
     /// fc2's epilogue for one output row: `out = x + ls·R₂(acc + corr)`.
     pub fn residual_row(
@@ -469,6 +536,7 @@ pub fn hidden_rows(
 ) {
     debug_assert!(rows.start.is_multiple_of(4));
     let l = &w.fc1;
+    let table = w.gelu_table();
     let g0 = rows.start / 4;
     for pass in passes(rows, cols) {
         let n = pass.len();
@@ -495,18 +563,32 @@ pub fn hidden_rows(
                 mult[j] = l.mult[r];
                 offset[j] = l.offset[r];
             }
-            hidden_quantize_group(
+            let dst = &mut q2[4 * (g - g0) * cols..4 * (g - g0 + 1) * cols];
+            match (table, l.dequant) {
+                (Some(_), Dequant::Grid { grid, .. }) => {
+                    grid_index_group(isa, a, nrows, cols, corr, mult, offset, grid, dst)
+                }
+                _ => hidden_quantize_group(
+                    isa,
+                    a,
+                    nrows,
+                    cols,
+                    corr,
+                    mult,
+                    offset,
+                    l.dequant,
+                    w.inv_scale2,
+                    w.grid2,
+                    dst,
+                ),
+            }
+        }
+        if let Some(table) = table {
+            let groups = pass.start / 4 - g0..pass.end.div_ceil(4) - g0;
+            lookup_in_place(
                 isa,
-                a,
-                nrows,
-                cols,
-                corr,
-                mult,
-                offset,
-                l.dequant,
-                w.inv_scale2,
-                w.grid2,
-                &mut q2[4 * (g - g0) * cols..4 * (g - g0 + 1) * cols],
+                &mut q2[4 * groups.start * cols..4 * groups.end * cols],
+                table,
             );
         }
     }

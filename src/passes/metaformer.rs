@@ -17,7 +17,7 @@
 //! as tract runs it.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Result;
 use tract_core::internal::*;
@@ -918,6 +918,7 @@ fn match_quant_mlp(
         grid2,
         fc2,
         layer_scale,
+        gelu_table: OnceLock::new(),
     };
     mlp.check()?;
     let op = QuantChannelMlp {
