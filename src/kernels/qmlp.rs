@@ -168,10 +168,7 @@ impl QuantMlp {
             return None;
         }
         let g2 = self.grid2;
-        let (lo, hi) = (
-            (g2.lo - g2.zero_point) as f32,
-            (g2.hi - g2.zero_point) as f32,
-        );
+        let (lo, hi) = g2.bounds();
         Some(std::array::from_fn(|i| {
             // The integer difference is exact in f32, as `round_shifted`'s is.
             let v = (grid.lo + i as i32 - dq_zero_point) as f32 * dq_scale;
@@ -224,8 +221,7 @@ multiversion! {
         dst: &mut [u8],
     ) {
         let (mean, rstd) = stats;
-        let lo = (grid.lo - grid.zero_point) as f32;
-        let hi = (grid.hi - grid.zero_point) as f32;
+        let (lo, hi) = grid.bounds();
         let zp = grid.zero_point;
         if nrows == 4 {
             let (r0, r1, r2, r3) = (&rows[0][..cols], &rows[1][..cols], &rows[2][..cols], &rows[3][..cols]);
@@ -259,8 +255,7 @@ fn dequant_with<const FMA: bool>(acc: i32, corr: i32, mult: f32, offset: f32, ho
             dq_zero_point,
             dq_scale,
         } => {
-            let lo = (grid.lo - grid.zero_point) as f32;
-            let hi = (grid.hi - grid.zero_point) as f32;
+            let (lo, hi) = grid.bounds();
             round_shifted(v.clamp_to(lo, hi), (grid.zero_point - dq_zero_point) as f32) * dq_scale
         }
     }
@@ -291,8 +286,7 @@ multiversion_fma! {
         grid: Grid,
         dst: &mut [u8],
     ) {
-        let lo = (grid.lo - grid.zero_point) as f32;
-        let hi = (grid.hi - grid.zero_point) as f32;
+        let (lo, hi) = grid.bounds();
         let zp = grid.zero_point;
         // One copy of the loop per form of `how`, so that its match is not in the loop.
         // Q₂'s scale goes into the GELU's factor ½.
@@ -389,8 +383,7 @@ multiversion_fma! {
         grid: Grid,
         dst: &mut [u8],
     ) {
-        let lo = (grid.lo - grid.zero_point) as f32;
-        let hi = (grid.hi - grid.zero_point) as f32;
+        let (lo, hi) = grid.bounds();
         let shift = grid.zero_point - grid.lo;
         let q = |a: i32, j: usize| {
             let v = madd::<FMA>(a.wrapping_add(corr[j]) as f32, mult[j], offset[j]);
@@ -686,8 +679,8 @@ mod x86 {
             sqrt_half: _mm256_set1_ps(std::f32::consts::FRAC_1_SQRT_2),
             half_scale: _mm256_set1_ps(0.5 * inv_scale),
             sign: _mm256_set1_ps(-0.0),
-            lo: _mm256_set1_ps((grid.lo - grid.zero_point) as f32),
-            hi: _mm256_set1_ps((grid.hi - grid.zero_point) as f32),
+            lo: _mm256_set1_ps(grid.bounds().0),
+            hi: _mm256_set1_ps(grid.bounds().1),
             magic: _mm256_set1_ps(12_582_912.0),
             zp: _mm256_set1_epi32(grid.zero_point),
             low: _mm256_set1_epi32(0xFF),

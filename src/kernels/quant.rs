@@ -90,7 +90,7 @@ impl Grid {
 
     /// Clamp bounds on `v` (before adding the zero point), as f32.
     #[inline(always)]
-    fn bounds(&self) -> (f32, f32) {
+    pub(crate) fn bounds(&self) -> (f32, f32) {
         (
             (self.lo - self.zero_point) as f32,
             (self.hi - self.zero_point) as f32,
